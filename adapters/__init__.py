@@ -1,0 +1,1 @@
+"""One adapter per provider behind the interface in adapters.base."""

@@ -1,0 +1,1 @@
+"""gpuhop: the daemon and everything that is not provider-specific."""

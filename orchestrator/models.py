@@ -1,0 +1,309 @@
+"""Domain types shared by the daemon and every adapter: what a job asks for, what a provider
+offers, what an instance looks like once normalized, and the enums that name their states.
+
+No I/O lives here. Everything that crosses the line between the engine and an adapter is one of
+these types, so nothing provider-specific leaks into the engine and adapters never see the store.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from orchestrator.gpus import canonical_gpu
+
+# --------------------------------------------------------------------------- enums
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    LAUNCHING = "launching"
+    RUNNING = "running"
+    RECOVERING = "recovering"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+class AttemptStatus(StrEnum):
+    PENDING = "pending"  # recorded (write-ahead), launch not yet confirmed by the provider
+    LAUNCHING = "launching"  # the provider accepted it; not running yet (booting, pulling)
+    RUNNING = "running"
+    ENDED = "ended"
+
+
+class EndReason(StrEnum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    PREEMPTED = "preempted"
+    LOST = "lost"
+    NO_CAPACITY = "no_capacity"
+    CANCELLED = "cancelled"
+    BUDGET = "budget"
+
+
+class CapacityType(StrEnum):
+    SPOT = "spot"
+    ON_DEMAND = "on-demand"
+
+
+class CapacityPreference(StrEnum):
+    SPOT = "spot"
+    ON_DEMAND = "on-demand"
+    AUTO = "auto"
+
+
+class InstanceState(StrEnum):
+    """The small common set every provider's statuses are mapped onto (one table per adapter)."""
+
+    PENDING = "pending"  # accepted, booting, pulling the image
+    RUNNING = "running"
+    STOPPING = "stopping"  # on its way out (terminating, shutting-down)
+    PREEMPTED = "preempted"  # the provider took it (reclaimed, outbid, "Exited by Runpod")
+    EXITED = "exited"  # the job's process ended; exit code or signal may be known
+    TERMINATED = "terminated"  # gone for good (deleted by us or by the provider)
+
+
+# --------------------------------------------------------------------------- the job spec
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+_REGION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MAX_ENV_VALUE = 32 * 1024
+MAX_COMMAND_ARG = 64 * 1024
+RESERVED_ENV_PREFIX = "GPUHOP_"
+
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=False)
+
+
+def _check_text(value: str, what: str, limit: int) -> str:
+    if "\x00" in value:
+        raise ValueError(f"{what} must not contain NUL characters")
+    if len(value) > limit:
+        raise ValueError(f"{what} is longer than {limit} characters")
+    return value
+
+
+class Resources(_Strict):
+    gpu: list[str] | None = Field(
+        default=None, description="Accepted GPU models (any of them), e.g. ['H100', 'A100-80GB']."
+    )
+    min_vram_gb: int | None = Field(default=None, ge=1, le=4096)
+    gpu_count: int = Field(default=1, ge=0, le=16)
+    min_vcpu: int = Field(default=0, ge=0, le=1024)
+    min_memory_gb: int = Field(default=0, ge=0, le=16384)
+    disk_gb: int = Field(default=20, ge=1, le=65536)
+
+    @field_validator("gpu")
+    @classmethod
+    def _known_gpus(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("gpu must list at least one model, or be left out")
+        out = []
+        for name in value:
+            gpu = canonical_gpu(name)
+            if gpu is None:
+                raise ValueError(f"unknown GPU model {name!r}; see `gpuhop gpus` for the known names")
+            out.append(gpu.name)
+        return out
+
+    @model_validator(mode="after")
+    def _cpu_only_has_no_gpu(self) -> Resources:
+        if self.gpu_count == 0 and (self.gpu or self.min_vram_gb):
+            raise ValueError("gpu_count = 0 (a CPU-only job) cannot also ask for gpu or min_vram_gb")
+        return self
+
+
+class Placement(_Strict):
+    capacity: CapacityPreference = CapacityPreference.AUTO
+    max_price_per_hour: float | None = Field(default=None, gt=0, le=1000, allow_inf_nan=False)
+    providers: list[str] | None = None
+    regions: list[str] | None = None
+
+    @field_validator("providers", "regions")
+    @classmethod
+    def _names(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("must list at least one entry, or be left out")
+        for item in value:
+            if not _REGION_RE.match(item):
+                raise ValueError(f"{item!r} is not a valid name (letters, digits, . _ -)")
+        return value
+
+
+class VolumeSpec(_Strict):
+    name: str
+    size_gb: int = Field(default=20, ge=1, le=65536)
+    mount_path: str = "/workspace"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME_RE.match(value):
+            raise ValueError("volume name must be 1-63 letters, digits, '.', '_' or '-'")
+        return value
+
+    @field_validator("mount_path")
+    @classmethod
+    def _mount(cls, value: str) -> str:
+        if not value.startswith("/") or ".." in value.split("/") or len(value) > 255:
+            raise ValueError("mount_path must be an absolute path without '..'")
+        if not re.match(r"^[A-Za-z0-9/._-]+$", value):
+            raise ValueError("mount_path may only contain letters, digits, '/', '.', '_' or '-'")
+        return value
+
+
+class Policy(_Strict):
+    max_relaunches: int = Field(default=10, ge=0, le=1000, description="after preemption or loss")
+    max_retries_on_error: int = Field(default=0, ge=0, le=100, description="after a non-zero exit")
+    max_cost_usd: float | None = Field(default=None, gt=0, le=1_000_000, allow_inf_nan=False)
+    checkpoint_interval: float = Field(
+        default=600, gt=0, le=7 * 86400, allow_inf_nan=False, description="seconds"
+    )
+
+
+class JobSpec(_Strict):
+    """What a user submits. Validated completely before anything is stored."""
+
+    name: str
+    image: str = "python:3.11-slim"
+    command: list[str] = Field(min_length=1, max_length=4096)
+    env: dict[str, str] = Field(default_factory=dict)
+    resources: Resources = Field(default_factory=Resources)
+    placement: Placement = Field(default_factory=Placement)
+    volume: VolumeSpec | None = None
+    policy: Policy = Field(default_factory=Policy)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME_RE.match(value):
+            raise ValueError("name must be 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        return value
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, value: str) -> str:
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$", value):
+            raise ValueError("image must be a container image reference such as 'python:3.11-slim'")
+        return value
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, value: list[str]) -> list[str]:
+        for arg in value:
+            _check_text(arg, "a command argument", MAX_COMMAND_ARG)
+        if not value[0]:
+            raise ValueError("the command's first element (the program) must not be empty")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        if len(value) > 256:
+            raise ValueError("at most 256 environment variables")
+        for key, val in value.items():
+            if not _ENV_KEY_RE.match(key):
+                raise ValueError(f"environment variable name {key[:64]!r} is not a valid name")
+            if key.upper().startswith(RESERVED_ENV_PREFIX):
+                raise ValueError(f"environment variable {key!r}: names starting with GPUHOP_ are set by gpuhop")
+            _check_text(val, f"the value of {key}", MAX_ENV_VALUE)
+        return value
+
+
+# --------------------------------------------------------------------------- provider side
+
+
+@dataclass(frozen=True)
+class Offer:
+    """One thing a provider will rent: a machine shape at a price in one place."""
+
+    provider: str
+    offer_id: str  # provider-specific handle the adapter understands at launch time
+    region: str  # data center / availability zone / region / machine, where volumes live
+    gpu: str | None  # canonical GPU name, None for a CPU-only offer
+    gpu_count: int
+    vram_gb: int  # per GPU
+    vcpu: int
+    memory_gb: int
+    disk_gb: int
+    capacity: CapacityType
+    price_per_hour: float  # USD for the whole machine shape (all of gpu_count)
+    available: int = 1  # how many more the provider says it can start (best effort)
+    supports_volumes: bool = True
+
+
+@dataclass(frozen=True)
+class ProviderVolume:
+    provider: str
+    volume_id: str
+    name: str
+    region: str
+    size_gb: int
+
+
+@dataclass(frozen=True)
+class LaunchRequest:
+    """Everything an adapter needs to start one attempt. `name` is deterministic
+    (`<prefix>-<job>-<attempt>`): a launch retried with the same name must find the instance it
+    already made instead of making another."""
+
+    name: str
+    idempotency_key: str  # name + offer: safe as a client token (same key = same parameters)
+    job_id: str
+    attempt: int
+    offer: Offer
+    image: str
+    command: list[str]
+    env: dict[str, str]  # the job's env plus the GPUHOP_* contract variables
+    disk_gb: int
+    volume: ProviderVolume | None = None
+    mount_path: str = "/workspace"
+    bid_price_per_hour: float | None = None  # for spot markets that take a bid
+
+
+@dataclass
+class Instance:
+    """An instance as observed, normalized by its adapter."""
+
+    provider: str
+    instance_id: str
+    name: str
+    state: InstanceState
+    region: str = ""
+    price_per_hour: float | None = None
+    exit_code: int | None = None  # when the job's process ended and the code is known
+    exit_signal: int | None = None  # killed by this signal (not one gpuhop sent)
+    stopped_by_us: bool = False  # ended because gpuhop asked it to
+    reason: str = ""  # the provider's own words (StateReason, lastStatusChange, ...)
+    interruption_at: datetime | None = None  # a pending reclaim notice, when known
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def attempt_name(prefix: str, job_id: str, attempt: int) -> str:
+    return f"{prefix}-{job_id}-{attempt}"
+
+
+def parse_attempt_name(prefix: str, name: str) -> tuple[str, int] | None:
+    """Inverse of attempt_name; None for a name that is not ours."""
+    m = re.match(rf"^{re.escape(prefix)}-([a-z0-9]+)-(\d+)$", name or "")
+    if not m:
+        return None
+    return m.group(1), int(m.group(2))
