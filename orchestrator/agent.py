@@ -28,6 +28,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 HEARTBEAT_SECONDS = float(os.environ.get("GPUHOP_HEARTBEAT", "10"))
@@ -114,9 +115,9 @@ class Reporter:
             return fh.read(MAX_LOG_CHUNK)
 
 
-def _watch_metadata(url: str, reporter: Reporter, stop: threading.Event) -> None:
+def _watch_metadata(url: str, reporter: Reporter, stop: threading.Event, on_notice: Callable[[], None]) -> None:
     """Poll the cloud's instance metadata for a spot interruption notice and report it once."""
-    while not stop.wait(5):
+    while not stop.wait(float(os.environ.get("GPUHOP_METADATA_POLL", "2"))):
         try:
             with urllib.request.urlopen(url, timeout=2) as resp:
                 notice = json.loads(resp.read() or b"{}")
@@ -124,6 +125,7 @@ def _watch_metadata(url: str, reporter: Reporter, stop: threading.Event) -> None
             continue
         if isinstance(notice, dict) and notice.get("action"):
             reporter.post("interruption", notice=notice)
+            on_notice()
             return
 
 
@@ -136,7 +138,8 @@ def run(command: list[str], state_dir: Path | None, log_path: Path | None) -> in
     reporter = Reporter(env.get("GPUHOP_CALLBACK_URL", ""), env.get("GPUHOP_TOKEN", ""), name, log_path)
 
     stop_requested = threading.Event()
-    out = open(log_path, "ab") if log_path else None  # noqa: SIM115 - lives as long as the job
+    foreign_sigterm = threading.Event()  # a SIGTERM gpuhop did not ask for: a reclaim notice
+    out = open(log_path, "ab") if log_path else None
     child = subprocess.Popen(
         command,
         stdin=subprocess.DEVNULL,
@@ -150,10 +153,19 @@ def run(command: list[str], state_dir: Path | None, log_path: Path | None) -> in
         (state_dir / "job.pid").write_text(str(child.pid))
 
     def forward(signum: int, _frame: object) -> None:
-        if signum == signal.SIGTERM and state_dir and (state_dir / "stop-requested").exists():
-            stop_requested.set()
+        if signum == signal.SIGTERM:
+            if state_dir and (state_dir / "stop-requested").exists():
+                stop_requested.set()
+            else:
+                foreign_sigterm.set()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(child.pid, signum)
+
+    def notice_received() -> None:
+        """A reclaim notice seen from inside the machine: tell the job to checkpoint now."""
+        foreign_sigterm.set()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
@@ -169,7 +181,9 @@ def run(command: list[str], state_dir: Path | None, log_path: Path | None) -> in
     threading.Thread(target=heartbeat, daemon=True).start()
     metadata_url = env.get("GPUHOP_METADATA_URL", "")
     if metadata_url:
-        threading.Thread(target=_watch_metadata, args=(metadata_url, reporter, done), daemon=True).start()
+        threading.Thread(
+            target=_watch_metadata, args=(metadata_url, reporter, done, notice_received), daemon=True
+        ).start()
 
     code = child.wait()
     done.set()
@@ -179,6 +193,7 @@ def run(command: list[str], state_dir: Path | None, log_path: Path | None) -> in
         "exit_code": code if code >= 0 else None,
         "signal": -code if code < 0 else None,
         "stopped_by_us": stop_requested.is_set(),
+        "sigterm_received": foreign_sigterm.is_set() and not stop_requested.is_set(),
         "ended_at": time.time(),
     }
     if out:
@@ -194,6 +209,13 @@ def run(command: list[str], state_dir: Path | None, log_path: Path | None) -> in
         if reporter.post("exit", **result) or not reporter.url:
             break
         time.sleep(1)
+    if env.get("GPUHOP_LINGER") == "1":
+        # Providers such as RunPod restart a container whose main process exits, which would
+        # run the job again. Stay up, idle, until the daemon terminates the machine.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        while True:
+            time.sleep(3600)
     return code if code >= 0 else 128 + (-code)
 
 

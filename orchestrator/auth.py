@@ -1,0 +1,63 @@
+"""Secrets the daemon keeps: the API bearer token and the key that signs per-attempt agent
+tokens. Both live in the state dir with mode 0600 and are never logged or returned by the API.
+
+An agent's token is HMAC(key, attempt name): the daemon can check it without storing it, and a
+relaunch under the same name (an idempotent retry) gets the same token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from pathlib import Path
+
+TOKEN_FILE = "token"
+AGENT_KEY_FILE = "agent.key"
+
+
+def _read_or_create(path: Path, nbytes: int) -> str:
+    try:
+        value = path.read_text().strip()
+        if value:
+            return value
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    value = secrets.token_urlsafe(nbytes)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, (value + "\n").encode())
+    finally:
+        os.close(fd)
+    return value
+
+
+def api_token(state_dir: Path, configured: str | None = None) -> str:
+    """The configured token, else GPUHOP_TOKEN, else the one in the state dir (made once)."""
+    return configured or os.environ.get("GPUHOP_TOKEN") or _read_or_create(state_dir / TOKEN_FILE, 32)
+
+
+def read_api_token(state_dir: Path) -> str | None:
+    """For the CLI on the daemon's host: the token file, if this user may read it."""
+    try:
+        return (state_dir / TOKEN_FILE).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def agent_key(state_dir: Path) -> bytes:
+    return _read_or_create(state_dir / AGENT_KEY_FILE, 32).encode()
+
+
+def attempt_token(key: bytes, attempt_name: str) -> str:
+    return hmac.new(key, attempt_name.encode(), hashlib.sha256).hexdigest()
+
+
+def check_attempt_token(key: bytes, attempt_name: str, token: str) -> bool:
+    return hmac.compare_digest(attempt_token(key, attempt_name), token or "")
+
+
+def same_secret(expected: str, given: str) -> bool:
+    return hmac.compare_digest(expected.encode(), (given or "").encode())

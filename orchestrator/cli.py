@@ -1,0 +1,298 @@
+"""The `gpuhop` command: run the daemon (`serve`), and talk to it (`submit`, `jobs`, `show`,
+`watch`, `logs`, `cancel`, `offers`). Commands that ship with the simulators (`demo`, `sim`)
+are found through the `gpuhop.cli` entry-point group, so this module never imports them.
+
+Every command prints a table for people and takes `--json` where a script would want it;
+errors say what went wrong and what to do, and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+import tomllib
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.live import Live
+
+from orchestrator import render
+from orchestrator.client import Client, ClientError
+from orchestrator.config import ConfigError, load_settings
+from orchestrator.models import JobSpec, JobStatus
+
+app = typer.Typer(
+    help="gpuhop: run GPU jobs on the cheapest suitable capacity, and bring them back from their "
+    "checkpoint when a machine is taken away.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err = Console(stderr=True)
+
+ServerOpt = Annotated[str | None, typer.Option("--server", help="daemon URL (default: GPUHOP_SERVER, or the local daemon)")]
+StateOpt = Annotated[Path | None, typer.Option("--state-dir", help="the daemon's state dir, to find its URL and token")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
+TERMINAL = {s.value for s in JobStatus if s.terminal}
+
+
+def fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    raise typer.Exit(code)
+
+
+def client(server: str | None, state_dir: Path | None) -> Client:
+    try:
+        return Client.discover(server=server, state_dir=state_dir)
+    except ClientError as exc:
+        fail(str(exc))
+        raise  # unreachable; for type checkers
+
+
+def call(fn: Any, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except ClientError as exc:
+        fail(str(exc), 2 if 400 <= exc.status < 500 else 1)
+
+
+# ----------------------------------------------------------------------------- daemon
+
+
+@app.command()
+def serve(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML configuration (see config.example.toml)")] = None,
+    listen: Annotated[str | None, typer.Option("--listen", help="HOST:PORT to serve on (overrides the file)")] = None,
+    state_dir: Annotated[Path | None, typer.Option("--state-dir", help="state directory (overrides the file)")] = None,
+    log_level: Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING")] = "INFO",
+) -> None:
+    """Run the daemon: the REST API and the reconcile loop, until SIGTERM or Ctrl-C."""
+    from orchestrator.daemon import serve as run_daemon
+    from orchestrator.daemon import setup_logging
+
+    overrides: dict[str, Any] = {"server": {}}
+    if listen:
+        overrides["server"]["listen"] = listen
+    if state_dir:
+        overrides["server"]["state_dir"] = str(state_dir)
+    try:
+        settings = load_settings(config, overrides)
+    except ConfigError as exc:
+        fail(str(exc))
+        return
+    setup_logging(log_level.upper())
+    try:
+        asyncio.run(run_daemon(settings))
+    except OSError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        pass
+
+
+# ----------------------------------------------------------------------------- jobs
+
+
+def load_spec_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        fail(f"cannot read {path}: {exc.strerror}")
+    try:
+        data: Any = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        fail(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {exc}")
+    if not isinstance(data, dict):
+        fail(f"{path}: a job spec must be a table/object")
+    try:
+        JobSpec.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(str(p) for p in e['loc']) or '<top>'}: "
+                 f"{'unknown field' if e['type'] == 'extra_forbidden' else e['msg']}" for e in exc.errors()]
+        fail(f"{path}: invalid job spec\n" + "\n".join(lines))
+    return data  # type: ignore[no-any-return]
+
+
+@app.command()
+def submit(
+    file: Annotated[Path, typer.Argument(help="job spec, TOML (or .json)")],
+    server: ServerOpt = None, state_dir: StateOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Submit a job; prints its id."""
+    spec = load_spec_file(file)
+    job = call(client(server, state_dir).submit, spec)
+    if as_json:
+        console.print_json(json.dumps(job))
+    else:
+        print(job["id"])
+
+
+@app.command()
+def jobs(
+    status: Annotated[str | None, typer.Option("--status", "-s", help="comma-separated: queued,running,...")] = None,
+    server: ServerOpt = None, state_dir: StateOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """List jobs, newest first."""
+    rows = call(client(server, state_dir).jobs, status)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        console.print("no jobs" + (f" with status {status}" if status else "") + "; submit one with `gpuhop submit FILE`")
+    else:
+        console.print(render.jobs_table(rows))
+
+
+@app.command()
+def show(
+    job_id: Annotated[str, typer.Argument(help="job id")],
+    server: ServerOpt = None, state_dir: StateOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """One job: its attempts, what each cost, and why it ended."""
+    job = call(client(server, state_dir).job, job_id)
+    if as_json:
+        print(json.dumps(job, indent=2))
+    else:
+        console.print(render.job_detail(job))
+
+
+@app.command()
+def watch(
+    job_id: Annotated[str | None, typer.Argument(help="job id (default: every job)")] = None,
+    interval: Annotated[float, typer.Option("--interval", help="seconds between refreshes")] = 1.0,
+    server: ServerOpt = None, state_dir: StateOpt = None,
+) -> None:
+    """A live view until the job ends (or, for every job, until all have ended; Ctrl-C to leave)."""
+    c = client(server, state_dir)
+
+    def frame() -> tuple[Any, bool]:
+        if job_id:
+            job = call(c.job, job_id)
+            return render.job_detail(job), job["status"] in TERMINAL
+        rows = call(c.jobs, None)
+        return render.jobs_table(rows, title="gpuhop jobs"), bool(rows) and all(j["status"] in TERMINAL for j in rows)
+
+    try:
+        view, done = frame()
+        if not console.is_terminal:  # piped: print each change once, not a redraw
+            last = None
+            while True:
+                summary = json.dumps(call(c.job, job_id) if job_id else call(c.jobs, None), sort_keys=True)
+                if summary != last:
+                    console.print(view)
+                    last = summary
+                if done:
+                    return
+                time.sleep(interval)
+                view, done = frame()
+        with Live(view, console=console, refresh_per_second=4) as live:
+            while not done:
+                time.sleep(interval)
+                view, done = frame()
+                live.update(view)
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def logs(
+    job_id: Annotated[str, typer.Argument(help="job id")],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="stream until the job ends")] = False,
+    tail: Annotated[int, typer.Option("--tail", "-n", help="only the last N lines (0 = all)")] = 0,
+    server: ServerOpt = None, state_dir: StateOpt = None,
+) -> None:
+    """The job's output, every attempt in order."""
+    c = client(server, state_dir)
+    try:
+        for chunk in c.logs(job_id, tail, follow):
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+    except ClientError as exc:
+        fail(str(exc), 2 if 400 <= exc.status < 500 else 1)
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def cancel(
+    job_id: Annotated[str, typer.Argument(help="job id")],
+    server: ServerOpt = None, state_dir: StateOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Cancel a job: its machines are stopped within seconds."""
+    job = call(client(server, state_dir).cancel, job_id)
+    if as_json:
+        print(json.dumps(job, indent=2))
+    elif job["status"] in TERMINAL:
+        console.print(f"job {job['id']} had already ended: {job['status']}")
+    else:
+        console.print(f"cancelling job {job['id']}; `gpuhop show {job['id']}` to see it end")
+
+
+@app.command()
+def offers(
+    limit: Annotated[int, typer.Option("--limit", help="rows to show")] = 40,
+    server: ServerOpt = None, state_dir: StateOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """What every configured provider offers now, ranked by expected cost."""
+    data = call(client(server, state_dir).offers)
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    console.print(render.offers_table(data["offers"], limit))
+    for name, h in data["providers"].items():
+        if not h["ok"]:
+            err.print(f"[yellow]provider {name} is degraded:[/] {h['error']}")
+
+
+@app.command()
+def gpus() -> None:
+    """The GPU names gpuhop knows (use these in `resources.gpu`)."""
+    from rich.table import Table
+
+    from orchestrator.gpus import GPUS
+
+    table = Table(header_style="bold")
+    for col in ("NAME", "VRAM", "ALSO KNOWN AS"):
+        table.add_column(col)
+    for g in GPUS:
+        table.add_row(g.name, f"{g.vram_gb} GB", ", ".join(g.aliases))
+    console.print(table)
+
+
+@app.command("check-config")
+def check_config(config: Annotated[Path, typer.Argument(help="TOML configuration")]) -> None:
+    """Validate a configuration file without starting anything."""
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        fail(str(exc))
+        return
+    console.print(f"{config}: ok (providers: {', '.join(settings.providers)}; state dir {settings.state_dir})")
+
+
+def _plugins() -> None:
+    for ep in entry_points(group="gpuhop.cli"):
+        try:
+            obj = ep.load()
+        except ImportError as exc:  # an optional part not installed: say so, keep the rest working
+            err.print(f"[yellow]warning:[/] gpuhop command {ep.name!r} unavailable: {exc}")
+            continue
+        if isinstance(obj, typer.Typer):
+            app.add_typer(obj, name=ep.name)
+        else:
+            app.command(ep.name)(obj)
+
+
+def main() -> None:
+    _plugins()
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""Typed settings, loaded once from one TOML file and passed down explicitly.
+
+Every mistake in the file (an unknown key, a wrong type, an impossible value) stops the daemon
+at start-up with the file, the dotted key and what was expected, instead of surfacing later as
+odd behaviour. Provider tables are validated by each adapter's own `Settings` model through
+the registry, so a typo under `[providers.runpod]` is caught just as early.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+DEFAULT_PORT = 8470
+
+
+def default_state_dir() -> Path:
+    env = os.environ.get("GPUHOP_STATE_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "gpuhop"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ServerSettings(_Section):
+    listen: str = Field(default=f"127.0.0.1:{DEFAULT_PORT}", description="HOST:PORT the REST API binds")
+    public_url: str = Field(
+        default="", description="URL agents on remote machines use to reach the daemon; default http://<listen>"
+    )
+    state_dir: Path = Field(default_factory=default_state_dir, description="database, token, logs, local instances")
+    token: SecretStr | None = Field(
+        default=None, description="API bearer token; default: GPUHOP_TOKEN or <state_dir>/token, created on first start"
+    )
+    instance_prefix: str = Field(
+        default="gpuhop", pattern=r"^[a-z][a-z0-9]{0,15}$", description="every instance we own is named <prefix>-<job>-<n>"
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:8470")
+        return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("expected an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+    def agent_base_url(self) -> str:
+        if self.public_url:
+            return self.public_url
+        host = self.host if self.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+        return f"http://{host}:{self.port}"
+
+
+class DatabaseSettings(_Section):
+    url: str = Field(default="", description="SQLAlchemy URL; empty = SQLite (WAL) at <state_dir>/gpuhop.db")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if value and not value.startswith(("sqlite://", "postgresql://", "postgresql+psycopg://")):
+            raise ValueError("expected a sqlite:// or postgresql:// URL")
+        return value
+
+
+class EngineSettings(_Section):
+    tick_seconds: float = Field(default=5.0, gt=0, le=3600, description="reconcile period (woken early by hints)")
+    launch_grace_seconds: float = Field(
+        default=60.0, ge=0, le=3600, description="how long a launched instance may be missing from listings"
+    )
+    heartbeat_timeout_seconds: float = Field(
+        default=180.0, gt=0, le=86400, description="a remote agent silent this long means its machine is lost"
+    )
+    heartbeat_seconds: float = Field(default=10.0, gt=0, le=3600, description="how often remote agents report")
+    provider_timeout_seconds: float = Field(default=30.0, gt=0, le=600, description="bound on one provider call")
+    offer_refresh_seconds: float = Field(default=30.0, gt=0, le=3600, description="how often offers are re-read")
+    retry_backoff_max_seconds: float = Field(
+        default=60.0, gt=0, le=3600, description="longest wait between placement tries when nothing fits"
+    )
+    stop_grace_seconds: float = Field(default=10.0, ge=0, le=600, description="SIGTERM to SIGKILL on stop")
+
+
+class PlacementSettingsModel(_Section):
+    prior_weight_hours: float = Field(default=24.0, gt=0, le=1e6)
+    default_restart_overhead_seconds: float = Field(default=120.0, ge=0, le=86400)
+    restart_overhead_seconds: dict[str, float] = Field(default_factory=dict, description="per provider")
+    spot_preemption_priors: dict[str, float] = Field(
+        default_factory=lambda: {"runpod": 0.10, "aws": 0.05, "vast": 0.20},
+        description="expected preemptions per hour of spot capacity, per provider, before any history",
+    )
+
+    @field_validator("spot_preemption_priors", "restart_overhead_seconds")
+    @classmethod
+    def _non_negative(cls, value: dict[str, float]) -> dict[str, float]:
+        for key, rate in value.items():
+            if rate < 0 or rate != rate or rate > 1e6:
+                raise ValueError(f"{key}: expected a number >= 0")
+        return value
+
+
+class Settings(_Section):
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    placement: PlacementSettingsModel = Field(default_factory=PlacementSettingsModel)
+    providers: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {"local": {}},
+        description="one table per provider; each is validated by that provider's adapter",
+    )
+
+    @property
+    def state_dir(self) -> Path:
+        return self.server.state_dir.expanduser()
+
+    def database_url(self) -> str:
+        return self.database.url or f"sqlite:///{self.state_dir / 'gpuhop.db'}"
+
+
+class ConfigError(Exception):
+    """The configuration is wrong; the message says where and what was expected."""
+
+
+def format_validation_error(source: str, exc: ValidationError, prefix: str = "") -> str:
+    lines = [f"{source}: invalid configuration"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling against config.example.toml)"
+        got = err.get("input")
+        got_text = "" if err["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r:.60})"
+        lines.append(f"  {key or '<top>'}: {msg}{got_text}")
+    return "\n".join(lines)
+
+
+def load_settings(path: Path | None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Read and validate the file (or defaults when `path` is None), apply CLI overrides such as
+    {"server": {"listen": ...}}, and validate every provider table with its adapter's model."""
+    raw: dict[str, Any] = {}
+    source = str(path) if path else "<defaults>"
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: no such file (copy config.example.toml to start)") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
+    for section, values in (overrides or {}).items():
+        if values:
+            raw.setdefault(section, {})
+            if not isinstance(raw[section], dict):
+                raise ConfigError(f"{source}: {section}: expected a table")
+            raw[section].update(values)
+    try:
+        settings = Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(source, exc)) from None
+    _validate_providers(settings, source)
+    return settings
+
+
+def _validate_providers(settings: Settings, source: str) -> None:
+    from adapters.registry import adapter_class  # the daemon's edge: adapters are optional
+
+    if not settings.providers:
+        raise ConfigError(f"{source}: providers: configure at least one provider, e.g. [providers.local]")
+    for name, table in settings.providers.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: providers.{name}: expected a table")
+        try:
+            cls = adapter_class(name)
+        except KeyError as exc:
+            raise ConfigError(f"{source}: providers.{name}: {exc.args[0]}") from None
+        try:
+            cls.Settings.model_validate(table)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(source, exc, prefix=f"providers.{name}")) from None

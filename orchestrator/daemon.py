@@ -1,0 +1,168 @@
+"""The supervisor behind `gpuhop serve`: opens the store (migrating it), builds the adapters
+from the configuration, runs the engine and the REST API as named root tasks, and stops them
+in order on SIGTERM/SIGINT. It tells systemd when it is ready and pings its watchdog while the
+engine keeps ticking.
+
+Stopping the daemon never stops jobs: local jobs run under their own agents, cloud machines
+keep running, and the next start finds them again by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+
+from aiohttp import web
+
+from adapters.base import Adapter, AdapterContext
+from adapters.registry import create_adapter
+from orchestrator import auth, systemd
+from orchestrator.api.app import ApiContext, make_app
+from orchestrator.config import Settings
+from orchestrator.engine import Engine
+from orchestrator.store import Store
+
+log = logging.getLogger("gpuhop.daemon")
+
+SERVER_FILE = "server.json"
+
+
+class _RedactSecrets(logging.Filter):
+    """Last line of defence: secrets never reach a log line, whoever formats it."""
+
+    def __init__(self, secrets: list[str]) -> None:
+        super().__init__()
+        self.secrets = [s for s in secrets if s and len(s) >= 8]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            msg = record.getMessage()
+            if any(s in msg for s in self.secrets):
+                for s in self.secrets:
+                    msg = msg.replace(s, "***")
+                record.msg, record.args = msg, None
+        return True
+
+
+def setup_logging(level: str = "INFO", secrets: list[str] | None = None) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_RedactSecrets(secrets or []))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for noisy in ("aiohttp.access", "botocore", "urllib3", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def build_adapters(settings: Settings, logs_dir: Path) -> dict[str, Adapter]:
+    ctx = AdapterContext(
+        prefix=settings.server.instance_prefix, state_dir=settings.state_dir, logs_dir=logs_dir,
+        public_url=settings.server.agent_base_url(),
+    )
+    return {name: create_adapter(name, table, ctx) for name, table in settings.providers.items()}
+
+
+async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Run until `stop` is set or a SIGTERM/SIGINT arrives."""
+    state_dir = settings.state_dir
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    logs_dir = state_dir / "logs"
+    logs_dir.mkdir(exist_ok=True, mode=0o700)
+    token = auth.api_token(state_dir, settings.server.token.get_secret_value() if settings.server.token else None)
+    agent_key = auth.agent_key(state_dir)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_RedactSecrets([token]))
+
+    store = Store(settings.database_url())
+    await store.run(store.migrate)
+
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+    # bind first, so that agents are told the real port (listen = HOST:0 picks a free one)
+    runner: web.AppRunner | None = None
+    adapters: dict[str, Adapter] = {}
+    try:
+        site = await _bind(settings)
+        settings.server.listen = f"{settings.server.host}:{site[1]}"
+        sock = site[0]
+        adapters = build_adapters(settings, logs_dir)
+        for adapter in adapters.values():
+            await adapter.start()
+        engine = Engine(settings, store, adapters, lambda name: auth.attempt_token(agent_key, name))
+        app = make_app(ApiContext(store=store, engine=engine, token=token, agent_key=agent_key, logs_dir=logs_dir))
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        await web.SockSite(runner, sock).start()
+        url = f"http://{_url_host(settings.server.host)}:{site[1]}"
+        _write_server_file(state_dir, url)
+        log.info("gpuhop listening on %s (state %s, providers: %s)", url, state_dir, ", ".join(adapters))
+        engine_task = asyncio.create_task(engine.run(stop), name="engine")
+        watchdog = asyncio.create_task(systemd.watchdog_loop(stop, engine.healthy), name="watchdog")
+        systemd.notify("READY=1\nSTATUS=serving")
+        done, _ = await asyncio.wait({engine_task, asyncio.ensure_future(stop.wait())},
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if engine_task in done and engine_task.exception():
+            raise engine_task.exception()  # type: ignore[misc]
+        systemd.notify("STOPPING=1")
+        log.info("stopping: jobs keep running and will be found again on the next start")
+        stop.set()
+        await asyncio.wait_for(engine_task, 60)
+        watchdog.cancel()
+    finally:
+        if runner is not None:
+            with contextlib.suppress(Exception):
+                await runner.cleanup()
+        for adapter in adapters.values():
+            with contextlib.suppress(Exception):
+                await adapter.close()
+        store.close()
+        with contextlib.suppress(FileNotFoundError):
+            server_file = state_dir / SERVER_FILE
+            if json.loads(server_file.read_text()).get("pid") == os.getpid():
+                server_file.unlink()
+
+
+async def _bind(settings: Settings) -> tuple[object, int]:
+    import socket
+
+    host, port = settings.server.host, settings.server.port
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {settings.server.listen}: {exc.strerror} "
+                      "(is another gpuhop running? use --listen HOST:PORT)") from None
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock, sock.getsockname()[1]
+
+
+def _url_host(host: str) -> str:
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+def _write_server_file(state_dir: Path, url: str) -> None:
+    """Where the CLI on this host finds the daemon (the token is in `token` beside it)."""
+    path = state_dir / SERVER_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"url": url, "pid": os.getpid()}))
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)

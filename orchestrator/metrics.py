@@ -1,0 +1,30 @@
+"""Prometheus metrics, defined once on a registry of the daemon's own (tests can start several
+daemons in one process without clashing). Served at /metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+TICK_SECONDS = Histogram("gpuhop_tick_seconds", "Duration of one reconcile tick", registry=REGISTRY)
+TICK_ERRORS = Counter("gpuhop_tick_errors_total", "Reconcile ticks that raised", registry=REGISTRY)
+PROVIDER_UP = Gauge("gpuhop_provider_up", "1 if the provider's last listing succeeded", ["provider"], registry=REGISTRY)
+PROVIDER_ERRORS = Counter(
+    "gpuhop_provider_errors_total", "Failed provider calls", ["provider", "call"], registry=REGISTRY
+)
+LAUNCHES = Counter("gpuhop_launches_total", "Attempts launched", ["provider", "capacity"], registry=REGISTRY)
+ATTEMPTS_ENDED = Counter(
+    "gpuhop_attempts_ended_total", "Attempts ended, by why", ["provider", "reason"], registry=REGISTRY
+)
+JOBS_FINISHED = Counter("gpuhop_jobs_finished_total", "Jobs ended, by status", ["status"], registry=REGISTRY)
+ORPHANS_REAPED = Counter(
+    "gpuhop_orphans_reaped_total", "Instances terminated because no attempt owned them", ["provider"], registry=REGISTRY
+)
+INTERRUPTIONS = Counter(
+    "gpuhop_interruption_notices_total", "Reclaim notices received", ["provider"], registry=REGISTRY
+)
+JOBS = Gauge("gpuhop_jobs", "Jobs by status", ["status"], registry=REGISTRY)
+API_REQUESTS = Counter(
+    "gpuhop_api_requests_total", "API requests", ["method", "route", "status"], registry=REGISTRY
+)

@@ -1,0 +1,314 @@
+"""Pure decisions: given one job, its attempts, what the providers show right now and the time,
+say what should happen. No I/O, no clock, no store: the engine gathers the inputs, calls
+`decide`, and carries the actions out. That is what lets every rule below be tested as a table.
+
+The rules, in order of precedence for each live attempt:
+
+1. A provider we could not read this tick tells us nothing: wait.
+2. A pending attempt (recorded, launch unconfirmed) that shows up is adopted; one that does not
+   is launched again under the same name (launches are idempotent by name).
+3. The provider's word that it took the machine (PREEMPTED) makes the attempt `preempted`.
+4. The job's exit, from the agent's report or the listing: 0 is `succeeded`; non-zero is
+   `failed`; killed by a signal gpuhop did not send, or exited after a SIGTERM gpuhop did not
+   send, is `lost` (a preemption notice if the provider's listing says so).
+5. An instance gone without an exit code, after the launch grace, is `lost`; so is a remote
+   agent silent past the heartbeat timeout.
+Then the job: cancelled when asked; out of budget when its cost reaches `max_cost_usd`; a new
+attempt when none is live (within `max_relaunches` / `max_retries_on_error`), or early when a
+reclaim notice arrives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from orchestrator.models import AttemptStatus, EndReason, Instance, InstanceState, JobStatus, Policy
+
+
+@dataclass(frozen=True)
+class AttemptView:
+    id: int
+    number: int
+    name: str
+    provider: str
+    status: AttemptStatus
+    price_per_hour: float
+    instance_id: str | None = None
+    launched_at: float | None = None
+    running_at: float | None = None
+    ended_at: float | None = None
+    end_reason: EndReason | None = None
+    cost_usd: float = 0.0
+    agent_state: str = ""  # "", "started", "exited"
+    exit_code: int | None = None
+    exit_signal: int | None = None
+    sigterm_received: bool = False
+    last_heartbeat_at: float | None = None
+    interruption_at: float | None = None
+    stop_requested_at: float | None = None
+
+    @property
+    def live(self) -> bool:
+        return self.status != AttemptStatus.ENDED
+
+
+@dataclass(frozen=True)
+class JobView:
+    id: str
+    status: JobStatus
+    policy: Policy
+    cancel_requested: bool = False
+    relaunches: int = 0
+    retries: int = 0
+    next_try_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    launch_grace_seconds: float = 60.0
+    heartbeat_timeout_seconds: float = 180.0
+    # providers whose machines report through the agent (the daemon cannot see their processes)
+    remote_providers: frozenset[str] = frozenset()
+
+
+# ----------------------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True)
+class Adopt:
+    """The pending attempt's instance exists: record its id, it is launching."""
+
+    attempt_id: int
+    instance_id: str
+
+
+@dataclass(frozen=True)
+class RetryLaunch:
+    """Launch the pending attempt again under its own name (nothing was seen of it)."""
+
+    attempt_id: int
+
+
+@dataclass(frozen=True)
+class MarkRunning:
+    attempt_id: int
+
+
+@dataclass(frozen=True)
+class EndAttempt:
+    attempt_id: int
+    reason: EndReason
+    detail: str
+    exit_code: int | None = None
+    exit_signal: int | None = None
+
+
+@dataclass(frozen=True)
+class Terminate:
+    """Stop the instance (billing stops). Idempotent."""
+
+    attempt_id: int
+    instance_id: str
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Place and start a new attempt. `early` = a replacement ahead of a reclaim notice."""
+
+    early: bool = False
+
+
+@dataclass(frozen=True)
+class SetStatus:
+    status: JobStatus
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Finish:
+    status: JobStatus
+    end_reason: str
+
+
+Action = Adopt | RetryLaunch | MarkRunning | EndAttempt | Terminate | Launch | SetStatus | Finish
+
+
+@dataclass
+class Decision:
+    actions: list[Action] = field(default_factory=list)
+    relaunches: int = 0  # increments to apply to the job's counters
+    retries: int = 0
+
+    def add(self, action: Action) -> None:
+        self.actions.append(action)
+
+
+def attempt_cost(a: AttemptView, now: float) -> float:
+    """What an attempt cost (ended) or has cost so far (live): price x billed seconds."""
+    if not a.live:
+        return a.cost_usd
+    if a.launched_at is None:
+        return 0.0
+    return max(0.0, now - a.launched_at) * a.price_per_hour / 3600.0
+
+
+def job_cost(attempts: list[AttemptView], now: float) -> float:
+    return sum(attempt_cost(a, now) for a in attempts)
+
+
+def _exit_outcome(a: AttemptView, inst: Instance | None) -> tuple[EndReason, str, int | None, int | None] | None:
+    """What the job's exit means, when it is known (agent report first, then the listing)."""
+    if a.agent_state == "exited":
+        code, sig, sigterm = a.exit_code, a.exit_signal, a.sigterm_received
+    elif inst is not None and inst.state == InstanceState.EXITED and (
+        inst.exit_code is not None or inst.exit_signal is not None
+    ):
+        code, sig, sigterm = inst.exit_code, inst.exit_signal, False
+        if inst.stopped_by_us:
+            return EndReason.CANCELLED, "stopped by gpuhop", code, sig
+    else:
+        return None
+    if sig is not None:
+        return EndReason.LOST, f"killed by signal {sig} that gpuhop did not send", code, sig
+    if sigterm:
+        return EndReason.PREEMPTED, f"exited with code {code} after the provider's SIGTERM", code, sig
+    if code == 0:
+        return EndReason.SUCCEEDED, "exit code 0", code, sig
+    return EndReason.FAILED, f"exit code {code}", code, sig
+
+
+def _judge_attempt(a: AttemptView, inst: Instance | None, now: float, cfg: Settings, d: Decision) -> EndReason | None:
+    """Decide one live attempt whose provider was read this tick. Returns its end reason if it
+    ended now."""
+    if a.status == AttemptStatus.PENDING:
+        if inst is None or inst.state == InstanceState.TERMINATED:
+            d.add(RetryLaunch(a.id))
+            return None
+        d.add(Adopt(a.id, inst.instance_id))
+
+    instance_id = a.instance_id or (inst.instance_id if inst else None)
+
+    def end(reason: EndReason, detail: str, code: int | None = None, sig: int | None = None) -> EndReason:
+        d.add(EndAttempt(a.id, reason, detail, code, sig))
+        if instance_id:
+            d.add(Terminate(a.id, instance_id))
+        return reason
+
+    if inst is not None and inst.state == InstanceState.PREEMPTED:
+        return end(EndReason.PREEMPTED, inst.reason or "reclaimed by the provider")
+    outcome = _exit_outcome(a, inst)
+    if outcome is not None:
+        reason, detail, code, sig = outcome
+        if reason == EndReason.LOST and inst is not None and inst.reason and inst.state == InstanceState.PREEMPTED:
+            reason = EndReason.PREEMPTED
+        return end(reason, detail, code, sig)
+    if inst is None or inst.state == InstanceState.TERMINATED:
+        since = a.launched_at if a.launched_at is not None else now
+        if now - since < cfg.launch_grace_seconds and inst is None:
+            return None  # listings can lag a fresh launch
+        why = inst.reason if inst is not None and inst.reason else "instance vanished without an exit code"
+        return end(EndReason.LOST, why)
+    if inst.state == InstanceState.EXITED:
+        # the process ended but nobody knows how: give the agent's report a grace period
+        if a.provider in cfg.remote_providers and now - (a.launched_at or now) < cfg.launch_grace_seconds:
+            return None
+        return end(EndReason.LOST, inst.reason or "exited without reporting an exit code")
+    if inst.state == InstanceState.RUNNING and a.status != AttemptStatus.RUNNING:
+        d.add(MarkRunning(a.id))
+    if a.provider in cfg.remote_providers and a.status == AttemptStatus.RUNNING:
+        last = a.last_heartbeat_at or a.running_at or a.launched_at or now
+        if now - last > cfg.heartbeat_timeout_seconds:
+            return end(EndReason.LOST, f"no report from the agent for {int(now - last)} s")
+    return None
+
+
+def decide(
+    job: JobView,
+    attempts: list[AttemptView],
+    observed: dict[str, Instance],
+    readable: set[str],
+    now: float,
+    cfg: Settings,
+) -> Decision:
+    """Everything that should happen to `job` now. `observed` maps attempt names to the
+    instances seen this tick; `readable` is the providers whose listing succeeded."""
+    d = Decision()
+    live = [a for a in attempts if a.live]
+
+    if job.cancel_requested:
+        for a in live:
+            d.add(EndAttempt(a.id, EndReason.CANCELLED, "cancelled by the user"))
+            instance_id = a.instance_id or (observed[a.name].instance_id if a.name in observed else None)
+            if instance_id:
+                d.add(Terminate(a.id, instance_id))
+        d.add(Finish(JobStatus.CANCELLED, "cancelled by the user"))
+        return d
+
+    ended_now: dict[int, EndReason] = {}
+    still_live: list[AttemptView] = []
+    for a in live:
+        if a.provider not in readable:
+            still_live.append(a)
+            continue
+        reason = _judge_attempt(a, observed.get(a.name), now, cfg, d)
+        if reason is None:
+            still_live.append(a)
+        else:
+            ended_now[a.id] = reason
+
+    spent = job_cost(attempts, now)
+    budget = job.policy.max_cost_usd
+
+    if EndReason.SUCCEEDED in ended_now.values():
+        for a in still_live:  # an early replacement that is no longer needed
+            d.add(EndAttempt(a.id, EndReason.CANCELLED, "another attempt finished the job"))
+            if a.instance_id:
+                d.add(Terminate(a.id, a.instance_id))
+        d.add(Finish(JobStatus.SUCCEEDED, "succeeded"))
+        return d
+
+    if budget is not None and spent >= budget:
+        for a in still_live:
+            d.add(EndAttempt(a.id, EndReason.BUDGET, f"job cost ${spent:.2f} reached max_cost_usd ${budget:.2f}"))
+            if a.instance_id:
+                d.add(Terminate(a.id, a.instance_id))
+        d.add(Finish(JobStatus.FAILED, f"budget: spent ${spent:.2f} of max_cost_usd ${budget:.2f}"))
+        return d
+
+    relaunches = job.relaunches + sum(1 for r in ended_now.values() if r in (EndReason.PREEMPTED, EndReason.LOST))
+    retries = job.retries + sum(1 for r in ended_now.values() if r == EndReason.FAILED)
+    d.relaunches = relaunches - job.relaunches
+    d.retries = retries - job.retries
+
+    if still_live:
+        # a reclaim notice on the only live attempt: start its replacement now
+        if len(still_live) == 1 and still_live[0].interruption_at is not None and relaunches < job.policy.max_relaunches:
+            d.add(Launch(early=True))
+        running = any(a.status == AttemptStatus.RUNNING for a in still_live) or any(
+            isinstance(x, MarkRunning) for x in d.actions
+        )
+        status = JobStatus.RUNNING if running else JobStatus.LAUNCHING
+        if status != job.status:
+            d.add(SetStatus(status))
+        return d
+
+    # nothing live: finish, or place a new attempt
+    last = ended_now and max(
+        (a for a in attempts if a.id in ended_now), key=lambda a: a.number
+    )
+    last_reason = ended_now[last.id] if last else None
+    if last_reason == EndReason.FAILED and retries > job.policy.max_retries_on_error:
+        detail = next((x.detail for x in d.actions if isinstance(x, EndAttempt) and x.attempt_id == last.id), "")
+        d.add(Finish(JobStatus.FAILED, f"failed: {detail}" if detail else "failed"))
+        return d
+    if relaunches > job.policy.max_relaunches:
+        d.add(Finish(JobStatus.FAILED, f"gave up after {job.relaunches} relaunches (max_relaunches = {job.policy.max_relaunches}); last attempt {last_reason or 'lost'}"))
+        return d
+    if job.next_try_at is not None and now < job.next_try_at and not ended_now:
+        return d  # waiting for capacity; the engine's backoff decides when to look again
+    has_history = any(not a.live for a in attempts) or bool(ended_now)
+    waiting = JobStatus.RECOVERING if has_history else JobStatus.QUEUED
+    if waiting != job.status:
+        d.add(SetStatus(waiting))
+    d.add(Launch())
+    return d

@@ -1,0 +1,125 @@
+"""Rich renderings of jobs, attempts, events and offers for the CLI: pure functions from the
+API's JSON to Rich renderables, shared by `jobs`, `show`, `watch` and `demo`."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+STATUS_STYLE = {
+    "queued": "dim", "launching": "cyan", "running": "green", "recovering": "yellow",
+    "succeeded": "bold green", "failed": "bold red", "cancelled": "magenta",
+}
+REASON_STYLE = {"succeeded": "green", "failed": "red", "preempted": "yellow", "lost": "yellow",
+                "cancelled": "magenta", "budget": "red", "no_capacity": "dim"}
+
+
+def status_text(status: str | None) -> Text:
+    return Text(status or "-", style=STATUS_STYLE.get(status or "", ""))
+
+
+def money(value: float | None) -> str:
+    return "-" if value is None else f"${value:,.4f}" if value < 1 else f"${value:,.2f}"
+
+
+def ago(iso: str | None, now: datetime | None = None) -> str:
+    if not iso:
+        return "-"
+    then = datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    secs = int(((now or datetime.now(UTC)) - then).total_seconds())
+    if secs < 60:
+        return f"{max(secs, 0)}s"
+    if secs < 3600:
+        return f"{secs // 60}m"
+    if secs < 86400:
+        return f"{secs // 3600}h{(secs % 3600) // 60:02d}m"
+    return f"{secs // 86400}d"
+
+
+def where(attempt: dict[str, Any] | None) -> str:
+    if not attempt:
+        return "-"
+    gpu = f" {attempt['gpu']}x{attempt['gpu_count']}" if attempt.get("gpu") else ""
+    return f"{attempt['provider']} {attempt.get('region') or ''}{gpu}".strip()
+
+
+def jobs_table(jobs: list[dict[str, Any]], title: str | None = None) -> Table:
+    table = Table(title=title, header_style="bold", expand=False)
+    for col in ("ID", "NAME", "STATUS", "ATTEMPTS", "WHERE", "COST", "AGE", "WHY / NOW"):
+        table.add_column(col, overflow="fold" if col == "WHY / NOW" else "ellipsis", no_wrap=col != "WHY / NOW")
+    for job in jobs:
+        attempts = job.get("attempts", [])
+        last = attempts[-1] if attempts else None
+        table.add_row(
+            job["id"], job["name"], status_text(job["status"]), str(len(attempts)), where(last),
+            money(job.get("cost_usd")), ago(job.get("created_at")),
+            job.get("end_reason") or job.get("message") or "",
+        )
+    return table
+
+
+def attempts_table(attempts: list[dict[str, Any]]) -> Table:
+    table = Table(header_style="bold", title="attempts", title_justify="left")
+    for col in ("#", "PROVIDER", "REGION", "GPU", "CAPACITY", "$/H", "INSTANCE", "STATUS", "ENDED", "COST", "DETAIL"):
+        table.add_column(col, overflow="fold" if col in ("DETAIL", "INSTANCE") else "ellipsis")
+    for a in attempts:
+        gpu = f"{a['gpu']} x{a['gpu_count']}" if a.get("gpu") else "cpu"
+        reason = a.get("end_reason")
+        table.add_row(
+            str(a["number"]), a["provider"], a.get("region") or "-", gpu, a.get("capacity") or "-",
+            f"{a.get('price_per_hour', 0):.3f}", a.get("instance_id") or "-", a["status"],
+            Text(reason or "-", style=REASON_STYLE.get(reason or "", "")), money(a.get("cost_usd")),
+            a.get("detail") or "",
+        )
+    return table
+
+
+def events_table(events: list[dict[str, Any]], last: int = 15) -> Table:
+    table = Table(header_style="bold", title="events", title_justify="left", show_edge=False)
+    table.add_column("AT", no_wrap=True)
+    table.add_column("EVENT", no_wrap=True)
+    table.add_column("MESSAGE", overflow="fold")
+    for e in events[-last:]:
+        table.add_row((e.get("at") or "")[11:19], e["kind"], e["message"])
+    return table
+
+
+def job_detail(job: dict[str, Any]) -> Group:
+    head = Table.grid(padding=(0, 2))
+    head.add_column(style="bold")
+    head.add_column()
+    head.add_row("job", f"{job['id']}  {job['name']}")
+    head.add_row("status", status_text(job["status"]))
+    if job.get("end_reason"):
+        head.add_row("why it ended", job["end_reason"])
+    elif job.get("message"):
+        head.add_row("now", job["message"])
+    head.add_row("cost", f"{money(job['cost_usd'])} over {len(job['attempts'])} attempt(s), "
+                         f"{job.get('relaunches', 0)} relaunch(es), {job.get('retries', 0)} retr(ies)")
+    if job.get("volume"):
+        v = job["volume"]
+        place = f"{v['provider']} {v['region']} ({v['volume_id']})" if v.get("provider") else "not created yet"
+        head.add_row("volume", f"{v['name']} {v['size_gb']} GB at {v['mount_path']}: {place}")
+    head.add_row("submitted", f"{job['created_at']} ({ago(job['created_at'])} ago)")
+    parts: list[Any] = [head]
+    if job["attempts"]:
+        parts.append(attempts_table(job["attempts"]))
+    if job.get("events"):
+        parts.append(events_table(job["events"]))
+    return Group(*parts)
+
+
+def offers_table(offers: list[dict[str, Any]], limit: int = 40) -> Table:
+    table = Table(header_style="bold", title="offers, cheapest expected cost first")
+    for col in ("PROVIDER", "REGION", "GPU", "VRAM", "CAPACITY", "$/H", "EXPECTED $/H", "AVAIL", "VOLUMES"):
+        table.add_column(col, justify="right" if "$" in col or col in ("VRAM", "AVAIL") else "left")
+    for o in offers[:limit]:
+        gpu = f"{o['gpu']} x{o['gpu_count']}" if o.get("gpu") else "cpu"
+        table.add_row(o["provider"], o["region"], gpu, f"{o['vram_gb']} GB" if o.get("gpu") else "-",
+                      o["capacity"], f"{o['price_per_hour']:.3f}", f"{o['expected_cost_per_hour']:.3f}",
+                      str(o["available"]), "yes" if o["supports_volumes"] else "no")
+    return table

@@ -1,0 +1,89 @@
+"""The tables: jobs, their attempts, volumes and an event log. Plain rows, no behaviour.
+
+Times are UNIX seconds (floats) so SQLite and PostgreSQL store and compare them alike; the API
+renders them as ISO 8601. The job spec is stored whole as validated JSON: it is the desired
+state, and the columns beside it are what the engine has made of it so far.
+"""
+
+from __future__ import annotations
+
+from sqlmodel import Field, SQLModel
+
+
+class JobRow(SQLModel, table=True):
+    __tablename__ = "jobs"
+
+    id: str = Field(primary_key=True, max_length=32)
+    name: str = Field(max_length=64, index=True)
+    spec_json: str
+    status: str = Field(max_length=16, index=True)
+    end_reason: str | None = Field(default=None, max_length=512)
+    volume_name: str | None = Field(default=None, max_length=64, index=True)
+    cancel_requested: bool = False
+    relaunches: int = 0  # attempts lost or preempted so far
+    retries: int = 0  # attempts failed with a non-zero exit so far
+    next_try_at: float | None = None  # placement backoff when nothing fits
+    message: str = Field(default="", max_length=1024)  # the latest thing worth telling the user
+    created_at: float
+    updated_at: float
+    finished_at: float | None = None
+    lease_owner: str | None = Field(default=None, max_length=64)
+    lease_expires: float | None = None
+
+
+class AttemptRow(SQLModel, table=True):
+    __tablename__ = "attempts"
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: str = Field(foreign_key="jobs.id", index=True, max_length=32)
+    number: int
+    name: str = Field(unique=True, max_length=96)  # <prefix>-<job>-<number>: the idempotency key
+    provider: str = Field(max_length=32)
+    region: str = Field(default="", max_length=64)
+    offer_id: str = Field(default="", max_length=256)
+    capacity: str = Field(default="", max_length=16)
+    gpu: str | None = Field(default=None, max_length=32)
+    gpu_count: int = 0
+    price_per_hour: float = 0.0
+    instance_id: str | None = Field(default=None, max_length=128, index=True)
+    volume_id: str | None = Field(default=None, max_length=128)
+    status: str = Field(max_length=16, index=True)
+    end_reason: str | None = Field(default=None, max_length=32)
+    detail: str = Field(default="", max_length=1024)  # why it ended, in words
+    exit_code: int | None = None
+    exit_signal: int | None = None
+    agent_state: str = Field(default="", max_length=16)  # "", "started", "exited" (agent reports)
+    sigterm_received: bool = False  # the job got a SIGTERM that gpuhop did not send (a notice)
+    placement_reason: str = Field(default="", max_length=1024)
+    created_at: float
+    launched_at: float | None = None
+    running_at: float | None = None
+    ended_at: float | None = None
+    last_heartbeat_at: float | None = None
+    interruption_at: float | None = None  # a provider's reclaim notice was received
+    stop_requested_at: float | None = None  # gpuhop asked the instance to stop
+    cost_usd: float = 0.0
+
+
+class VolumeRow(SQLModel, table=True):
+    __tablename__ = "volumes"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(unique=True, max_length=64)
+    size_gb: int
+    mount_path: str = Field(max_length=255)
+    provider: str | None = Field(default=None, max_length=32)  # None until first placed
+    region: str | None = Field(default=None, max_length=64)
+    provider_volume_id: str | None = Field(default=None, max_length=128)
+    created_at: float
+
+
+class EventRow(SQLModel, table=True):
+    __tablename__ = "events"
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: str = Field(index=True, max_length=32)
+    attempt: int | None = None
+    at: float
+    kind: str = Field(max_length=32)
+    message: str = Field(max_length=2048)

@@ -1,0 +1,262 @@
+"""Placement: every filter with its reason, expected-cost ranking, rate learning, volume pinning."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from orchestrator.models import CapacityType, JobSpec, Offer
+from orchestrator.placement import (
+    PlacementSettings,
+    RateStats,
+    VolumeLocation,
+    place,
+    preemption_rate,
+    rank_offers_for_display,
+)
+
+SPOT, OD = CapacityType.SPOT, CapacityType.ON_DEMAND
+NO_STATS: dict[tuple[str, CapacityType], RateStats] = {}
+SETTINGS = PlacementSettings()
+
+
+def offer(**kw: Any) -> Offer:
+    base: dict[str, Any] = dict(
+        provider="runpod", offer_id="o1", region="EU-RO-1", gpu="RTX-4090", gpu_count=1,
+        vram_gb=24, vcpu=8, memory_gb=32, disk_gb=0, capacity=OD, price_per_hour=0.50,
+    )
+    base.update(kw)
+    return Offer(**base)
+
+
+def spec(resources: dict[str, Any] | None = None, placement: dict[str, Any] | None = None,
+         **extra: Any) -> JobSpec:
+    data: dict[str, Any] = {"name": "j", "command": ["python", "train.py"], **extra}
+    if resources is not None:
+        data["resources"] = resources
+    if placement is not None:
+        data["placement"] = placement
+    return JobSpec.model_validate(data)
+
+
+# --------------------------------------------------------------------------- filters
+
+FILTERS = [
+    # (spec kwargs, offer overrides, volume, exclude, expected kind or None = accepted)
+    ({"placement": {"providers": ["aws"]}}, {}, None, (), "provider not allowed"),
+    ({"placement": {"providers": ["runpod"]}}, {}, None, (), None),
+    ({"placement": {"regions": ["us-east-1"]}}, {}, None, (), "region not allowed"),
+    ({"placement": {"regions": ["us-east-1"]}}, {"region": "us-east-1a"}, None, (), None),
+    ({"placement": {"regions": ["EU"]}}, {}, None, (), None),
+    ({"placement": {"regions": ["EU-RO-1"]}}, {}, None, (), None),
+    ({"placement": {"capacity": "spot"}}, {"capacity": OD}, None, (), "wrong capacity type"),
+    ({"placement": {"capacity": "spot"}}, {"capacity": SPOT}, None, (), None),
+    ({"placement": {"capacity": "on-demand"}}, {"capacity": SPOT}, None, (), "wrong capacity type"),
+    ({"placement": {"capacity": "auto"}}, {"capacity": SPOT}, None, (), None),
+    ({"placement": {"capacity": "auto"}}, {"capacity": OD}, None, (), None),
+    ({"resources": {"gpu": ["H100"]}}, {}, None, (), "wrong GPU"),
+    ({"resources": {"gpu": ["H100", "4090"]}}, {}, None, (), None),
+    ({}, {"gpu": None, "gpu_count": 0, "vram_gb": 0}, None, (), "wrong GPU"),
+    ({"resources": {"gpu_count": 2}}, {}, None, (), "too few GPUs"),
+    ({"resources": {"gpu_count": 2}}, {"gpu_count": 4}, None, (), None),
+    ({"resources": {"min_vram_gb": 40}}, {}, None, (), "too little VRAM"),
+    ({"resources": {"min_vram_gb": 24}}, {}, None, (), None),
+    ({"resources": {"min_vram_gb": 40}}, {"gpu": "H100-SXM", "vram_gb": 0}, None, (), None),
+    ({"resources": {"min_vcpu": 16}}, {}, None, (), "too few vCPUs"),
+    ({"resources": {"min_vcpu": 16}}, {"vcpu": 0}, None, (), None),
+    ({"resources": {"min_memory_gb": 64}}, {}, None, (), "too little memory"),
+    ({"resources": {"min_memory_gb": 64}}, {"memory_gb": 0}, None, (), None),
+    ({"resources": {"disk_gb": 100}}, {"disk_gb": 50}, None, (), "too little disk"),
+    ({"resources": {"disk_gb": 100}}, {"disk_gb": 0}, None, (), None),
+    ({"resources": {"disk_gb": 100}}, {"disk_gb": 100}, None, (), None),
+    ({"placement": {"max_price_per_hour": 0.4}}, {}, None, (), "over max price"),
+    ({"placement": {"max_price_per_hour": 0.5}}, {}, None, (), None),
+    ({}, {"available": 0}, None, (), "unavailable"),
+    ({}, {}, None, ("runpod:o1",), "just failed: no capacity"),
+    ({}, {}, None, ("runpod:o2", "aws:o1"), None),
+    # volume pinning
+    ({}, {}, VolumeLocation("runpod", "US-TX-3"), (), "away from the volume in runpod/US-TX-3"),
+    ({}, {"provider": "aws"}, VolumeLocation("runpod", "EU-RO-1"), (), "away from the volume in runpod/EU-RO-1"),
+    ({}, {}, VolumeLocation("runpod", "EU-RO-1"), (), None),
+    ({}, {"supports_volumes": False}, VolumeLocation("runpod", "EU-RO-1"), (), "no volume support"),
+    ({}, {"supports_volumes": False}, VolumeLocation(None, None), (), "no volume support"),
+    ({}, {"provider": "aws", "region": "us-east-1a"}, VolumeLocation(None, None), (), None),
+    ({}, {"supports_volumes": False}, None, (), None),
+]
+
+
+@pytest.mark.parametrize(("spec_kw", "offer_kw", "volume", "exclude", "kind"), FILTERS)
+def test_filters(spec_kw: dict[str, Any], offer_kw: dict[str, Any], volume: VolumeLocation | None,
+                 exclude: tuple[str, ...], kind: str | None) -> None:
+    o = offer(**offer_kw)
+    result = place(spec(**spec_kw), [o], volume, NO_STATS, SETTINGS, frozenset(exclude))
+    if kind is None:
+        assert [c.offer for c in result.candidates] == [o]
+        assert result.rejected == ()
+    else:
+        assert result.candidates == ()
+        (rej,) = result.rejected
+        assert rej.offer == o
+        assert rej.kind == kind
+        assert rej.reason.startswith(f"{o.provider} {o.region} ")
+
+
+@pytest.mark.parametrize(
+    ("offer_kw", "accepted"),
+    [
+        ({"gpu": None, "gpu_count": 0, "vram_gb": 0}, True),
+        ({"gpu": "RTX-4090", "gpu_count": 1}, True),
+        ({"gpu": "H100-SXM", "gpu_count": 8}, True),
+    ],
+)
+def test_cpu_only_job_accepts_any_machine(offer_kw: dict[str, Any], accepted: bool) -> None:
+    result = place(spec({"gpu_count": 0}), [offer(**offer_kw)], None, NO_STATS, SETTINGS)
+    assert bool(result.candidates) is accepted
+
+
+def test_cpu_only_job_prefers_fewer_gpus() -> None:
+    cpu = offer(offer_id="cpu", gpu=None, gpu_count=0, vram_gb=0, price_per_hour=0.30)
+    gpu1 = offer(offer_id="g1", gpu_count=1, price_per_hour=0.20)
+    gpu8 = offer(offer_id="g8", gpu="H100-SXM", gpu_count=8, price_per_hour=0.10)
+    result = place(spec({"gpu_count": 0}), [gpu8, gpu1, cpu], None, NO_STATS, SETTINGS)
+    assert [c.offer.offer_id for c in result.candidates] == ["cpu", "g1", "g8"]
+
+
+# --------------------------------------------------------------------------- preemption rate
+
+
+@pytest.mark.parametrize(
+    ("prior", "weight", "stats", "expected"),
+    [
+        (0.1, 24, None, 0.1),  # no history: the prior
+        (0.1, 24, RateStats(0, 0), 0.1),
+        (0.1, 24, RateStats(0, 24), 0.05),  # a clean day halves it
+        (0.1, 24, RateStats(12, 24), (2.4 + 12) / 48),
+        (0.0, 24, RateStats(0, 100), 0.0),  # on-demand stays ~0
+        (0.2, 0, RateStats(3, 10), 0.3),  # no prior weight: the observed rate
+        (0.2, 0, None, 0.2),
+    ],
+)
+def test_preemption_rate(prior: float, weight: float, stats: RateStats | None, expected: float) -> None:
+    assert preemption_rate(prior, weight, stats) == pytest.approx(expected)
+
+
+def test_more_preemptions_raise_the_rate() -> None:
+    rates = [preemption_rate(0.05, 24, RateStats(n, 48)) for n in (0, 1, 5, 20)]
+    assert rates == sorted(rates) and rates[0] < rates[-1]
+
+
+# --------------------------------------------------------------------------- ranking
+
+
+def _spot_vs_on_demand(spot_rate: float, interval: float) -> str:
+    spot = offer(provider="runpod", offer_id="s", capacity=SPOT, price_per_hour=0.40)
+    od = offer(provider="aws", offer_id="d", region="us-east-1a", capacity=OD, price_per_hour=0.50)
+    settings = PlacementSettings(prior_rates={("runpod", SPOT): spot_rate})
+    s = spec(policy={"checkpoint_interval": interval})
+    result = place(s, [spot, od], None, NO_STATS, settings)
+    return result.candidates[0].offer.offer_id
+
+
+@pytest.mark.parametrize(
+    ("rate", "interval", "winner"),
+    [
+        (3.0, 600, "d"),  # preempted three times an hour: the dearer on-demand wins
+        (0.05, 600, "s"),  # rarely preempted: the cheaper spot wins
+        (0.3, 600, "s"),  # 0.40 * (1 + 0.3 * (0.033 + 0.083)) = 0.414 < 0.50
+        (0.3, 4 * 3600, "d"),  # a four-hour checkpoint interval tips it: 0.40 * 1.61 = 0.64
+    ],
+)
+def test_expected_cost_ranking(rate: float, interval: float, winner: str) -> None:
+    assert _spot_vs_on_demand(rate, interval) == winner
+
+
+def test_learned_history_flips_the_choice() -> None:
+    spot = offer(offer_id="s", capacity=SPOT, price_per_hour=0.40)
+    od = offer(offer_id="d", capacity=OD, price_per_hour=0.50)
+    s = spec()
+    calm = place(s, [spot, od], None, NO_STATS, SETTINGS)
+    assert calm.candidates[0].offer.offer_id == "s"
+    stormy = {("runpod", SPOT): RateStats(preemptions=200, hours=20)}
+    assert place(s, [spot, od], None, stormy, SETTINGS).candidates[0].offer.offer_id == "d"
+
+
+def test_candidate_carries_the_arithmetic() -> None:
+    settings = PlacementSettings(prior_rates={("runpod", SPOT): 0.3}, restart_overhead_seconds={"runpod": 108})
+    o = offer(capacity=SPOT, price_per_hour=0.35)
+    (c,) = place(spec(), [o], None, NO_STATS, settings).candidates
+    assert c.rate_per_hour == pytest.approx(0.3)
+    assert c.expected_cost_per_hour == pytest.approx(0.35 * (1 + 0.3 * (0.03 + 300 / 3600)))
+    assert c.reason == (
+        "runpod EU-RO-1 RTX-4090 x1 spot $0.35/h; expected $0.36/h "
+        "(0.300 preemptions/h x (0.03 h restart + 0.08 h half checkpoint interval))"
+    )
+
+
+@pytest.mark.parametrize(
+    ("offers", "order"),
+    [
+        # equal expected cost: fewer GPUs first
+        ([offer(offer_id="b", gpu_count=2), offer(offer_id="a", gpu_count=1)], ["a", "b"]),
+        # equal cost and GPUs: on-demand before spot (spot prior 0 here)
+        ([offer(offer_id="a", capacity=SPOT), offer(offer_id="b", capacity=OD)], ["b", "a"]),
+        # then provider, region, offer id
+        ([offer(provider="vast", offer_id="a"), offer(provider="aws", offer_id="z")], ["z", "a"]),
+        ([offer(region="US", offer_id="a"), offer(region="EU", offer_id="b")], ["b", "a"]),
+        ([offer(offer_id="b"), offer(offer_id="a"), offer(offer_id="c")], ["a", "b", "c"]),
+    ],
+)
+def test_deterministic_tie_break(offers: list[Offer], order: list[str]) -> None:
+    settings = PlacementSettings(default_spot_rate=0.0)
+    for seq in (offers, list(reversed(offers))):
+        result = place(spec(), seq, None, NO_STATS, settings)
+        assert [c.offer.offer_id for c in result.candidates] == order
+
+
+def test_rank_offers_for_display() -> None:
+    spot = offer(offer_id="s", capacity=SPOT, price_per_hour=0.40, gpu="H100-SXM")
+    od = offer(offer_id="d", capacity=OD, price_per_hour=0.45)
+    settings = PlacementSettings(prior_rates={("runpod", SPOT): 2.0})
+    ranked = rank_offers_for_display([spot, od], settings, NO_STATS)
+    assert [o.offer_id for o, _ in ranked] == ["d", "s"]
+    assert ranked[0][1] == pytest.approx(0.45)
+    assert ranked[1][1] == pytest.approx(0.40 * (1 + 2.0 * (120 + 300) / 3600))
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def test_summary() -> None:
+    offers = [
+        *(offer(offer_id=f"ok{i}") for i in range(3)),
+        *(offer(offer_id=f"gpu{i}", gpu="T4", vram_gb=16) for i in range(5)),
+        *(offer(offer_id=f"dear{i}", price_per_hour=9) for i in range(2)),
+        *(offer(offer_id=f"far{i}", region="US-TX-3") for i in range(2)),
+    ]
+    s = spec({"gpu": ["RTX-4090", "T4"], "min_vram_gb": 20}, {"max_price_per_hour": 1})
+    result = place(s, offers, VolumeLocation("runpod", "EU-RO-1"), NO_STATS, SETTINGS)
+    assert result.summary() == (
+        "12 offers: 3 suitable; rejected 5 too little VRAM, 2 over max price, "
+        "2 away from the volume in runpod/EU-RO-1"
+    )
+    assert result.best is not None and result.best.offer.offer_id == "ok0"
+
+
+@pytest.mark.parametrize(
+    ("offers", "text"),
+    [
+        ([], "0 offers: 0 suitable"),
+        ([offer()], "1 offer: 1 suitable"),
+        ([offer(available=0)], "1 offer: 0 suitable; rejected 1 unavailable"),
+    ],
+)
+def test_summary_edges(offers: list[Offer], text: str) -> None:
+    assert place(spec(), offers, None, NO_STATS, SETTINGS).summary() == text
+
+
+def test_place_is_pure() -> None:
+    offers = [offer(offer_id="a", capacity=SPOT), replace(offer(), offer_id="b")]
+    s = spec()
+    assert place(s, offers, None, NO_STATS, SETTINGS) == place(s, offers, None, NO_STATS, SETTINGS)
