@@ -36,7 +36,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
-err = Console(stderr=True)
+if not console.is_terminal:  # piped or captured: do not squeeze tables into 80 columns
+    console = Console(width=160)
+err = Console(stderr=True, soft_wrap=True)
 
 ServerOpt = Annotated[str | None, typer.Option("--server", help="daemon URL (default: GPUHOP_SERVER, or the local daemon)")]
 StateOpt = Annotated[Path | None, typer.Option("--state-dir", help="the daemon's state dir, to find its URL and token")]

@@ -283,7 +283,8 @@ class Engine:
             elif isinstance(action, reconcile.Finish):
                 job_fields.update(status=action.status.value, end_reason=action.end_reason[:512],
                                   finished_at=now, message=action.end_reason[:1024], next_try_at=None)
-                events.append((None, action.status.value, f"job {action.status.value}: {action.end_reason}"))
+                why = "" if action.end_reason == action.status.value else f": {action.end_reason}"
+                events.append((None, action.status.value, f"job {action.status.value}{why}"))
                 metrics.JOBS_FINISHED.labels(action.status.value).inc()
             elif isinstance(action, reconcile.Launch):
                 launch = action.early

@@ -1,0 +1,96 @@
+"""The store on SQLite and PostgreSQL: migrations, the job and attempt verbs, volume conflicts."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlmodel import SQLModel
+
+from orchestrator.models import AttemptStatus, EndReason, JobSpec
+from orchestrator.store import AttemptRow, Conflict, Store
+
+
+def spec(**extra: object) -> JobSpec:
+    return JobSpec.model_validate({"name": "t", "command": ["true"], **extra})
+
+
+@pytest.fixture
+def store(db_url: str) -> Store:
+    s = Store(db_url)
+    s.migrate()
+    yield s
+    s.close()
+
+
+def test_migrations_match_models_and_are_idempotent(store: Store) -> None:
+    store.migrate()  # a second start changes nothing
+    with store.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), SQLModel.metadata)
+    assert diff == []
+
+
+def test_job_lifecycle_and_attempts(store: Store) -> None:
+    job = store.create_job("abc123", spec())
+    assert store.get_job("abc123").status == "queued"
+    assert [j.id for j in store.active_jobs()] == ["abc123"]
+    assert store.next_attempt_number(job.id) == 1
+    row = store.add_attempt(AttemptRow(job_id=job.id, number=1, name="gpuhop-abc123-1", provider="local",
+                                       status=AttemptStatus.PENDING.value, created_at=time.time()))
+    assert store.next_attempt_number(job.id) == 2
+    assert [a.name for a in store.live_attempts()] == ["gpuhop-abc123-1"]
+    store.apply(job.id, {"status": "running"}, {row.id: {"status": "running", "instance_id": "i-1"}},
+                [(1, "running", "attempt 1 running")])
+    assert store.attempt_by_instance("local", "i-1").number == 1
+    assert store.get_job(job.id).status == "running"
+    assert store.events(job.id)[-1].message == "attempt 1 running"
+    store.update_attempt(row.id, status="ended", end_reason=EndReason.PREEMPTED.value, launched_at=time.time() - 3600,
+                         ended_at=time.time())
+    assert store.live_attempts() == []
+    hist = store.preemption_history()
+    assert hist[0][0] == "local" and hist[0][2] == 1
+
+
+def test_pending_attempt_can_be_dropped_but_not_a_launched_one(store: Store) -> None:
+    store.create_job("j1", spec())
+    pending = store.add_attempt(AttemptRow(job_id="j1", number=1, name="p-j1-1", provider="local",
+                                           status="pending", created_at=time.time()))
+    launched = store.add_attempt(AttemptRow(job_id="j1", number=2, name="p-j1-2", provider="local",
+                                            status="launching", created_at=time.time()))
+    store.delete_attempt(pending.id)
+    store.delete_attempt(launched.id)
+    assert [a.number for a in store.attempts("j1")] == [2]
+
+
+def test_attempt_names_are_unique(store: Store) -> None:
+    store.create_job("j1", spec())
+    store.add_attempt(AttemptRow(job_id="j1", number=1, name="n-1", provider="local", status="pending",
+                                 created_at=time.time()))
+    with pytest.raises(Exception):  # noqa: B017 - IntegrityError from either driver
+        store.add_attempt(AttemptRow(job_id="j1", number=1, name="n-1", provider="local", status="pending",
+                                     created_at=time.time()))
+
+
+def test_a_volume_serves_one_active_job_at_a_time(store: Store) -> None:
+    vol = {"volume": {"name": "ckpt", "size_gb": 10}}
+    store.create_job("j1", spec(**vol))
+    with pytest.raises(Conflict, match="in use by job j1"):
+        store.create_job("j2", spec(**vol))
+    assert store.get_job("j2") is None
+    store.update_job("j1", status="succeeded")
+    store.create_job("j3", spec(**vol))
+    assert store.volume("ckpt").size_gb == 10
+
+
+def test_cancel_is_desired_state_and_idempotent(store: Store) -> None:
+    store.create_job("j1", spec())
+    assert store.request_cancel("j1").cancel_requested
+    assert store.request_cancel("j1").cancel_requested
+    store.update_job("j1", status="succeeded")
+    store.create_job("j2", spec())
+    store.update_job("j2", status="failed")
+    assert not store.request_cancel("j2").cancel_requested
+    assert store.request_cancel("nope") is None
+    assert store.counts_by_status() == {"succeeded": 1, "failed": 1}
