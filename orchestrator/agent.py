@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(command, state_dir, log_path)
     except OSError as exc:  # the program could not be started: report it as exit 127
-        result = {"exit_code": 127, "signal": None, "stopped_by_us": False, "ended_at": time.time(), "error": str(exc)}
+        result: dict[str, object] = {"exit_code": 127, "signal": None, "stopped_by_us": False, "ended_at": time.time(), "error": str(exc)}
         if log_path:
             with open(log_path, "ab") as fh:
                 fh.write(f"gpuhop-agent: cannot start {command[0]!r}: {exc}\n".encode())

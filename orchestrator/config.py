@@ -125,7 +125,7 @@ class Settings(_Section):
     engine: EngineSettings = Field(default_factory=EngineSettings)
     placement: PlacementSettingsModel = Field(default_factory=PlacementSettingsModel)
     providers: dict[str, dict[str, Any]] = Field(
-        default_factory=lambda: {"local": {}},
+        default_factory=lambda: {"local": dict[str, Any]()},
         description="one table per provider; each is validated by that provider's adapter",
     )
 

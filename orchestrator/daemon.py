@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import socket
 from pathlib import Path
 
 from aiohttp import web
@@ -132,9 +133,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
                 server_file.unlink()
 
 
-async def _bind(settings: Settings) -> tuple[object, int]:
-    import socket
-
+async def _bind(settings: Settings) -> tuple[socket.socket, int]:
     host, port = settings.server.host, settings.server.port
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     family, _, _, _, addr = infos[0]

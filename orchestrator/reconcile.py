@@ -293,11 +293,10 @@ def decide(
         return d
 
     # nothing live: finish, or place a new attempt
-    last = ended_now and max(
-        (a for a in attempts if a.id in ended_now), key=lambda a: a.number
-    )
-    last_reason = ended_now[last.id] if last else None
-    if last_reason == EndReason.FAILED and retries > job.policy.max_retries_on_error:
+    ended_rows = [a for a in attempts if a.id in ended_now]
+    last = max(ended_rows, key=lambda a: a.number) if ended_rows else None
+    last_reason = ended_now[last.id] if last is not None else None
+    if last is not None and last_reason == EndReason.FAILED and retries > job.policy.max_retries_on_error:
         detail = next((x.detail for x in d.actions if isinstance(x, EndAttempt) and x.attempt_id == last.id), "")
         d.add(Finish(JobStatus.FAILED, f"failed: {detail}" if detail else "failed"))
         return d

@@ -67,7 +67,7 @@ def openapi_document() -> dict[str, Any]:
             "events": {"type": "array", "items": {"type": "object"}},
         },
     }
-    auth = [{"bearer": []}]
+    auth: list[dict[str, list[str]]] = [{"bearer": []}]
     return {
         "openapi": "3.1.0",
         "info": {"title": "gpuhop", "version": "1",

@@ -133,6 +133,15 @@ def _log_files(logs_dir: Path, attempts: list[AttemptRow], number: int | None) -
     return [(a, logs_dir / f"{a.name}.log") for a in attempts if number is None or a.number == number]
 
 
+def _read_from(path: Path, offset: int) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            return fh.read(1024 * 1024)
+    except FileNotFoundError:
+        return b""
+
+
 def _tail(data: bytes, lines: int) -> bytes:
     if lines <= 0:
         return data
@@ -182,10 +191,8 @@ async def logs(request: web.Request) -> web.StreamResponse:
             if a.name not in offsets:
                 offsets[a.name] = 0
                 await resp.write(f"--- attempt {a.number} on {a.provider} {a.region} ---\n".encode())
-            if path.exists() and path.stat().st_size > offsets[a.name]:
-                with open(path, "rb") as fh:
-                    fh.seek(offsets[a.name])
-                    chunk = fh.read(1024 * 1024)
+            chunk = await asyncio.to_thread(_read_from, path, offsets[a.name])
+            if chunk:
                 offsets[a.name] += len(chunk)
                 await resp.write(chunk)
         if job is None or JobStatus(job.status).terminal:

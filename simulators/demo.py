@@ -1,0 +1,274 @@
+"""`gpuhop demo`: the whole thing working, with no cloud account and nothing to set up.
+
+It starts the simulated providers in this process, a real `gpuhop serve` daemon in a temporary
+state directory, submits a few small training jobs that checkpoint into their volumes, takes
+machines away from some of them along the way (a RunPod preemption, a lost local machine), and
+shows the placements, preemptions and relaunches live. It ends with what each job cost and how
+many attempts it took, checks every step ran exactly once, and leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import aiohttp
+import typer
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from orchestrator import render
+from orchestrator.client import Client, ClientError
+
+TRAIN = Path(__file__).resolve().parent / "demo_train.py"
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+@dataclass
+class Disruption:
+    """Take the job's machine away once it has done `after_steps` steps."""
+
+    kind: str  # "preempt" (provider reclaims it) or "kill" (the machine dies)
+    after_steps: int
+    done: bool = False
+
+
+@dataclass
+class DemoJob:
+    spec: dict[str, Any]
+    volume: str
+    steps: int
+    disruption: Disruption | None = None
+    job_id: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def _job(name: str, steps: int, gpu: list[str] | None, disruption: Disruption | None,
+         capacity: str = "auto", providers: list[str] | None = None) -> DemoJob:
+    spec: dict[str, Any] = {
+        "name": name,
+        "image": "pytorch/pytorch:2.4.0-cuda12.1-cudnn9-runtime",
+        "command": ["python3", str(TRAIN), "--steps", str(steps), "--step-seconds", "0.3"],
+        "resources": {"gpu": gpu, "gpu_count": 1} if gpu else {"gpu_count": 0},
+        "placement": {"capacity": capacity, **({"providers": providers} if providers else {})},
+        "volume": {"name": f"{name}-ckpt", "size_gb": 20, "mount_path": "/workspace"},
+        "policy": {"max_relaunches": 5, "checkpoint_interval": 1},
+    }
+    return DemoJob(spec, f"{name}-ckpt", steps, disruption)
+
+
+def demo_jobs() -> list[DemoJob]:
+    return [
+        _job("llama-finetune", 24, ["RTX-4090"], Disruption("preempt", 8), providers=["runpod"]),
+        _job("sdxl-lora", 20, ["RTX-A6000", "L40S"], Disruption("preempt", 6), capacity="spot", providers=["runpod"]),
+        _job("whisper-eval", 16, ["L40S"], None, providers=["runpod"]),
+        _job("tokenize-corpus", 18, None, Disruption("kill", 5), providers=["local"]),
+    ]
+
+
+def _config(state: Path, runpod_url: str, runpod_key: str) -> str:
+    return f"""
+[server]
+listen = "127.0.0.1:0"
+state_dir = "{state}"
+[engine]
+tick_seconds = 0.5
+launch_grace_seconds = 10
+heartbeat_seconds = 1
+heartbeat_timeout_seconds = 30
+offer_refresh_seconds = 2
+stop_grace_seconds = 2
+[providers.local]
+cpu_slots = 2
+[providers.runpod]
+api_key = "{runpod_key}"
+api_url = "{runpod_url}"
+"""
+
+
+def _steps(volume_dir: Path) -> list[int]:
+    log = volume_dir / "steps.log"
+    if not log.exists():
+        return []
+    return [int(line.split()[0]) for line in log.read_text().splitlines() if line.strip()]
+
+
+class Demo:
+    def __init__(self, console: Console, keep: bool) -> None:
+        self.console = console
+        self.keep = keep
+        self.root = Path(tempfile.mkdtemp(prefix="gpuhop-demo-"))
+        self.state = self.root / "daemon"
+        self.daemon: subprocess.Popen[bytes] | None = None
+        self.client: Client | None = None
+        self.jobs = demo_jobs()
+        self.feed: list[str] = []
+        self.seen_events: dict[str, int] = {}
+
+    async def run(self) -> int:
+        from simulators.runpod import RunPodSimulator
+
+        sim = RunPodSimulator(self.root / "runpod", start_delay=1.0, notice_seconds=2.0)
+        url = await sim.start()
+        self.sim_url = url
+        try:
+            self._start_daemon(url, sim.api_key)
+            return await self._drive()
+        finally:
+            self._stop_daemon()
+            await sim.stop()
+            if not self.keep:
+                shutil.rmtree(self.root, ignore_errors=True)
+            else:
+                self.console.print(f"state kept in {self.root}")
+
+    def _start_daemon(self, runpod_url: str, runpod_key: str) -> None:
+        config = self.root / "gpuhop.toml"
+        config.write_text(_config(self.state, runpod_url, runpod_key))
+        config.chmod(0o600)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GPUHOP_")}
+        log = open(self.root / "daemon.log", "ab")  # noqa: SIM115 - the daemon owns it
+        self.daemon = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.cli", "serve", "--config", str(config)],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+        server = self.state / "server.json"
+        deadline = time.monotonic() + 60
+        while not server.exists():
+            if self.daemon.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the daemon did not start:\n" + (self.root / "daemon.log").read_text()[-3000:])
+            time.sleep(0.1)
+        self.client = Client(json.loads(server.read_text())["url"], (self.state / "token").read_text().strip())
+
+    def _stop_daemon(self) -> None:
+        if self.daemon is None or self.daemon.poll() is not None:
+            return
+        self.daemon.send_signal(signal.SIGTERM)
+        try:
+            self.daemon.wait(30)
+        except subprocess.TimeoutExpired:
+            self.daemon.kill()
+            self.daemon.wait(5)
+
+    async def _api(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.to_thread(fn, *args)
+
+    async def _drive(self) -> int:
+        assert self.client is not None
+        c = self.client
+        for j in self.jobs:
+            created = await self._api(c.submit, j.spec)
+            j.job_id = created["id"]
+            self.feed.append(f"submitted {j.spec['name']} as {j.job_id}")
+        deadline = time.monotonic() + 240
+        with Live(console=self.console, refresh_per_second=4, transient=False) as live:
+            while True:
+                details = [await self._api(c.job, j.job_id) for j in self.jobs]
+                self._collect_events(details)
+                await self._disrupt(details)
+                live.update(self._view(details))
+                if all(d["status"] in TERMINAL for d in details):
+                    break
+                if time.monotonic() > deadline:
+                    self.feed.append("the demo took too long; stopping")
+                    break
+                await asyncio.sleep(0.5)
+        return self._summary(details)
+
+    def _collect_events(self, details: list[dict[str, Any]]) -> None:
+        for d in details:
+            events = d.get("events", [])
+            start = self.seen_events.get(d["id"], 0)
+            for e in events[start:]:
+                if e["kind"] in ("launched", "running", "preempted", "lost", "succeeded", "failed", "no_capacity"):
+                    msg = e["message"].split(": local")[0].split(" (")[0] if e["kind"] == "launched" else e["message"]
+                    self.feed.append(f"{e['at'][11:19]}  {d['name']:<16} {msg[:110]}")
+            self.seen_events[d["id"]] = len(events)
+
+    async def _disrupt(self, details: list[dict[str, Any]]) -> None:
+        for j, d in zip(self.jobs, details, strict=True):
+            dis = j.disruption
+            if dis is None or dis.done or d["status"] != "running" or not d["attempts"]:
+                continue
+            attempt = d["attempts"][-1]
+            volume_dir = self._volume_dir(d, attempt)
+            if volume_dir is None or len(_steps(volume_dir)) < dis.after_steps:
+                continue
+            dis.done = True
+            if dis.kind == "preempt":
+                async with aiohttp.ClientSession() as s:
+                    await s.post(f"{self.sim_url}/_sim/pods/{attempt['instance_id']}/preempt")
+                self.feed.append(f"{time.strftime('%H:%M:%S', time.gmtime())}  {d['name']:<16} "
+                                 f"!! RunPod reclaims pod {attempt['instance_id']} (SIGTERM, 2 s notice)")
+            else:
+                job_pid = self.state / "local" / "instances" / attempt["name"] / "job.pid"
+                with contextlib.suppress(OSError, ValueError):
+                    os.killpg(int(job_pid.read_text()), signal.SIGKILL)
+                self.feed.append(f"{time.strftime('%H:%M:%S', time.gmtime())}  {d['name']:<16} "
+                                 "!! the machine dies under the job (SIGKILL)")
+
+    def _volume_dir(self, detail: dict[str, Any], attempt: dict[str, Any]) -> Path | None:
+        vol = detail.get("volume") or {}
+        if attempt["provider"] == "local":
+            return self.state / "local" / "volumes" / vol.get("name", "")
+        if vol.get("volume_id"):
+            return self.root / "runpod" / "volumes" / vol["volume_id"]
+        return None
+
+    def _view(self, details: list[dict[str, Any]]) -> Group:
+        feed = Table.grid()
+        feed.add_column()
+        for line in self.feed[-12:]:
+            feed.add_row(line)
+        return Group(render.jobs_table(details, title="gpuhop demo: 4 jobs on RunPod (simulated) and this machine"),
+                     feed)
+
+    def _summary(self, details: list[dict[str, Any]]) -> int:
+        table = Table(title="what each job cost", header_style="bold")
+        for col in ("JOB", "STATUS", "ATTEMPTS", "WHY ATTEMPTS ENDED", "COST", "STEPS EXACTLY ONCE"):
+            table.add_column(col)
+        ok = True
+        for j, d in zip(self.jobs, details, strict=True):
+            reasons = ", ".join(a["end_reason"] or a["status"] for a in d["attempts"])
+            vol = self._volume_dir(d, d["attempts"][-1]) if d["attempts"] else None
+            steps = _steps(vol) if vol else []
+            once = sorted(steps) == list(range(1, j.steps + 1))
+            ok = ok and once and d["status"] == "succeeded"
+            table.add_row(d["name"], render.status_text(d["status"]), str(len(d["attempts"])), reasons,
+                          render.money(d["cost_usd"]), "yes" if once else f"NO ({len(steps)} steps)")
+        total = sum(d["cost_usd"] for d in details)
+        self.console.print(table)
+        self.console.print(f"total ${total:.4f} (simulated per-second billing). Every machine was stopped when "
+                           "its job ended; `gpuhop show <id>` on a real daemon tells the same story per job.")
+        return 0 if ok else 1
+
+
+def demo(
+    keep: Annotated[bool, typer.Option("--keep", help="keep the temporary state directory")] = False,
+) -> None:
+    """See gpuhop work, on simulated providers: placements, preemptions, relaunches, costs."""
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=150)
+    console.print("[bold]gpuhop demo[/]: a simulated RunPod and this machine; no account, nothing billed.")
+    demo_ = Demo(console, keep)
+    try:
+        code = asyncio.run(demo_.run())
+    except (ClientError, RuntimeError) as exc:
+        console.print(f"[red]demo failed:[/] {exc}")
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    raise typer.Exit(code)

@@ -1,0 +1,53 @@
+"""Configuration: the example works as is; every mistake names the file, the key and what was
+expected; CLI overrides win."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import ConfigError, load_settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_example_config_loads_as_is() -> None:
+    settings = load_settings(REPO / "config.example.toml")
+    assert "local" in settings.providers
+    assert settings.server.port == 8470
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("[server]\nlisten = 'nope'\n", "server.listen: Value error, expected HOST:PORT"),
+    ("[engine]\ntick_seconds = 'fast'\n", "engine.tick_seconds: Input should be a valid number"),
+    ("[engine]\ntick_seconds = -1\n", "engine.tick_seconds: Input should be greater than 0"),
+    ("[engine]\ntick_secnds = 1\n", "engine.tick_secnds: unknown key"),
+    ("[providers.local]\ncpu_slots = 'two'\n", "providers.local.cpu_slots: Input should be a valid integer"),
+    ("[providers.local]\ncolour = 'red'\n", "providers.local.colour: unknown key"),
+    ("[providers.nimbus]\n", "providers.nimbus: unknown provider 'nimbus'"),
+    ("[database]\nurl = 'mysql://x'\n", "database.url: Value error, expected a sqlite:// or postgresql:// URL"),
+    ("[placement.spot_preemption_priors]\nrunpod = -1\n", "placement.spot_preemption_priors"),
+    ("server = 3\n", "server: Input should be a valid dictionary"),
+    ("[server\n", "not valid TOML"),
+])
+def test_mistakes_name_the_file_and_key(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_settings(path)
+    assert str(path) in str(err.value)
+    assert expected in str(err.value)
+
+
+def test_missing_file_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such file.*config.example.toml"):
+        load_settings(tmp_path / "nope.toml")
+
+
+def test_cli_overrides_win(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[server]\nlisten = '127.0.0.1:1'\n")
+    s = load_settings(path, {"server": {"listen": "127.0.0.1:2", "state_dir": str(tmp_path / "s")}})
+    assert s.server.port == 2 and s.state_dir == tmp_path / "s"
+    assert s.database_url() == f"sqlite:///{tmp_path / 's' / 'gpuhop.db'}"
