@@ -139,7 +139,7 @@ class Demo:
         config.write_text(_config(self.state, runpod_url, runpod_key))
         config.chmod(0o600)
         env = {k: v for k, v in os.environ.items() if not k.startswith("GPUHOP_")}
-        log = open(self.root / "daemon.log", "ab")  # noqa: SIM115 - the daemon owns it
+        log = open(self.root / "daemon.log", "ab")  # the daemon process owns it
         self.daemon = subprocess.Popen(
             [sys.executable, "-m", "orchestrator.cli", "serve", "--config", str(config)],
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,

@@ -61,7 +61,7 @@ class Ledger:
 
     def as_json(self) -> dict[str, object]:
         now = time.time()
-        rows = [
+        rows: list[dict[str, object]] = [
             {
                 "id": e.resource_id.split("#")[0],
                 "kind": e.kind,
@@ -74,7 +74,8 @@ class Ledger:
             }
             for e in self.entries.values()
         ]
-        return {"entries": rows, "total_usd": round(sum(float(r["cost_usd"]) for r in rows), 6)}  # type: ignore[arg-type]
+        total = sum(e.cost(now) for e in self.entries.values())
+        return {"entries": rows, "total_usd": round(total, 6)}
 
 
 @dataclass
@@ -125,7 +126,7 @@ class Runtime:
         log_path = self.log_path(machine_id)
         cwd = workdir or (self.root / "work" / _safe(machine_id))
         cwd.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as log:
+        with open(log_path, "ab") as log:  # noqa: ASYNC230 - opening a local file is instant
             proc = await asyncio.create_subprocess_exec(
                 "/bin/sh", "-c", command,
                 stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=asyncio.subprocess.STDOUT,

@@ -46,7 +46,7 @@ class Daemon:
         if server_file.exists():
             server_file.unlink()
         env = {k: v for k, v in os.environ.items() if not k.startswith("GPUHOP_")}
-        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
+        log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "orchestrator.cli", "serve", "--config", str(self.config_path),
              "--state-dir", str(self.state_dir), "--listen", "127.0.0.1:0", "--log-level", "DEBUG"],

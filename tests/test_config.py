@@ -41,7 +41,7 @@ def test_mistakes_name_the_file_and_key(tmp_path: Path, text: str, expected: str
 
 
 def test_missing_file_says_what_to_do(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="no such file.*config.example.toml"):
+    with pytest.raises(ConfigError, match=r"no such file.*config\.example\.toml"):
         load_settings(tmp_path / "nope.toml")
 
 
