@@ -324,15 +324,20 @@ class Engine:
         task.add_done_callback(self._background.discard)
 
     async def _reap(self, observed: dict[str, Instance], readable: set[str]) -> None:
-        """Terminate every instance with our prefix that no live attempt owns."""
+        """Terminate every instance with our prefix that no live attempt owns: leftovers of
+        ended attempts whose termination failed, and true orphans (no attempt at all)."""
         live = {a.name for a in await self.store.run(self.store.live_attempts)}
         for name, inst in observed.items():
             if inst.provider not in readable or name in live or inst.state == InstanceState.TERMINATED:
                 continue
-            if parse_attempt_name(self.prefix, name) is None:
+            if (inst.provider, inst.instance_id) in self._terminating or parse_attempt_name(self.prefix, name) is None:
                 continue
-            log.warning("reaping orphan %s instance %s (%s)", inst.provider, inst.instance_id, name)
-            metrics.ORPHANS_REAPED.labels(inst.provider).inc()
+            row = await self.store.run(self.store.attempt_by_name, name)
+            if row is not None and row.stop_requested_at is not None:
+                log.info("stopping leftover %s instance %s of ended attempt %s", inst.provider, inst.instance_id, name)
+            else:
+                log.warning("reaping orphan %s instance %s (%s): no attempt owns it", inst.provider, inst.instance_id, name)
+                metrics.ORPHANS_REAPED.labels(inst.provider).inc()
             self._terminate_soon(inst.provider, inst.instance_id)
 
     # ------------------------------------------------------------------ offers and launches

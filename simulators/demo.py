@@ -60,7 +60,7 @@ def _job(name: str, steps: int, gpu: list[str] | None, disruption: Disruption | 
     spec: dict[str, Any] = {
         "name": name,
         "image": "pytorch/pytorch:2.4.0-cuda12.1-cudnn9-runtime",
-        "command": ["python3", str(TRAIN), "--steps", str(steps), "--step-seconds", "0.3"],
+        "command": ["python3", str(TRAIN), "--steps", str(steps), "--step-seconds", "0.5"],
         "resources": {"gpu": gpu, "gpu_count": 1} if gpu else {"gpu_count": 0},
         "placement": {"capacity": capacity, **({"providers": providers} if providers else {})},
         "volume": {"name": f"{name}-ckpt", "size_gb": 20, "mount_path": "/workspace"},
@@ -185,7 +185,10 @@ class Demo:
                     self.feed.append("the demo took too long; stopping")
                     break
                 await asyncio.sleep(0.5)
-        return self._summary(details)
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"{self.sim_url}/_sim/ledger") as resp:
+                ledger = await resp.json()
+        return self._summary(details, ledger)
 
     def _collect_events(self, details: list[dict[str, Any]]) -> None:
         for d in details:
@@ -235,7 +238,7 @@ class Demo:
         return Group(render.jobs_table(details, title="gpuhop demo: 4 jobs on RunPod (simulated) and this machine"),
                      feed)
 
-    def _summary(self, details: list[dict[str, Any]]) -> int:
+    def _summary(self, details: list[dict[str, Any]], ledger: dict[str, Any]) -> int:
         table = Table(title="what each job cost", header_style="bold")
         for col in ("JOB", "STATUS", "ATTEMPTS", "WHY ATTEMPTS ENDED", "COST", "STEPS EXACTLY ONCE"):
             table.add_column(col)
@@ -249,10 +252,18 @@ class Demo:
             table.add_row(d["name"], render.status_text(d["status"]), str(len(d["attempts"])), reasons,
                           render.money(d["cost_usd"]), "yes" if once else f"NO ({len(steps)} steps)")
         total = sum(d["cost_usd"] for d in details)
+        pods = [e for e in ledger["entries"] if e["kind"] == "pod"]
+        billed = sum(e["cost_usd"] for e in pods)
+        running = [e["owner"] or e["id"] for e in pods if e["running"]]
+        self.console.print()
         self.console.print(table)
-        self.console.print(f"total ${total:.4f} (simulated per-second billing). Every machine was stopped when "
-                           "its job ended; `gpuhop show <id>` on a real daemon tells the same story per job.")
-        return 0 if ok else 1
+        self.console.print(
+            f"gpuhop accounted ${total:.4f}; the simulated RunPod billed ${billed:.4f} for {len(pods)} pods "
+            f"(per second, from container start).\n"
+            + ("No pod is left running: every machine was stopped when its job ended."
+               if not running else f"[red]pods still running: {', '.join(running)}[/]")
+        )
+        return 0 if ok and not running else 1
 
 
 def demo(

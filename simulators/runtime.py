@@ -152,8 +152,10 @@ class Runtime:
         return None if m is None else m.exit_code
 
     def signal(self, machine_id: str, sig: int) -> None:
+        """Signal the machine's whole process group. The group outlives its leader (the shell
+        may exit on SIGTERM while its children linger), so this does not stop at the leader."""
         m = self.machines.get(machine_id)
-        if m is None or m.exit_code is not None:
+        if m is None:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(m.proc.pid, sig)
@@ -172,11 +174,11 @@ class Runtime:
             await asyncio.wait_for(asyncio.shield(m.proc.wait()), timeout=5)
 
     async def kill(self, machine_id: str, grace: float = 0.0) -> None:
-        """Stop the machine now (a user's stop or terminate)."""
+        """Stop the machine now (a user's stop or terminate): every process in its group."""
         m = self.machines.get(machine_id)
-        if m is None or m.exit_code is not None:
+        if m is None:
             return
-        if grace > 0:
+        if grace > 0 and m.exit_code is None:
             self.signal(machine_id, signal.SIGTERM)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(m.proc.wait()), timeout=grace)
