@@ -125,3 +125,57 @@ def pids_alive(pids: list[int]) -> list[int]:
             continue  # a zombie is dead, only unreaped
         alive.append(pid)
     return alive
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class SimProcess:
+    """A provider simulator run as its own process (`gpuhop sim <provider>`), as a user would."""
+
+    def __init__(self, provider: str, state_dir: Path, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.state_dir = state_dir
+        self.log_path = state_dir.parent / f"sim-{provider}.log"
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.cli", "sim", provider, "--port", str(self.port),
+             "--state-dir", str(state_dir), *args],
+            stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO),
+        )
+        import urllib.request
+
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"simulator exited: {self.log_path.read_text()[-2000:]}")
+            try:
+                urllib.request.urlopen(f"{self.url}/_sim/ledger", timeout=2).read()
+                return True
+            except OSError:
+                return False
+
+        wait_for(up, 30, what=f"{provider} simulator up")
+
+    def admin(self, method: str, path: str, body: Any = None) -> Any:
+        import urllib.request
+
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(f"{self.url}{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.loads(resp.read() or b"null")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)

@@ -42,22 +42,28 @@ class GpuType:
 class Catalog:
     data_centers: dict[str, DataCenter]
     gpu_types: dict[str, GpuType]
-    # (data center id, gpu type id, cloud type) -> GPUs free now
+    # (data center id, gpu type id, cloud type) -> GPUs there in all (free + rented)
     capacity: dict[tuple[str, str, str], int]
+    # the same keys -> GPUs rented now; free = capacity - in use, never below 0, so shrinking
+    # the capacity below what is rented (a data center running out) holds after pods end
+    in_use: dict[tuple[str, str, str], int] = field(default_factory=dict)
 
     def free(self, dc: str, gpu: str, cloud: str) -> int:
-        return self.capacity.get((dc, gpu, cloud), 0)
+        key = (dc, gpu, cloud)
+        return max(0, self.capacity.get(key, 0) - self.in_use.get(key, 0))
 
     def take(self, dc: str, gpu: str, cloud: str, count: int) -> None:
-        self.capacity[(dc, gpu, cloud)] = max(0, self.free(dc, gpu, cloud) - count)
+        key = (dc, gpu, cloud)
+        self.in_use[key] = self.in_use.get(key, 0) + count
 
     def give_back(self, dc: str, gpu: str, cloud: str, count: int) -> None:
-        self.capacity[(dc, gpu, cloud)] = self.free(dc, gpu, cloud) + count
+        key = (dc, gpu, cloud)
+        self.in_use[key] = max(0, self.in_use.get(key, 0) - count)
 
     def set_capacity(
         self, count: int, dc: str | None = None, gpu: str | None = None, cloud: str | None = None
     ) -> int:
-        """Set the free count of every matching (dc, gpu, cloud); returns how many were set."""
+        """Set the total GPUs of every matching (dc, gpu, cloud); returns how many were set."""
         n = 0
         for d in self.data_centers:
             for g in self.gpu_types:
