@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -31,6 +28,7 @@ from rich.table import Table
 
 from orchestrator import render
 from orchestrator.client import Client, ClientError
+from simulators.harness import Daemon
 
 TRAIN = Path(__file__).resolve().parent / "demo_train.py"
 TERMINAL = {"succeeded", "failed", "cancelled"}
@@ -78,11 +76,9 @@ def demo_jobs() -> list[DemoJob]:
     ]
 
 
-def _config(state: Path, runpod_url: str, runpod_key: str) -> str:
+def _config(runpod_url: str, runpod_key: str) -> str:
     return f"""
 [server]
-listen = "127.0.0.1:0"
-state_dir = "{state}"
 [engine]
 tick_seconds = 0.5
 launch_grace_seconds = 10
@@ -111,7 +107,7 @@ class Demo:
         self.keep = keep
         self.root = Path(tempfile.mkdtemp(prefix="gpuhop-demo-"))
         self.state = self.root / "daemon"
-        self.daemon: subprocess.Popen[bytes] | None = None
+        self.daemon: Daemon | None = None
         self.client: Client | None = None
         self.jobs = demo_jobs()
         self.feed: list[str] = []
@@ -135,32 +131,13 @@ class Demo:
                 self.console.print(f"state kept in {self.root}")
 
     def _start_daemon(self, runpod_url: str, runpod_key: str) -> None:
-        config = self.root / "gpuhop.toml"
-        config.write_text(_config(self.state, runpod_url, runpod_key))
-        config.chmod(0o600)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GPUHOP_")}
-        log = open(self.root / "daemon.log", "ab")  # the daemon process owns it
-        self.daemon = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator.cli", "serve", "--config", str(config)],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        )
-        server = self.state / "server.json"
-        deadline = time.monotonic() + 60
-        while not server.exists():
-            if self.daemon.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the daemon did not start:\n" + (self.root / "daemon.log").read_text()[-3000:])
-            time.sleep(0.1)
-        self.client = Client(json.loads(server.read_text())["url"], (self.state / "token").read_text().strip())
+        self.daemon = Daemon(self.state, _config(runpod_url, runpod_key), log_level="INFO")
+        self.daemon.config_path.chmod(0o600)  # it holds the (simulated) RunPod key
+        self.client = self.daemon.start()
 
     def _stop_daemon(self) -> None:
-        if self.daemon is None or self.daemon.poll() is not None:
-            return
-        self.daemon.send_signal(signal.SIGTERM)
-        try:
-            self.daemon.wait(30)
-        except subprocess.TimeoutExpired:
-            self.daemon.kill()
-            self.daemon.wait(5)
+        if self.daemon is not None:
+            self.daemon.stop()
 
     async def _api(self, fn: Any, *args: Any) -> Any:
         return await asyncio.to_thread(fn, *args)
