@@ -1,0 +1,135 @@
+"""The simulator's own admin API under `/_sim/` (not AWS's): the levers a test or the demo pulls
+to make the simulated cloud misbehave (interrupt a spot instance, run out of capacity, move
+prices, fail calls) and the windows it looks through (instances, ledger, catalogue).
+
+    GET    /_sim/instances                      every instance the simulator launched
+    POST   /_sim/instances/{id}/interrupt       {"notice_seconds"?: s, "action"?: "terminate"|"stop"}
+    GET    /_sim/ledger                         per-second cost of instances and volumes
+    GET    /_sim/catalog                        prices and capacity per (type, zone)
+    POST   /_sim/capacity                       {"instance_type", "zone", "market", "capacity"}
+    POST   /_sim/prices                         {"instance_type", "zone", "spot_price"} or
+                                                {"instance_type", "region", "on_demand_price"}
+    POST   /_sim/quota                          {"region", "market", "vcpus": n | null}
+    GET|POST|DELETE /_sim/faults                {"code", "count"?, "rate"?, "actions"?, "delay"?}
+    GET    /_sim/metadata/{id}/latest/meta-data/...   the instance metadata service (IMDS)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from simulators.aws.ec2 import Ec2Front
+from simulators.aws.fleet import Fleet
+
+
+def routes(fleet: Fleet, ec2: Ec2Front) -> list[web.RouteDef]:
+    catalog = fleet.catalog
+
+    async def body_of(request: web.Request) -> dict[str, Any]:
+        if not request.can_read_body:
+            return {}
+        try:
+            data = await request.json()
+        except ValueError as exc:
+            raise web.HTTPBadRequest(text="body must be JSON") from exc
+        if not isinstance(data, dict):
+            raise web.HTTPBadRequest(text="body must be a JSON object")
+        return data
+
+    def bad(exc: Exception) -> web.Response:
+        return web.json_response({"error": str(exc)}, status=400)
+
+    async def instances(_: web.Request) -> web.Response:
+        rows = [rec.as_json(fleet.runtime) for rec in fleet.instances.values()]
+        return web.json_response({"instances": rows})
+
+    async def interrupt(request: web.Request) -> web.Response:
+        data = await body_of(request)
+        instance_id = request.match_info["instance_id"]
+        if instance_id not in fleet.instances:
+            return web.json_response({"error": f"unknown instance {instance_id}"}, status=404)
+        action = str(data.get("action", "terminate"))
+        if action not in ("terminate", "stop", "hibernate"):
+            return bad(ValueError("action must be terminate, stop or hibernate"))
+        notice = data.get("notice_seconds")
+        try:
+            result = fleet.interrupt(instance_id, None if notice is None else float(notice), action)
+        except ValueError as exc:
+            return web.json_response({"error": str(exc)}, status=409)
+        return web.json_response({"instance_id": instance_id, "notice": result})
+
+    async def ledger(_: web.Request) -> web.Response:
+        return web.json_response(fleet.runtime.ledger.as_json())
+
+    async def get_catalog(_: web.Request) -> web.Response:
+        data = catalog.as_json()
+        for row in data["offers"]:  # type: ignore[attr-defined]
+            row["in_use"] = {
+                m: fleet.in_use(row["instance_type"], row["zone"], m) for m in ("spot", "on-demand")
+            }
+        return web.json_response(data)
+
+    async def capacity(request: web.Request) -> web.Response:
+        data = await body_of(request)
+        try:
+            catalog.set_capacity(
+                str(data["instance_type"]), str(data["zone"]), str(data.get("market", "spot")),
+                int(data["capacity"]),
+            )
+        except (KeyError, ValueError, TypeError) as exc:
+            return bad(exc)
+        return web.json_response({"ok": True})
+
+    async def prices(request: web.Request) -> web.Response:
+        data = await body_of(request)
+        try:
+            if "spot_price" in data:
+                catalog.set_spot_price(str(data["instance_type"]), str(data["zone"]), float(data["spot_price"]))
+            if "on_demand_price" in data:
+                catalog.set_on_demand_price(
+                    str(data["instance_type"]), str(data["region"]), float(data["on_demand_price"])
+                )
+        except (KeyError, ValueError, TypeError) as exc:
+            return bad(exc)
+        return web.json_response({"ok": True})
+
+    async def quota(request: web.Request) -> web.Response:
+        data = await body_of(request)
+        try:
+            key = (str(data["region"]), str(data.get("market", "on-demand")))
+            if data.get("vcpus") is None:
+                ec2.vcpu_quota.pop(key, None)
+            else:
+                ec2.vcpu_quota[key] = int(data["vcpus"])
+        except (KeyError, ValueError, TypeError) as exc:
+            return bad(exc)
+        return web.json_response({"ok": True})
+
+    async def faults(request: web.Request) -> web.Response:
+        if request.method == "POST":
+            try:
+                rule = ec2.faults.add(await body_of(request))
+            except (ValueError, TypeError) as exc:
+                return bad(exc)
+            return web.json_response(rule.as_json())
+        if request.method == "DELETE":
+            ec2.faults.clear()
+        return web.json_response({"faults": [r.as_json() for r in ec2.faults.rules]})
+
+    async def metadata(request: web.Request) -> web.Response:
+        status, text = fleet.metadata(request.match_info["instance_id"], request.match_info["path"])
+        return web.Response(status=status, text=text)
+
+    return [
+        web.get("/_sim/instances", instances),
+        web.post("/_sim/instances/{instance_id}/interrupt", interrupt),
+        web.get("/_sim/ledger", ledger),
+        web.get("/_sim/catalog", get_catalog),
+        web.post("/_sim/capacity", capacity),
+        web.post("/_sim/prices", prices),
+        web.post("/_sim/quota", quota),
+        web.route("*", "/_sim/faults", faults),
+        web.get("/_sim/metadata/{instance_id}/{path:.*}", metadata),
+    ]

@@ -1,0 +1,238 @@
+"""The EC2 actions the simulator answers or checks itself before (or instead of) moto.
+
+moto is right about records but knows nothing of markets: it never runs out of capacity,
+ignores `MaxPrice`, returns a constant spot price, lets a volume attach across zones or twice,
+and ignores `ClientToken`. Each handler here adds what EC2 does, with EC2's error codes, and
+passes everything else through to moto unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any
+
+from moto.ec2.exceptions import InvalidInstanceIdError
+
+from simulators.aws import ec2xml
+from simulators.aws.catalog import Catalog
+from simulators.aws.faults import DEFAULT_MESSAGES, Faults
+from simulators.aws.fleet import USER_SHUTDOWN, Fleet
+from simulators.aws.userdata import UserDataError, decode_user_data, parse_job
+
+Reply = tuple[int, dict[str, str], bytes]
+Forward = Callable[[], Awaitable[Reply]]
+XML = {"Content-Type": "text/xml;charset=UTF-8"}
+
+
+def reply(status: int, body: str) -> Reply:
+    return status, dict(XML), body.encode("utf-8")
+
+
+def error(code: str, message: str) -> Reply:
+    return reply(*ec2xml.error_xml(code, message))
+
+
+class Ec2Front:
+    def __init__(self, catalog: Catalog, fleet: Fleet, faults: Faults) -> None:
+        self.catalog = catalog
+        self.fleet = fleet
+        self.faults = faults
+        self.vcpu_quota: dict[tuple[str, str], int] = {}  # (region, market) -> vCPUs
+        self._tokens: dict[tuple[str, str], tuple[str, list[str]]] = {}
+        self._launch_lock = asyncio.Lock()
+
+    async def handle(
+        self, region: str, params: dict[str, str], forward: Forward, describe: Callable[[str, list[str]], Awaitable[Reply]]
+    ) -> Reply:
+        action = params.get("Action", "")
+        fault = self.faults.take(action)
+        if fault is not None:
+            if fault.code == "timeout":
+                await asyncio.sleep(fault.delay)
+                return error("InternalError", "An internal error has occurred")
+            return error(fault.code, fault.message or DEFAULT_MESSAGES.get(fault.code, fault.code))
+        if action == "RunInstances":
+            return await self.run_instances(region, params, forward, describe)
+        if action == "DescribeSpotPriceHistory":
+            return self.spot_price_history(region, params)
+        if action == "AttachVolume":
+            return await self.attach_volume(region, params, forward)
+        if action == "TerminateInstances":
+            return await self.terminate_instances(params, forward)
+        result = await forward()
+        if result[0] == 200 and action == "CreateVolume":
+            volume_id = ec2xml.xml_values(result[2], "volumeId")[0]
+            size = int(params.get("Size") or 8)
+            price = size * self.catalog.gp3_usd_per_gb_month / 730.0
+            self.fleet.runtime.ledger.start(volume_id, "volume", price, owner=tag(params, "Name"))
+        elif result[0] == 200 and action == "DeleteVolume":
+            self.fleet.runtime.ledger.stop(params.get("VolumeId", ""))
+        return result
+
+    # ------------------------------------------------------------------ RunInstances
+
+    async def run_instances(
+        self, region: str, params: dict[str, str], forward: Forward,
+        describe: Callable[[str, list[str]], Awaitable[Reply]],
+    ) -> Reply:
+        token = params.get("ClientToken", "")
+        fingerprint = hashlib.sha256(repr(sorted(params.items())).encode()).hexdigest()
+        async with self._launch_lock:
+            seen = self._tokens.get((region, token)) if token else None
+            if seen is not None:
+                if seen[0] != fingerprint:
+                    return error("IdempotentParameterMismatch", "Arguments on this idempotent request are inconsistent with arguments used in previous request(s).")
+                status, _, body = await describe(region, seen[1])
+                answer = ec2xml.run_instances_from_describe(body) if status == 200 else None
+                if answer is not None:
+                    return reply(200, answer)
+            refusal, job, placement = self._check_launch(region, params)
+            if refusal is not None:
+                return refusal
+            instance_type, zone, market, price = placement
+            status, headers, body = await forward()
+            if status != 200:
+                return status, headers, body
+            ids = ec2xml.xml_values(body, "instanceId")
+            for instance_id in ids:
+                self.fleet.register(
+                    instance_id, region, zone, instance_type, market, price, job,
+                    name=tag(params, "Name", "instance"),
+                )
+            if token:
+                self._tokens[(region, token)] = (fingerprint, ids)
+            return status, headers, ec2xml.pending_run_response(body)
+
+    def _check_launch(self, region: str, params: dict[str, str]) -> tuple[Reply | None, Any, tuple[str, str, str, float]]:
+        instance_type = params.get("InstanceType", "m1.small")
+        zone = params.get("Placement.AvailabilityZone") or ""
+        if not zone and params.get("SubnetId"):
+            zone = self.fleet.backend(region).get_subnet(params["SubnetId"]).availability_zone
+        zone = zone or f"{region}a"
+        market = "spot" if params.get("InstanceMarketOptions.MarketType") == "spot" else "on-demand"
+        count = max(1, int(params.get("MinCount") or 1))
+        nothing = ("", "", "", 0.0)
+        try:
+            job = parse_job(decode_user_data(params["UserData"])) if params.get("UserData") else None
+        except UserDataError as exc:
+            return error("InvalidParameterValue", str(exc)), None, nothing
+        if self.catalog.zones.get(zone) != region:
+            return error("InvalidParameterValue", f"Invalid availability zone: [{zone}]"), None, nothing
+        offer = self.catalog.offer(instance_type, zone)
+        if offer is None:
+            return error("Unsupported", f"Your requested instance type ({instance_type}) is not supported in your requested Availability Zone ({zone})."), None, nothing
+        quota = self.vcpu_quota.get((region, market))
+        vcpus = self.catalog.types[instance_type].vcpu * count
+        if quota is not None and self.fleet.vcpus_in_use(region, market) + vcpus > quota:
+            if market == "spot":
+                return error("MaxSpotInstanceCountExceeded", "Max spot instance count exceeded"), None, nothing
+            return error("VcpuLimitExceeded", f"You have requested more vCPU capacity than your current vCPU limit of {quota} allows for the instance bucket that the specified instance type belongs to. Please visit http://aws.amazon.com/contact-us/ec2-request to request an adjustment to this limit."), None, nothing
+        free = offer.capacity.get(market, 0) - self.fleet.in_use(instance_type, zone, market)
+        if free < count:
+            others = [z for z, r in self.catalog.zones.items() if r == region and z != zone]
+            return error("InsufficientInstanceCapacity", f"We currently do not have sufficient {instance_type} capacity in the Availability Zone you requested ({zone}). Our system will be working on provisioning additional capacity. You can currently get {instance_type} capacity by not specifying an Availability Zone in your request or choosing {', '.join(others)}."), None, nothing
+        price = self.catalog.price(instance_type, zone, market)
+        if market == "spot":
+            on_demand = self.catalog.on_demand_price(instance_type, region) or price
+            raw = params.get("InstanceMarketOptions.SpotOptions.MaxPrice")
+            try:
+                max_price = float(raw) if raw else on_demand
+            except ValueError:
+                return error("InvalidParameterValue", f"Invalid max price: {raw}"), None, nothing
+            if max_price < price:
+                return error("SpotMaxPriceTooLow", f"Your Spot request price of {max_price} is lower than the minimum required Spot request fulfillment price of {price}."), None, nothing
+        return None, job, (instance_type, zone, market, price)
+
+    # ------------------------------------------------------------------ prices
+
+    def spot_price_history(self, region: str, params: dict[str, str]) -> Reply:
+        types = set(ec2xml.indexed(params, "InstanceType"))
+        zones = {params["AvailabilityZone"]} if params.get("AvailabilityZone") else set()
+        products = set(ec2xml.indexed(params, "ProductDescription"))
+        i = 1
+        while f"Filter.{i}.Name" in params:
+            values = set(ec2xml.indexed(params, f"Filter.{i}.Value"))
+            name = params[f"Filter.{i}.Name"]
+            if name == "instance-type":
+                types |= values
+            elif name == "availability-zone":
+                zones |= values
+            elif name == "product-description":
+                products |= values
+            i += 1
+        if products and not products & {"Linux/UNIX", "Linux/UNIX (Amazon VPC)"}:
+            return reply(200, ec2xml.spot_price_history_xml([], ""))
+        region_zones = {z for z, r in self.catalog.zones.items() if r == region}
+        zones = (zones & region_zones) if zones else region_zones
+        try:
+            start = _parse_time(params.get("StartTime"))
+            end = _parse_time(params.get("EndTime"))
+        except ValueError:
+            return error("InvalidParameterValue", "Invalid StartTime or EndTime")
+        rows = self.catalog.spot_history(types, zones, start, end)
+        offset = int(params.get("NextToken") or 0)
+        limit = max(1, min(1000, int(params.get("MaxResults") or 1000)))
+        page = rows[offset : offset + limit]
+        token = str(offset + limit) if offset + limit < len(rows) else ""
+        return reply(200, ec2xml.spot_price_history_xml(page, token))
+
+    # ------------------------------------------------------------------ volumes and endings
+
+    async def attach_volume(self, region: str, params: dict[str, str], forward: Forward) -> Reply:
+        backend = self.fleet.backend(region)
+        volume_id, instance_id = params.get("VolumeId", ""), params.get("InstanceId", "")
+        volume = backend.volumes.get(volume_id)
+        try:
+            instance = backend.get_instance(instance_id)
+        except InvalidInstanceIdError:
+            instance = None
+        if volume is None or instance is None:
+            return await forward()  # moto answers the NotFound errors
+        state = instance._state.name
+        if state not in ("running", "stopped"):
+            return error("IncorrectState", f"Instance '{instance_id}' is not 'running'.")
+        if volume.zone.name != instance.placement.zone:
+            return error("InvalidVolume.ZoneMismatch", f"The volume '{volume_id}' is not in the same availability zone as instance '{instance_id}'")
+        if volume.attachment is not None:
+            return error("VolumeInUse", f"{volume_id} is already attached to an instance")
+        return await forward()
+
+    async def terminate_instances(self, params: dict[str, str], forward: Forward) -> Reply:
+        ids = ec2xml.indexed(params, "InstanceId")
+        records = [self.fleet.instances.get(i) for i in ids]
+        if not ids or any(r is None for r in records):
+            return await forward()  # moto answers unknown ids (InvalidInstanceID.NotFound)
+        changes = []
+        for rec in records:
+            assert rec is not None
+            previous = self.fleet.end(rec, USER_SHUTDOWN, stop=False)
+            current = (rec.moto._state.code, rec.moto._state.name)
+            changes.append((rec.instance_id, previous, current))
+        return reply(200, ec2xml.terminate_xml(changes))
+
+
+def tag(params: dict[str, str], key: str, resource_type: str | None = None) -> str:
+    """The value of tag `key` in a request's TagSpecification list (optionally for one type)."""
+    i = 1
+    while f"TagSpecification.{i}.ResourceType" in params:
+        if resource_type is None or params[f"TagSpecification.{i}.ResourceType"] == resource_type:
+            j = 1
+            while f"TagSpecification.{i}.Tag.{j}.Key" in params:
+                if params[f"TagSpecification.{i}.Tag.{j}.Key"] == key:
+                    return params.get(f"TagSpecification.{i}.Tag.{j}.Value", "")
+                j += 1
+        i += 1
+    return ""
+
+
+def _parse_time(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
