@@ -115,9 +115,25 @@ class Reporter:
             return fh.read(MAX_LOG_CHUNK)
 
 
+def _seconds_left(notice: dict[str, object]) -> float | None:
+    """Seconds until the reclaim in a notice such as {"action": "terminate", "time": "...Z"}."""
+    from datetime import datetime
+
+    try:
+        deadline = datetime.fromisoformat(str(notice.get("time", "")).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return deadline.timestamp() - time.time()
+
+
 def _watch_metadata(url: str, reporter: Reporter, stop: threading.Event, on_notice: Callable[[], None]) -> None:
-    """Poll the cloud's instance metadata for a spot interruption notice and report it once."""
-    while not stop.wait(float(os.environ.get("GPUHOP_METADATA_POLL", "2"))):
+    """Poll the cloud's instance metadata for a spot interruption notice. Report it at once (the
+    daemon starts the replacement), but let the job keep working: the daemon stops this machine
+    when the replacement is ready, and only if that has not happened when little of the notice
+    is left does the agent tell the job to checkpoint (SIGTERM) itself."""
+    poll = float(os.environ.get("GPUHOP_METADATA_POLL", "2"))
+    margin = float(os.environ.get("GPUHOP_CHECKPOINT_MARGIN", "30"))
+    while not stop.wait(poll):
         try:
             with urllib.request.urlopen(url, timeout=2) as resp:
                 notice = json.loads(resp.read() or b"{}")
@@ -125,7 +141,11 @@ def _watch_metadata(url: str, reporter: Reporter, stop: threading.Event, on_noti
             continue
         if isinstance(notice, dict) and notice.get("action"):
             reporter.post("interruption", notice=notice)
-            on_notice()
+            left = _seconds_left(notice)
+            if left is not None and left > 0:
+                stop.wait(max(0.0, left - min(margin, left / 2)))
+            if not stop.is_set():
+                on_notice()
             return
 
 

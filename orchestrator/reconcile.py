@@ -13,6 +13,8 @@ The rules, in order of precedence for each live attempt:
    send, is `lost` (a preemption notice if the provider's listing says so).
 5. An instance gone without an exit code, after the launch grace, is `lost`; so is a remote
    agent silent past the heartbeat timeout.
+6. An attempt under a reclaim notice is handed over (ended `preempted`, its machine stopped so
+   the job checkpoints and the volume is free) as soon as its early replacement is up.
 Then the job: cancelled when asked; out of budget when its cost reaches `max_cost_usd`; a new
 attempt when none is live (within `max_relaunches` / `max_retries_on_error`), or early when a
 reclaim notice arrives.
@@ -255,6 +257,22 @@ def decide(
             still_live.append(a)
         else:
             ended_now[a.id] = reason
+
+    # a replacement started ahead of a reclaim is up: stop the warned machine now, so that its
+    # job checkpoints and its volume moves while the provider's notice still runs
+    warned = [a for a in still_live if a.interruption_at is not None]
+    newer = [a for a in still_live if a.interruption_at is None]
+    if warned and newer:
+        repl = max(newer, key=lambda a: a.number)
+        seen = observed.get(repl.name)
+        if repl.status == AttemptStatus.RUNNING or (seen is not None and seen.state == InstanceState.RUNNING):
+            for a in warned:
+                d.add(EndAttempt(a.id, EndReason.PREEMPTED,
+                                 f"reclaim notice; handed over to attempt {repl.number} before the reclaim"))
+                if a.instance_id:
+                    d.add(Terminate(a.id, a.instance_id))
+                ended_now[a.id] = EndReason.PREEMPTED
+            still_live = [a for a in still_live if a.interruption_at is None]
 
     spent = job_cost(attempts, now)
     budget = job.policy.max_cost_usd

@@ -34,8 +34,9 @@ def aws(
     catalog: Annotated[Path | None, typer.Option("--catalog", help="TOML catalogue of instance types and prices")] = None,
     state_dir: Annotated[Path | None, typer.Option("--state-dir", help="instance logs and volume directories")] = None,
     notice_seconds: Annotated[float, typer.Option("--notice-seconds", help="spot interruption warning period")] = 120.0,
+    boot_delay: Annotated[float, typer.Option("--boot-delay", help="seconds from pending to running")] = 1.0,
 ) -> None:
     """Simulated AWS EC2/SQS/EventBridge (moto plus capacity, prices and interruptions)."""
     from simulators.aws import main
 
-    main(port=port, catalog=catalog, state_dir=state_dir, notice_seconds=notice_seconds)
+    main(port=port, catalog=catalog, state_dir=state_dir, notice_seconds=notice_seconds, boot_delay=boot_delay)

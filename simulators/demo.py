@@ -32,13 +32,14 @@ from simulators.harness import Daemon
 
 TRAIN = Path(__file__).resolve().parent / "demo_train.py"
 TERMINAL = {"succeeded", "failed", "cancelled"}
+AWS_NOTICE = 8.0  # AWS gives 120 s; the demo is in a hurry
 
 
 @dataclass
 class Disruption:
     """Take the job's machine away once it has done `after_steps` steps."""
 
-    kind: str  # "preempt" (provider reclaims it) or "kill" (the machine dies)
+    kind: str  # "preempt" (RunPod reclaims it), "interrupt" (AWS spot warning) or "kill" (the machine dies)
     after_steps: int
     done: bool = False
 
@@ -72,11 +73,12 @@ def demo_jobs() -> list[DemoJob]:
         _job("llama-finetune", 24, ["RTX-4090"], Disruption("preempt", 8), providers=["runpod"]),
         _job("sdxl-lora", 20, ["RTX-A6000", "L40S"], Disruption("preempt", 6), capacity="spot", providers=["runpod"]),
         _job("whisper-eval", 16, ["L40S"], None, providers=["runpod"]),
+        _job("bert-pretrain", 24, ["A10G"], Disruption("interrupt", 6), capacity="spot", providers=["aws"]),
         _job("tokenize-corpus", 18, None, Disruption("kill", 5), providers=["local"]),
     ]
 
 
-def _config(runpod_url: str, runpod_key: str) -> str:
+def _config(runpod_url: str, runpod_key: str, aws_url: str) -> str:
     return f"""
 [server]
 [engine]
@@ -91,6 +93,11 @@ cpu_slots = 2
 [providers.runpod]
 api_key = "{runpod_key}"
 api_url = "{runpod_url}"
+[providers.aws]
+regions = ["us-east-1"]
+endpoint_url = "{aws_url}"
+access_key_id = "demo"
+secret_access_key = "demo"
 """
 
 
@@ -114,24 +121,29 @@ class Demo:
         self.seen_events: dict[str, int] = {}
 
     async def run(self) -> int:
+        from simulators.aws import AwsSimulator
         from simulators.runpod import RunPodSimulator
 
         sim = RunPodSimulator(self.root / "runpod", start_delay=1.0, notice_seconds=2.0)
-        url = await sim.start()
-        self.sim_url = url
+        aws = AwsSimulator(self.root / "aws", notice_seconds=AWS_NOTICE, boot_delay=2.0)
+        self.sim_url = await sim.start()
+        self.aws_url = await aws.start()
         try:
-            self._start_daemon(url, sim.api_key)
+            # the daemon talks to the simulators in this process while it starts and stops: keep
+            # this event loop free to answer by waiting on it from a worker thread
+            await asyncio.to_thread(self._start_daemon, self.sim_url, sim.api_key, self.aws_url)
             return await self._drive()
         finally:
-            self._stop_daemon()
+            await asyncio.to_thread(self._stop_daemon)
             await sim.stop()
+            await aws.stop()
             if not self.keep:
                 shutil.rmtree(self.root, ignore_errors=True)
             else:
                 self.console.print(f"state kept in {self.root}")
 
-    def _start_daemon(self, runpod_url: str, runpod_key: str) -> None:
-        self.daemon = Daemon(self.state, _config(runpod_url, runpod_key), log_level="INFO")
+    def _start_daemon(self, runpod_url: str, runpod_key: str, aws_url: str) -> None:
+        self.daemon = Daemon(self.state, _config(runpod_url, runpod_key, aws_url), log_level="INFO")
         self.daemon.config_path.chmod(0o600)  # it holds the (simulated) RunPod key
         self.client = self.daemon.start()
 
@@ -162,17 +174,20 @@ class Demo:
                     self.feed.append("the demo took too long; stopping")
                     break
                 await asyncio.sleep(0.5)
+        ledgers = []
         async with aiohttp.ClientSession() as s:
-            async with s.get(f"{self.sim_url}/_sim/ledger") as resp:
-                ledger = await resp.json()
-        return self._summary(details, ledger)
+            for url in (self.sim_url, self.aws_url):
+                async with s.get(f"{url}/_sim/ledger") as resp:
+                    ledgers.append(await resp.json())
+        return self._summary(details, ledgers)
 
     def _collect_events(self, details: list[dict[str, Any]]) -> None:
         for d in details:
             events = d.get("events", [])
             start = self.seen_events.get(d["id"], 0)
             for e in events[start:]:
-                if e["kind"] in ("launched", "running", "preempted", "lost", "succeeded", "failed", "no_capacity"):
+                if e["kind"] in ("launched", "running", "preempted", "lost", "succeeded", "failed", "no_capacity",
+                                 "interruption"):
                     msg = e["message"].split(": local")[0].split(" (")[0] if e["kind"] == "launched" else e["message"]
                     self.feed.append(f"{e['at'][11:19]}  {d['name']:<16} {msg[:110]}")
             self.seen_events[d["id"]] = len(events)
@@ -187,7 +202,13 @@ class Demo:
             if volume_dir is None or len(_steps(volume_dir)) < dis.after_steps:
                 continue
             dis.done = True
-            if dis.kind == "preempt":
+            if dis.kind == "interrupt":
+                async with aiohttp.ClientSession() as s:
+                    await s.post(f"{self.aws_url}/_sim/instances/{attempt['instance_id']}/interrupt")
+                self.feed.append(f"{time.strftime('%H:%M:%S', time.gmtime())}  {d['name']:<16} "
+                                 f"!! AWS spot interruption warning for {attempt['instance_id']} "
+                                 f"(reclaimed in {AWS_NOTICE:.0f} s)")
+            elif dis.kind == "preempt":
                 async with aiohttp.ClientSession() as s:
                     await s.post(f"{self.sim_url}/_sim/pods/{attempt['instance_id']}/preempt")
                 self.feed.append(f"{time.strftime('%H:%M:%S', time.gmtime())}  {d['name']:<16} "
@@ -204,7 +225,7 @@ class Demo:
         if attempt["provider"] == "local":
             return self.state / "local" / "volumes" / vol.get("name", "")
         if vol.get("volume_id"):
-            return self.root / "runpod" / "volumes" / vol["volume_id"]
+            return self.root / attempt["provider"] / "volumes" / vol["volume_id"]
         return None
 
     def _view(self, details: list[dict[str, Any]]) -> Group:
@@ -212,10 +233,10 @@ class Demo:
         feed.add_column()
         for line in self.feed[-12:]:
             feed.add_row(line)
-        return Group(render.jobs_table(details, title="gpuhop demo: 4 jobs on RunPod (simulated) and this machine"),
+        return Group(render.jobs_table(details, title="gpuhop demo: 5 jobs on RunPod and AWS (simulated) and this machine"),
                      feed)
 
-    def _summary(self, details: list[dict[str, Any]], ledger: dict[str, Any]) -> int:
+    def _summary(self, details: list[dict[str, Any]], ledgers: list[dict[str, Any]]) -> int:
         table = Table(title="what each job cost", header_style="bold")
         for col in ("JOB", "STATUS", "ATTEMPTS", "WHY ATTEMPTS ENDED", "COST", "STEPS EXACTLY ONCE"):
             table.add_column(col)
@@ -229,16 +250,16 @@ class Demo:
             table.add_row(d["name"], render.status_text(d["status"]), str(len(d["attempts"])), reasons,
                           render.money(d["cost_usd"]), "yes" if once else f"NO ({len(steps)} steps)")
         total = sum(d["cost_usd"] for d in details)
-        pods = [e for e in ledger["entries"] if e["kind"] == "pod"]
-        billed = sum(e["cost_usd"] for e in pods)
-        running = [e["owner"] or e["id"] for e in pods if e["running"]]
+        machines = [e for ledger in ledgers for e in ledger["entries"] if e["kind"] in ("pod", "instance")]
+        billed = sum(e["cost_usd"] for e in machines)
+        running = [e["owner"] or e["id"] for e in machines if e["running"]]
         self.console.print()
         self.console.print(table)
         self.console.print(
-            f"gpuhop accounted ${total:.4f}; the simulated RunPod billed ${billed:.4f} for {len(pods)} pods "
-            f"(per second, from container start).\n"
-            + ("No pod is left running: every machine was stopped when its job ended."
-               if not running else f"[red]pods still running: {', '.join(running)}[/]")
+            f"gpuhop accounted ${total:.4f}; the simulated providers billed ${billed:.4f} for {len(machines)} "
+            f"machines (gpuhop counts from the launch, EC2 from the boot: a conservative estimate).\n"
+            + ("No machine is left running: every one was stopped when its job ended."
+               if not running else f"[red]machines still running: {', '.join(running)}[/]")
         )
         return 0 if ok and not running else 1
 
@@ -250,7 +271,7 @@ def demo(
     console = Console()
     if not console.is_terminal:
         console = Console(width=150)
-    console.print("[bold]gpuhop demo[/]: a simulated RunPod and this machine; no account, nothing billed.")
+    console.print("[bold]gpuhop demo[/]: simulated RunPod and AWS, and this machine; no account, nothing billed.")
     demo_ = Demo(console, keep)
     try:
         code = asyncio.run(demo_.run())

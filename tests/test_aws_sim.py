@@ -48,7 +48,8 @@ async def sim(tmp_path: Path) -> AsyncIterator[AwsSimulator]:
 
 
 def job_user_data(command: str, volume_id: str | None = None) -> str:
-    doc = {"version": 1, "image": "python:3.11-slim", "command": command, "env": {"JOB_GREETING": "hi"},
+    env = {"JOB_GREETING": "hi", "GPUHOP_METADATA_URL": "http://169.254.169.254/latest/meta-data/spot/instance-action"}
+    doc = {"version": 1, "image": "python:3.11-slim", "command": command, "env": env,
            "mount_path": "/workspace", "volume_id": volume_id}
     line = base64.b64encode(json.dumps(doc).encode()).decode()
     return f"#!/bin/bash\n# gpuhop-job: {line}\nexit 0\n"

@@ -34,8 +34,8 @@ def test_demo_runs_clean() -> None:
     r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "demo"], capture_output=True, text=True,
                        timeout=300, stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    assert "No pod is left running" in r.stdout
-    for name in ("llama-finetune", "sdxl-lora", "whisper-eval", "tokenize-corpus"):
+    assert "No machine is left running" in r.stdout
+    for name in ("llama-finetune", "sdxl-lora", "whisper-eval", "tokenize-corpus", "bert-pretrain"):
         assert name in r.stdout
     assert "preempted, succeeded" in r.stdout and "lost, succeeded" in r.stdout
     assert "NO (" not in r.stdout  # every step exactly once

@@ -124,7 +124,7 @@ class AwsAdapter(Adapter, VolumeSupport, InterruptionSupport):
         if existing is not None:
             return self._normalize(region, existing)
         try:
-            user_data = build_user_data(req, self.settings.volume_device)
+            user_data = build_user_data(req, self.settings.volume_device, self.settings.interruption_notices)
         except ValueError as exc:
             raise PermanentError(str(exc), provider="aws") from None
         answer = await self.api.call("ec2", region, "run_instances", **self._run_params(req, instance_type, zone, capacity, user_data))
@@ -275,6 +275,9 @@ class AwsAdapter(Adapter, VolumeSupport, InterruptionSupport):
     # ------------------------------------------------------------------ interruptions
 
     async def poll_interruptions(self, wait_seconds: float) -> list[Interruption]:
+        if not self.settings.interruption_notices:
+            await asyncio.sleep(wait_seconds)
+            return []
         if not self._poller.urls:
             await self.start()
         notices = await self._poller.poll(wait_seconds)

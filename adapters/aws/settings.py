@@ -35,6 +35,10 @@ class AwsSettings(BaseModel):
     """Region -> security group ids (default: the VPC's default group)."""
     interruption_queue: str = "gpuhop-interruptions"
     """SQS queue (one per region) that an EventBridge rule fills with spot warnings."""
+    interruption_notices: bool = True
+    """Act on the 2-minute warning (SQS, and the agent watching instance metadata). False =
+    notice a reclaim only when the listing shows it (for comparison, or where the queue is not
+    allowed)."""
     instance_types: list[str] | None = None
     """Restrict offers to these instance types (default: every type gpuhop knows)."""
     spot_max_price_factor: float = Field(default=1.5, ge=1.0, le=100.0)

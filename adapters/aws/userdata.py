@@ -71,12 +71,13 @@ shutdown -h now
 """
 
 
-def job_document(req: LaunchRequest, device: str) -> dict[str, object]:
+def job_document(req: LaunchRequest, device: str, watch_metadata: bool = True) -> dict[str, object]:
     line, agent_env = cloud_bootstrap(req.command)
     env = dict(req.env)
     env.update(agent_env)
     env.setdefault("GPUHOP_ATTEMPT_NAME", req.name)
-    env["GPUHOP_METADATA_URL"] = IMDS_SPOT_ACTION
+    if watch_metadata:  # the agent watches for the spot notice from inside the instance
+        env["GPUHOP_METADATA_URL"] = IMDS_SPOT_ACTION
     if req.volume is not None:
         env["GPUHOP_VOLUME"] = req.mount_path
     return {
@@ -90,9 +91,9 @@ def job_document(req: LaunchRequest, device: str) -> dict[str, object]:
     }
 
 
-def build_user_data(req: LaunchRequest, device: str) -> bytes:
+def build_user_data(req: LaunchRequest, device: str, watch_metadata: bool = True) -> bytes:
     """The gzip-compressed bootstrap script; raises ValueError when it exceeds EC2's limit."""
-    job = base64.b64encode(json.dumps(job_document(req, device), separators=(",", ":")).encode())
+    job = base64.b64encode(json.dumps(job_document(req, device, watch_metadata), separators=(",", ":")).encode())
     script = _SCRIPT.format(name=req.name, job=job.decode("ascii"), mount=VOLUME_MOUNT, imds=IMDS_SPOT_ACTION)
     data = gzip.compress(script.encode("utf-8"), compresslevel=9, mtime=0)
     if len(data) > MAX_USER_DATA:

@@ -30,12 +30,13 @@ def main(
     state_dir: Path | None = None,
     notice_seconds: float = 120.0,
     host: str = "127.0.0.1",
+    boot_delay: float = 1.0,
 ) -> None:
     """Run the simulator until SIGINT or SIGTERM, printing its endpoint URL."""
 
     async def serve() -> None:
         root = Path(state_dir) if state_dir else Path(tempfile.mkdtemp(prefix="gpuhop-sim-aws-"))
-        sim = AwsSimulator(root, catalog_path=catalog, notice_seconds=notice_seconds)
+        sim = AwsSimulator(root, catalog_path=catalog, notice_seconds=notice_seconds, boot_delay=boot_delay)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

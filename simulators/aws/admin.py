@@ -6,7 +6,7 @@ prices, fail calls) and the windows it looks through (instances, ledger, catalog
     POST   /_sim/instances/{id}/interrupt       {"notice_seconds"?: s, "action"?: "terminate"|"stop"}
     GET    /_sim/ledger                         per-second cost of instances and volumes
     GET    /_sim/catalog                        prices and capacity per (type, zone)
-    POST   /_sim/capacity                       {"instance_type", "zone", "market", "capacity"}
+    POST   /_sim/capacity                       {"zone", "capacity", "instance_type"?, "market"?}
     POST   /_sim/prices                         {"instance_type", "zone", "spot_price"} or
                                                 {"instance_type", "region", "on_demand_price"}
     POST   /_sim/quota                          {"region", "market", "vcpus": n | null}
@@ -74,9 +74,10 @@ def routes(fleet: Fleet, ec2: Ec2Front) -> list[web.RouteDef]:
     async def capacity(request: web.Request) -> web.Response:
         data = await body_of(request)
         try:
+            itype, market = data.get("instance_type"), data.get("market")
             catalog.set_capacity(
-                str(data["instance_type"]), str(data["zone"]), str(data.get("market", "spot")),
-                int(data["capacity"]),
+                None if itype is None else str(itype), str(data["zone"]), None if market is None else str(market),
+                int(data["capacity"] if "capacity" in data else data["count"]),
             )
         except (KeyError, ValueError, TypeError) as exc:
             return bad(exc)

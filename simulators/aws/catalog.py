@@ -108,10 +108,23 @@ class Catalog:
             raise ValueError(f"unknown instance type {instance_type!r} or bad price")
         spec.on_demand[region] = float(price)
 
-    def set_capacity(self, instance_type: str, zone: str, market: str, count: int) -> None:
-        if market not in MARKETS:
+    def set_capacity(self, instance_type: str | None, zone: str, market: str | None, count: int) -> int:
+        """Total capacity of (type, zone, market); a None type or market means all of them.
+        Returns how many were set."""
+        if market is not None and market not in MARKETS:
             raise ValueError(f"market must be one of {MARKETS}")
-        self._require(instance_type, zone).capacity[market] = max(0, int(count))
+        if instance_type is not None:
+            self._require(instance_type, zone)
+        n = 0
+        for (type_name, z), offer in self.offers.items():
+            if z != zone or instance_type not in (None, type_name):
+                continue
+            for m in (market,) if market else MARKETS:
+                offer.capacity[m] = max(0, int(count))
+                n += 1
+        if n == 0:
+            raise ValueError(f"no offers in zone {zone!r}")
+        return n
 
     def spot_history(
         self, types: set[str], zones: set[str], start: float | None, end: float | None

@@ -161,7 +161,8 @@ class Fleet:
 
     async def _start_job(self, rec: SimInstance, job: JobSpec) -> None:
         env = dict(job.env)
-        env["GPUHOP_METADATA_URL"] = f"{self.metadata_base}/{rec.instance_id}/latest/meta-data/spot/instance-action"
+        if "GPUHOP_METADATA_URL" in env:  # the job reads instance metadata: give it this instance's
+            env["GPUHOP_METADATA_URL"] = f"{self.metadata_base}/{rec.instance_id}/latest/meta-data/spot/instance-action"
         try:
             await self.runtime.start(rec.instance_id, job.command, env, volume_id=job.volume_id)
         except OSError:
