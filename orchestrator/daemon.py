@@ -61,6 +61,19 @@ def setup_logging(level: str = "INFO", secrets: list[str] | None = None) -> None
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+SECRET_WORDS = ("key", "secret", "token", "password")
+
+
+def configured_secrets(settings: Settings) -> list[str]:
+    """Every credential in the configuration (provider API keys and the like), to redact."""
+    found = [settings.server.token.get_secret_value()] if settings.server.token else []
+    for table in settings.providers.values():
+        for name, value in table.items():
+            if isinstance(value, str) and any(w in name.lower() for w in SECRET_WORDS) and not name.endswith("_name"):
+                found.append(value)
+    return found
+
+
 def build_adapters(settings: Settings, logs_dir: Path) -> dict[str, Adapter]:
     ctx = AdapterContext(
         prefix=settings.server.instance_prefix, state_dir=settings.state_dir, logs_dir=logs_dir,
@@ -78,7 +91,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     token = auth.api_token(state_dir, settings.server.token.get_secret_value() if settings.server.token else None)
     agent_key = auth.agent_key(state_dir)
     for handler in logging.getLogger().handlers:
-        handler.addFilter(_RedactSecrets([token]))
+        handler.addFilter(_RedactSecrets([token, *configured_secrets(settings)]))
 
     store = Store(settings.database_url())
     await store.run(store.migrate)

@@ -47,6 +47,10 @@ def _env(tmp_path: Path, local: bool) -> Iterator[tuple[SimProcess, Daemon]]:
         owned = {a["instance_id"] for j in daemon.client.jobs() for a in daemon.client.job(j["id"])["attempts"]}
         instances = sim.admin("GET", "/_sim/instances")["instances"]
         assert {i["instance_id"] for i in instances} <= owned, "an instance no attempt knows about"
+        volumes = {j["volume"]["volume_id"] for j in (daemon.client.job(x["id"]) for x in daemon.client.jobs())
+                   if j.get("volume")}
+        billed = {e["id"] for e in sim.admin("GET", "/_sim/ledger")["entries"] if e["kind"] == "volume"}
+        assert billed <= volumes, "a volume the daemon does not own"
         wait_for(lambda: all(i["state"] in ("terminated", "shutting-down")
                              for i in sim.admin("GET", "/_sim/instances")["instances"]), 60,
                  what="every instance terminated")

@@ -177,3 +177,22 @@ def test_cli_reports_bad_spec_files_clearly(daemon: Daemon, tmp_path: Path) -> N
     r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "jobs"], capture_output=True, text=True,
                        env=env, timeout=60)
     assert job_id in r.stdout and "succeeded" in r.stdout
+
+
+def test_budget_stops_the_job_and_says_so(tmp_path: Path) -> None:
+    d = Daemon(tmp_path / "state", CONFIG.replace("cpu_slots = 4", "cpu_slots = 1\ncpu_slot_price_per_hour = 1000"))
+    d.start()
+    try:
+        # $1000 an hour, at most $1: the job is stopped after about 3.6 seconds
+        job = d.client.submit(train_spec("pricey", steps=1000, step_seconds=0.2,
+                                         policy={"max_cost_usd": 1, "max_relaunches": 5}))
+        done = d.wait_status(job["id"], {"succeeded", "failed", "cancelled"}, 60)
+        assert done["status"] == "failed" and done["end_reason"].startswith("budget: spent $")
+        assert [a["end_reason"] for a in done["attempts"]] == ["budget"]
+        assert 1.0 <= done["cost_usd"] < 2.0
+        env = {**os.environ, "GPUHOP_STATE_DIR": str(d.state_dir)}
+        r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "watch", job["id"]], capture_output=True,
+                           text=True, env=env, timeout=60)
+        assert r.returncode == 0 and "budget" in r.stdout  # watch ends by itself once the job has ended
+    finally:
+        d.stop()

@@ -42,6 +42,10 @@ def env(tmp_path: Path) -> Iterator[tuple[SimProcess, Daemon]]:
     try:
         daemon.start()
         yield sim, daemon
+        # the RunPod key never reaches the daemon's log or any API answer
+        assert KEY not in daemon.log_path.read_text()
+        for j in daemon.client.jobs():
+            assert KEY not in str(daemon.client.job(j["id"]))
         # every pod the simulator ever ran belongs to an attempt of this daemon, and none still runs
         pods = sim.admin("GET", "/_sim/pods")["pods"]
         attempts = {a["instance_id"] for j in daemon.client.jobs() for a in daemon.client.job(j["id"])["attempts"]}
@@ -121,6 +125,35 @@ def test_a_fifth_of_api_calls_failing_still_finishes_every_job(env: tuple[SimPro
         assert done["status"] == "succeeded", done
         assert sorted(steps_done(volume_dir(sim, done))) == list(range(1, 9))
     sim.admin("POST", "/_sim/faults", {"clear": True})
+
+
+def test_offers_merge_providers_ranked_by_expected_cost(tmp_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+
+    sim = SimProcess("runpod", tmp_path / "sim", "--api-key", KEY)
+    d = Daemon(tmp_path / "state", config(sim) + '[providers.local]\ngpu_model = "RTX-4090"\ngpu_slots = 1\n'
+               'price_per_gpu_hour = 0.30\n')
+    try:
+        d.start()
+        env = {**os.environ, "GPUHOP_STATE_DIR": str(d.state_dir)}
+        r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "offers", "--json"], capture_output=True,
+                           text=True, env=env, timeout=60)
+        offers = json.loads(r.stdout)["offers"]
+        assert {o["provider"] for o in offers} == {"local", "runpod"}
+        costs = [o["expected_cost_per_hour"] for o in offers]
+        assert costs == sorted(costs)
+        # a job free to go anywhere lands on the cheaper: the local 4090 at $0.30/h beats RunPod's $0.34+
+        job = d.client.submit({**spec("anywhere", 3), "placement": {"capacity": "auto"}})
+        done = d.wait_status(job["id"], {"succeeded", "failed"}, 60)
+        assert done["attempts"][0]["provider"] == "local"
+        r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "offers"], capture_output=True, text=True,
+                           env=env, timeout=60)
+        assert "EXPECTED $/H" in r.stdout and "runpod" in r.stdout
+    finally:
+        d.stop()
+        sim.stop()
 
 
 def test_cancel_terminates_the_pod(env: tuple[SimProcess, Daemon]) -> None:
