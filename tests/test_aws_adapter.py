@@ -10,19 +10,6 @@ from pathlib import Path
 
 import pytest
 
-try:
-    from tests.aws_fixtures import (
-        NOTICE,
-        admin,
-        call,
-        client,
-        http_get,
-        running_simulator,
-        wait_for,
-    )
-except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from aws_fixtures import NOTICE, admin, call, client, http_get, running_simulator, wait_for  # type: ignore[no-redef]
-
 from adapters.aws import AwsAdapter
 from adapters.aws.settings import AwsSettings
 from adapters.base import AdapterContext, AuthError, NoCapacity, PermanentError, RetryLater
@@ -36,6 +23,15 @@ from orchestrator.models import (
     attempt_name,
 )
 from simulators.aws import AwsSimulator
+from tests.aws_fixtures import (
+    NOTICE,
+    admin,
+    call,
+    client,
+    http_get,
+    running_simulator,
+    wait_for,
+)
 
 PREFIX = "gh"
 

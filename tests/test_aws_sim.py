@@ -15,30 +15,17 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError, ReadTimeoutError
 
-try:
-    from tests.aws_fixtures import (
-        NOTICE,
-        admin,
-        call,
-        client,
-        describe_instance,
-        http_get,
-        running_simulator,
-        wait_for,
-    )
-except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from aws_fixtures import (  # type: ignore[no-redef]
-        NOTICE,
-        admin,
-        call,
-        client,
-        describe_instance,
-        http_get,
-        running_simulator,
-        wait_for,
-    )
-
 from simulators.aws import AwsSimulator
+from tests.aws_fixtures import (
+    NOTICE,
+    admin,
+    call,
+    client,
+    describe_instance,
+    http_get,
+    running_simulator,
+    wait_for,
+)
 
 
 @pytest.fixture
