@@ -79,6 +79,9 @@ class Adapter(abc.ABC):
     Settings: ClassVar[type[BaseModel]]
     # preemption notice the provider gives, seconds (0 = none); used in placement only
     notice_seconds: ClassVar[float] = 0.0
+    # the daemon cannot see this provider's processes: the job agent reports for them (start,
+    # heartbeats, exit), and a silent agent means a lost machine
+    remote: ClassVar[bool] = True
 
     def __init__(self, settings: Any, ctx: AdapterContext) -> None:
         self.settings = settings

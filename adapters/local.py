@@ -383,6 +383,7 @@ class LocalAdapter(Adapter, VolumeSupport, LogSupport):
     """This machine as a provider: GPU slots and CPU slots, jobs run by the detached agent."""
 
     name = "local"
+    remote = False  # the daemon reads its jobs' exit codes from the instance directories
     Settings = LocalSettings
 
     def __init__(self, settings: LocalSettings, ctx: AdapterContext) -> None:

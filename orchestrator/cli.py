@@ -24,7 +24,7 @@ from rich.live import Live
 
 from orchestrator import render
 from orchestrator.client import Client, ClientError
-from orchestrator.config import ConfigError, load_settings
+from orchestrator.config import ConfigError
 from orchestrator.models import JobSpec, JobStatus
 
 app = typer.Typer(
@@ -77,8 +77,8 @@ def serve(
     log_level: Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING")] = "INFO",
 ) -> None:
     """Run the daemon: the REST API and the reconcile loop, until SIGTERM or Ctrl-C."""
+    from orchestrator.daemon import load_config, setup_logging
     from orchestrator.daemon import serve as run_daemon
-    from orchestrator.daemon import setup_logging
 
     overrides: dict[str, Any] = {"server": {}}
     if listen:
@@ -86,7 +86,7 @@ def serve(
     if state_dir:
         overrides["server"]["state_dir"] = str(state_dir)
     try:
-        settings = load_settings(config, overrides)
+        settings = load_config(config, overrides)
     except ConfigError as exc:
         fail(str(exc))
         return
@@ -270,8 +270,10 @@ def gpus() -> None:
 @app.command("check-config")
 def check_config(config: Annotated[Path, typer.Argument(help="TOML configuration")]) -> None:
     """Validate a configuration file without starting anything."""
+    from orchestrator.daemon import load_config
+
     try:
-        settings = load_settings(config)
+        settings = load_config(config)
     except ConfigError as exc:
         fail(str(exc))
         return

@@ -2,14 +2,16 @@
 
 Every mistake in the file (an unknown key, a wrong type, an impossible value) stops the daemon
 at start-up with the file, the dotted key and what was expected, instead of surfacing later as
-odd behaviour. Provider tables are validated by each adapter's own `Settings` model through
-the registry, so a typo under `[providers.runpod]` is caught just as early.
+odd behaviour. Provider tables are validated by each adapter's own `Settings` model: the daemon
+passes the registry's validator in (`daemon.load_config`), so a typo under `[providers.runpod]`
+is caught just as early without this module knowing any adapter.
 """
 
 from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -154,9 +156,13 @@ def format_validation_error(source: str, exc: ValidationError, prefix: str = "")
     return "\n".join(lines)
 
 
-def load_settings(path: Path | None, overrides: dict[str, Any] | None = None) -> Settings:
+def load_settings(
+    path: Path | None,
+    overrides: dict[str, Any] | None = None,
+    validate_provider: Callable[[str, dict[str, Any]], Any] | None = None,
+) -> Settings:
     """Read and validate the file (or defaults when `path` is None), apply CLI overrides such as
-    {"server": {"listen": ...}}, and validate every provider table with its adapter's model."""
+    {"server": {"listen": ...}}, and, given `validate_provider`, every provider table."""
     raw: dict[str, Any] = {}
     source = str(path) if path else "<defaults>"
     if path is not None:
@@ -178,23 +184,22 @@ def load_settings(path: Path | None, overrides: dict[str, Any] | None = None) ->
         settings = Settings.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(source, exc)) from None
-    _validate_providers(settings, source)
+    if validate_provider is not None:
+        validate_providers(settings, source, validate_provider)
     return settings
 
 
-def _validate_providers(settings: Settings, source: str) -> None:
-    from adapters.registry import adapter_class  # the daemon's edge: adapters are optional
-
+def validate_providers(settings: Settings, source: str, validate: Callable[[str, dict[str, Any]], Any]) -> None:
+    """Check each `[providers.<name>]` table with `validate(name, table)` (the adapter registry's,
+    passed in by the daemon: settings do not know the adapters). KeyError = unknown provider."""
     if not settings.providers:
         raise ConfigError(f"{source}: providers: configure at least one provider, e.g. [providers.local]")
     for name, table in settings.providers.items():
         if not isinstance(table, dict):
             raise ConfigError(f"{source}: providers.{name}: expected a table")
         try:
-            cls = adapter_class(name)
+            validate(name, table)
         except KeyError as exc:
             raise ConfigError(f"{source}: providers.{name}: {exc.args[0]}") from None
-        try:
-            cls.Settings.model_validate(table)
         except ValidationError as exc:
             raise ConfigError(format_validation_error(source, exc, prefix=f"providers.{name}")) from None

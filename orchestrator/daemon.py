@@ -17,14 +17,15 @@ import os
 import signal
 import socket
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
 from adapters.base import Adapter, AdapterContext
-from adapters.registry import create_adapter
+from adapters.registry import create_adapter, validate_settings
 from orchestrator import auth, systemd
 from orchestrator.api.app import ApiContext, make_app
-from orchestrator.config import Settings
+from orchestrator.config import Settings, load_settings
 from orchestrator.engine import Engine
 from orchestrator.store import Store
 
@@ -62,6 +63,11 @@ def setup_logging(level: str = "INFO", secrets: list[str] | None = None) -> None
 
 
 SECRET_WORDS = ("key", "secret", "token", "password")
+
+
+def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> Settings:
+    """The configuration with every provider table checked by its adapter (raises ConfigError)."""
+    return load_settings(path, overrides, validate_provider=validate_settings)
 
 
 def configured_secrets(settings: Settings) -> list[str]:

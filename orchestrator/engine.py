@@ -111,7 +111,7 @@ class Engine:
         self.cfg = reconcile.Settings(
             launch_grace_seconds=settings.engine.launch_grace_seconds,
             heartbeat_timeout_seconds=settings.engine.heartbeat_timeout_seconds,
-            remote_providers=frozenset(n for n in adapters if n != "local"),
+            remote_providers=frozenset(n for n, a in adapters.items() if a.remote),
         )
         self._wake = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import ConfigError, load_settings
+from orchestrator.config import ConfigError
+from orchestrator.daemon import load_config as load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 
