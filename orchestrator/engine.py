@@ -134,12 +134,12 @@ class Engine:
         ]
         try:
             while not stop.is_set():
+                self._wake.clear()  # before the tick: a hint that arrives during it is kept
                 try:
                     await self.tick()
                 except Exception:  # a bug in one tick must not kill the daemon; log and go on
                     log.exception("reconcile tick failed")
                     metrics.TICK_ERRORS.inc()
-                self._wake.clear()
                 waiter = asyncio.ensure_future(self._wake.wait())
                 stopper = asyncio.ensure_future(stop.wait())
                 await asyncio.wait(
@@ -448,9 +448,8 @@ class Engine:
                  "message": f"attempt {number} on {offer.provider} {offer.region}"},
                 {row.id or 0: {"status": AttemptStatus.LAUNCHING.value, "instance_id": inst.instance_id,
                                "launched_at": time.time()}},
-                [(number, "launched", f"attempt {number} launched on {offer.provider} {offer.region} "
-                  f"({offer.gpu or 'cpu'} x{offer.gpu_count}, {offer.capacity.value}, ${offer.price_per_hour:.3f}/h)"
-                  f"{' ahead of a reclaim' if early else ''}: {cand.reason}")],
+                [(number, "launched", f"attempt {number} launched{' ahead of a reclaim' if early else ''}: "
+                  f"{cand.reason}")],
             )
             self._backoff.pop(job.id, None)
             self.offer_cache[offer.provider].fetched_at = 0.0

@@ -188,7 +188,7 @@ class Demo:
             for e in events[start:]:
                 if e["kind"] in ("launched", "running", "preempted", "lost", "succeeded", "failed", "no_capacity",
                                  "interruption"):
-                    msg = e["message"].split(": local")[0].split(" (")[0] if e["kind"] == "launched" else e["message"]
+                    msg = e["message"].split(";")[0] if e["kind"] == "launched" else e["message"]
                     self.feed.append(f"{e['at'][11:19]}  {d['name']:<16} {msg[:110]}")
             self.seen_events[d["id"]] = len(events)
 
