@@ -15,7 +15,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from adapters.base import (
@@ -187,13 +187,14 @@ class Engine:
         await self._reap(observed, readable)
         sem = asyncio.Semaphore(4)
 
-        async def bounded(coro: asyncio.Future[None] | object) -> None:
+        async def bounded(coro: Awaitable[None]) -> None:
             async with sem:
-                await coro  # type: ignore[misc]
+                await coro
 
+        stats = await self.rate_stats() if to_launch else {}  # one history read per tick
         await asyncio.gather(
             *(bounded(self._relaunch_pending(j, s, a)) for j, s, a in retry),
-            *(bounded(self._launch(j, s, early)) for j, s, early in to_launch),
+            *(bounded(self._launch(j, s, early, stats)) for j, s, early in to_launch),
         )
         self.ticks += 1
         self.last_tick_at = time.time()
@@ -398,7 +399,8 @@ class Engine:
         await self.store.run(self.store.set_volume_location, spec.volume.name, vol.provider, vol.region, vol.volume_id)
         return vol
 
-    async def _launch(self, job: JobRow, spec: JobSpec, early: bool) -> None:
+    async def _launch(self, job: JobRow, spec: JobSpec, early: bool,
+                      stats: dict[tuple[str, CapacityType], RateStats]) -> None:
         """Place the job and start a new attempt, trying candidates best first."""
         now = time.time()
         if not early and job.next_try_at is not None and now < job.next_try_at:
@@ -409,7 +411,7 @@ class Engine:
         if spec.volume is not None:
             vol = await self.store.run(self.store.volume, spec.volume.name)
             location = VolumeLocation(vol.provider if vol else None, vol.region if vol else None)
-        result = place(spec, offers, location, await self.rate_stats(), self.placement)
+        result = place(spec, offers, location, stats, self.placement)
         number = await self.store.run(self.store.next_attempt_number, job.id)
         tried: list[str] = []
         for cand in result.candidates[:8]:

@@ -28,7 +28,7 @@ from rich.table import Table
 
 from orchestrator import render
 from orchestrator.client import Client, ClientError
-from simulators.harness import Daemon
+from simulators.harness import Daemon, steps_done
 
 TRAIN = Path(__file__).resolve().parent / "demo_train.py"
 TERMINAL = {"succeeded", "failed", "cancelled"}
@@ -100,12 +100,6 @@ access_key_id = "demo"
 secret_access_key = "demo"
 """
 
-
-def _steps(volume_dir: Path) -> list[int]:
-    log = volume_dir / "steps.log"
-    if not log.exists():
-        return []
-    return [int(line.split()[0]) for line in log.read_text().splitlines() if line.strip()]
 
 
 class Demo:
@@ -199,7 +193,7 @@ class Demo:
                 continue
             attempt = d["attempts"][-1]
             volume_dir = self._volume_dir(d, attempt)
-            if volume_dir is None or len(_steps(volume_dir)) < dis.after_steps:
+            if volume_dir is None or len(steps_done(volume_dir)) < dis.after_steps:
                 continue
             dis.done = True
             if dis.kind == "interrupt":
@@ -244,7 +238,7 @@ class Demo:
         for j, d in zip(self.jobs, details, strict=True):
             reasons = ", ".join(a["end_reason"] or a["status"] for a in d["attempts"])
             vol = self._volume_dir(d, d["attempts"][-1]) if d["attempts"] else None
-            steps = _steps(vol) if vol else []
+            steps = steps_done(vol) if vol else []
             once = sorted(steps) == list(range(1, j.steps + 1))
             ok = ok and once and d["status"] == "succeeded"
             table.add_row(d["name"], render.status_text(d["status"]), str(len(d["attempts"])), reasons,

@@ -8,7 +8,10 @@ from typing import Any
 
 from simulators.harness import Daemon, SimProcess, free_port, pids_alive, steps_done, wait_for
 
-__all__ = ["TRAIN", "Daemon", "SimProcess", "free_port", "pids_alive", "steps_done", "train_spec", "wait_for"]
+__all__ = [
+    "TRAIN", "Daemon", "SimProcess", "free_port", "pids_alive", "sim_volume_dir", "steps_done", "train_spec",
+    "wait_for",
+]
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "examples" / "train.py"
@@ -31,3 +34,8 @@ def train_spec(name: str, steps: int, step_seconds: float = 0.2, volume: str | N
     return spec
 
 
+
+
+def sim_volume_dir(sim: SimProcess, job: dict[str, Any]) -> Path:
+    """Where a simulator keeps the job's volume (the directory its machines see)."""
+    return Path(sim.state_dir) / "volumes" / job["volume"]["volume_id"]

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemon_harness import TRAIN, Daemon, SimProcess, steps_done, wait_for
+from tests.daemon_harness import sim_volume_dir as volume_dir
 
 pytestmark = pytest.mark.e2e
 NOTICE = 8.0
@@ -80,10 +81,6 @@ def spec(name: str, steps: int, volume: str | None = None, capacity: str = "spot
     if volume:
         s["volume"] = {"name": volume, "size_gb": 10, "mount_path": "/workspace"}
     return s
-
-
-def volume_dir(sim: SimProcess, job: dict) -> Path:
-    return sim.state_dir / "volumes" / job["volume"]["volume_id"]
 
 
 def test_warning_launches_the_replacement_before_the_reclaim(env: tuple[SimProcess, Daemon]) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemon_harness import TRAIN, Daemon, SimProcess, steps_done, wait_for
+from tests.daemon_harness import sim_volume_dir as volume_dir
 
 pytestmark = pytest.mark.e2e
 KEY = "rpa_E2E0123456789ABCDEF"
@@ -68,10 +69,6 @@ def spec(name: str, steps: int, volume: str | None = None) -> dict:
     if volume:
         s["volume"] = {"name": volume, "size_gb": 10, "mount_path": "/workspace"}
     return s
-
-
-def volume_dir(sim: SimProcess, job: dict) -> Path:
-    return sim.state_dir / "volumes" / job["volume"]["volume_id"]
 
 
 def test_preempted_pod_is_replaced_in_its_data_center_with_its_volume(env: tuple[SimProcess, Daemon]) -> None:
