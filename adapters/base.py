@@ -11,7 +11,14 @@ The engine talks to providers only through `Adapter`. Its contract, which every 
   `PermanentError` for requests the provider will never accept.
 * `list_instances()` is ONE batched listing (per provider, not per job) of every instance whose
   name starts with the daemon's prefix, including ones that ended but still exist.
-* `terminate(instance_id)` is idempotent: an instance that is already gone is success.
+* `terminate(instance_id)` is idempotent: an instance that is already gone is success. It
+  returns once the provider confirms that billing stopped, with the final `Bill` when the
+  provider can still tell it (None when it cannot: the engine keeps its own estimate).
+* No call outlives its caller: an adapter never leaves a request running in an abandoned
+  thread. Use native async HTTP with real timeouts, or await a thread to its end (the
+  engine never wraps adapter calls in `asyncio.wait_for` around threads).
+* `list_instances()` returns EVERY instance it sees, one per provider instance id, even when
+  two carry one name (a duplicate launch): the engine terminates the extra one.
 
 Optional abilities are mixins: `VolumeSupport` (network volumes that outlive instances) and
 `LogSupport` (the adapter can read a job's output itself, as the local one does).
@@ -28,7 +35,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel
 
-from orchestrator.models import Instance, LaunchRequest, Offer, ProviderVolume
+from orchestrator.models import Bill, Instance, LaunchRequest, Offer, ProviderVolume
 
 
 class AdapterError(Exception):
@@ -100,8 +107,9 @@ class Adapter(abc.ABC):
         """One batched listing of every instance named with the daemon's prefix."""
 
     @abc.abstractmethod
-    async def terminate(self, instance_id: str) -> None:
-        """Stop and delete the instance; billing stops. Already gone is success."""
+    async def terminate(self, instance_id: str) -> Bill | None:
+        """Stop and delete the instance; billing stops. Already gone is success. Returns the
+        final bill when the provider can still tell it."""
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Called once when the daemon starts (open sessions, create queues)."""

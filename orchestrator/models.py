@@ -279,6 +279,19 @@ class LaunchRequest:
     bid_price_per_hour: float | None = None  # for spot markets that take a bid
 
 
+@dataclass(frozen=True)
+class Bill:
+    """What the provider charges for one machine, from the provider's own times and rules
+    (RunPod: per second while the pod exists and runs; EC2: per second from the launch with
+    a 60 s minimum, at the spot price in force). `ended_at` None means it is still billing.
+    Adapters build it; the engine records it as the attempt's cost and makes it final once
+    the termination is confirmed."""
+
+    started_at: float  # UNIX seconds, when billing began (provider's clock)
+    ended_at: float | None  # when billing stopped; None while it still runs
+    cost_usd: float  # the charge for [started_at, ended_at or the time of the reading]
+
+
 @dataclass
 class Instance:
     """An instance as observed, normalized by its adapter."""
@@ -294,6 +307,7 @@ class Instance:
     stopped_by_us: bool = False  # ended because gpuhop asked it to
     reason: str = ""  # the provider's own words (StateReason, lastStatusChange, ...)
     interruption_at: datetime | None = None  # a pending reclaim notice, when known
+    bill: Bill | None = None  # the provider's charge so far, when the adapter can tell it
     extra: dict[str, str] = field(default_factory=dict)
 
 
