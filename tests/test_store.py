@@ -68,7 +68,7 @@ def test_attempt_names_are_unique(store: Store) -> None:
     store.create_job("j1", spec())
     store.add_attempt(AttemptRow(job_id="j1", number=1, name="n-1", provider="local", status="pending",
                                  created_at=time.time()))
-    with pytest.raises(Exception):  # noqa: B017 - IntegrityError from either driver
+    with pytest.raises(Conflict, match="attempt 'n-1' already exists"):
         store.add_attempt(AttemptRow(job_id="j1", number=1, name="n-1", provider="local", status="pending",
                                      created_at=time.time()))
 

@@ -2,85 +2,194 @@
 transaction, so that every transition is committed before the next step relies on it.
 
 Methods are synchronous (SQLAlchemy sessions); async callers run them with `Store.run`, which
-moves the call to a worker thread so a slow database never stalls the event loop.
+moves the call to the store's own small thread pool, so a slow database never stalls the event
+loop and a store call never queues behind provider SDK calls in the loop's default executor.
+
+Rules that must hold under concurrent writers are the database's, not check-then-write code:
+one unfinished job per volume is a unique index; writes that read first take the row lock
+(PostgreSQL `FOR UPDATE`) or the write lock (SQLite `BEGIN IMMEDIATE`, see store.db).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, ParamSpec, TypeVar
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, ParamSpec, TypeVar, cast
 
-from sqlalchemy import func
+from sqlalchemy import CursorResult, delete, func, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from orchestrator.models import AttemptStatus, EndReason, JobSpec, JobStatus
-from orchestrator.store.db import make_engine, migrate
-from orchestrator.store.tables import AttemptRow, EventRow, JobRow, VolumeRow
+from orchestrator.store.db import make_engine, migrate, write_engine
+from orchestrator.store.tables import AttemptRow, EventRow, JobRow, PreemptionStatsRow, VolumeRow
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
 ACTIVE_STATUSES = [s.value for s in JobStatus if not s.terminal]
+TERMINAL_STATUSES = [s.value for s in JobStatus if s.terminal]
+ENDED = AttemptStatus.ENDED.value
+
+# Event kinds that repeat while nothing changes (every backoff try, every retry of one launch, every
+# failed listing): a repeat of the job's latest event updates that row instead of adding one.
+COALESCED_KINDS = frozenset({"no_capacity", "launch_retry", "provider_degraded"})
+
+# How far an attempt's agent has got; reports only move it forward.
+AGENT_STATE_ORDER = {"": 0, "started": 1, "exited": 2}
+# What ending an attempt decides; the first end of an attempt is the one kept.
+END_FIELDS = frozenset({"end_reason", "ended_at", "detail", "cost_usd"})
 
 
 class Conflict(Exception):
     """The write contradicts the current state (e.g. a volume already in use)."""
 
 
+def _insert(dialect: str, table: type[Any]) -> Any:
+    """INSERT with ON CONFLICT support (both dialects spell it alike)."""
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+
+
+def merge_attempt(row: AttemptRow, fields: dict[str, Any]) -> list[str]:
+    """Set `fields` on `row` except those that would move it backwards; return the refused names.
+
+    "status" is among the refused whenever the attempt was already ended (that write's caller
+    saw it live: its transition did not happen). A writer works from a snapshot it read earlier (the engine observes providers for seconds
+    between reading and writing), while agent reports and billing land in between. So:
+
+    - an ENDED attempt never becomes live again (pending, launching, running);
+    - ending an attempt that is already ended changes none of END_FIELDS: the first end stands;
+    - agent-reported columns only move forward: `last_heartbeat_at` never decreases,
+      `agent_state` goes "" -> "started" -> "exited" only, `exit_code` and `exit_signal` keep the
+      first value recorded (a snapshot's None or older value never replaces it),
+      `sigterm_received` never goes back to False;
+    - once `cost_final` is set, `cost_usd` changes only together with `cost_final=True` (an
+      estimate never replaces the provider's final bill).
+    """
+    refused: list[str] = []
+    was_ended = row.status == ENDED
+    ending_again = was_ended and fields.get("status") == ENDED
+    for key, value in fields.items():
+        current = getattr(row, key)
+        if key == "status":
+            ok = not (was_ended and value != ENDED)
+        elif ending_again and key in END_FIELDS:
+            ok = value == current
+        elif key == "last_heartbeat_at":
+            ok = current is None or (value is not None and value >= current)
+        elif key == "agent_state":
+            ok = AGENT_STATE_ORDER.get(value, 0) >= AGENT_STATE_ORDER.get(current, 0)
+        elif key in ("exit_code", "exit_signal"):
+            ok = current is None or value == current
+        elif key == "sigterm_received":
+            ok = bool(value) or not current
+        elif key == "cost_usd":
+            ok = not row.cost_final or bool(fields.get("cost_final"))
+        else:
+            ok = True
+        if ok:
+            setattr(row, key, value)
+        if (not ok and value != current) or (key == "status" and was_ended):
+            refused.append(key)  # a status write to an ended attempt is stale even when equal
+    return refused
+
+
+def ended_attempt_stats(row: AttemptRow, now: float) -> tuple[int, float] | None:
+    """What an attempt that has just ended adds to its capacity's history (preemptions, hours),
+    or None for one that never launched. Hours run from running (else launched) to ended."""
+    if row.launched_at is None:
+        return None
+    start = row.running_at or row.launched_at
+    hours = max(0.0, (row.ended_at or now) - start) / 3600.0
+    return (1 if row.end_reason == EndReason.PREEMPTED.value else 0), hours
+
+
 class Store:
-    def __init__(self, url: str, *, engine: Engine | None = None) -> None:
+    def __init__(self, url: str, *, engine: Engine | None = None, event_retention_days: float = 30.0,
+                 threads: int = 4) -> None:
         self.url = url
         self.engine = engine or make_engine(url)
+        self._writer = write_engine(self.engine)
+        self.event_retention_days = event_retention_days
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gpuhop-store")
 
     def migrate(self) -> None:
         migrate(self.engine)
 
     def close(self) -> None:
+        """Wait for calls in flight, then close the connections."""
+        self._executor.shutdown(wait=True)
         self.engine.dispose()
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        return await asyncio.to_thread(fn, *args, **kwargs)
+        """Run a store method on the store's own threads (never the loop's default executor,
+        which provider SDK calls fill)."""
+        ctx = contextvars.copy_context()
+        call = functools.partial(ctx.run, fn, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
     def _session(self) -> Session:
+        """For reads."""
         return Session(self.engine, expire_on_commit=False)
+
+    def _write(self) -> Session:
+        """For anything that writes: on SQLite it holds the write lock from its first statement."""
+        return Session(self._writer, expire_on_commit=False)
 
     # ------------------------------------------------------------------ jobs
 
     def create_job(self, job_id: str, spec: JobSpec, now: float | None = None) -> JobRow:
+        """Record a job. Raises Conflict, naming the holder, when its volume is held by an
+        unfinished job: the unique index `uq_jobs_active_volume` decides, so of any number of
+        concurrent submissions on one volume exactly one is recorded."""
         now = now or time.time()
-        with self._session() as s:
+        volume = spec.volume.name if spec.volume is not None else None
+        with self._write() as s:
             if spec.volume is not None:
-                busy = s.exec(
-                    select(JobRow).where(
-                        JobRow.volume_name == spec.volume.name, col(JobRow.status).in_(ACTIVE_STATUSES)
-                    )
-                ).first()
-                if busy is not None:
-                    raise Conflict(
-                        f"volume {spec.volume.name!r} is in use by job {busy.id} ({busy.status}); "
-                        "wait for it to end or cancel it"
-                    )
-                vol = s.exec(select(VolumeRow).where(VolumeRow.name == spec.volume.name)).first()
-                if vol is None:
-                    s.add(VolumeRow(name=spec.volume.name, size_gb=spec.volume.size_gb,
-                                    mount_path=spec.volume.mount_path, created_at=now))
+                dialect = s.get_bind().dialect.name
+                s.execute(
+                    _insert(dialect, VolumeRow).values(
+                        name=spec.volume.name, size_gb=spec.volume.size_gb, mount_path=spec.volume.mount_path,
+                        created_at=now,
+                    ).on_conflict_do_nothing(index_elements=["name"])
+                )
             job = JobRow(
                 id=job_id, name=spec.name, spec_json=spec.model_dump_json(), status=JobStatus.QUEUED.value,
-                volume_name=spec.volume.name if spec.volume else None, created_at=now, updated_at=now,
-                message="queued",
+                volume_name=volume, created_at=now, updated_at=now, message="queued",
             )
             s.add(job)
             s.add(EventRow(job_id=job_id, at=now, kind="submitted", message=f"job {spec.name!r} submitted"))
             try:
                 s.commit()
-            except IntegrityError as exc:  # a concurrent submission made the same volume row
+            except IntegrityError:
                 s.rollback()
-                raise Conflict(f"could not record job: {exc.orig}") from None
-            return job
+            else:
+                return job
+        raise self._create_conflict(job_id, volume)
+
+    def _create_conflict(self, job_id: str, volume: str | None) -> Conflict:
+        """Why a job could not be recorded (the constraint's own text is not shown: it may quote
+        the row)."""
+        with self._session() as s:
+            if s.get(JobRow, job_id) is not None:
+                return Conflict(f"job {job_id} already exists")
+            if volume is not None:
+                holder = s.exec(
+                    select(JobRow).where(JobRow.volume_name == volume, col(JobRow.status).in_(ACTIVE_STATUSES))
+                ).first()
+                if holder is not None:
+                    return Conflict(
+                        f"volume {volume!r} is in use by job {holder.id} ({holder.status}); "
+                        "wait for it to end or cancel it"
+                    )
+                return Conflict(f"volume {volume!r} was claimed by another job at the same moment; try again")
+            return Conflict(f"job {job_id} could not be recorded; try again")
 
     def get_job(self, job_id: str) -> JobRow | None:
         with self._session() as s:
@@ -98,21 +207,28 @@ class Store:
             return list(s.exec(select(JobRow).where(col(JobRow.status).in_(ACTIVE_STATUSES))))
 
     def update_job(self, job_id: str, **fields: Any) -> JobRow | None:
-        with self._session() as s:
-            job = s.get(JobRow, job_id)
+        """Set job columns as given. Raises Conflict if that would make a second unfinished job
+        on a volume."""
+        with self._write() as s:
+            job = s.get(JobRow, job_id, with_for_update=True)
             if job is None:
                 return None
             for key, value in fields.items():
                 setattr(job, key, value)
             job.updated_at = time.time()
+            volume = job.volume_name
             s.add(job)
-            s.commit()
+            try:
+                s.commit()
+            except IntegrityError:
+                s.rollback()
+                raise Conflict(f"job {job_id}: volume {volume!r} is held by another unfinished job") from None
             return job
 
     def request_cancel(self, job_id: str) -> JobRow | None:
         """Desired state only: the engine does the stopping. Cancelling an ended job is a no-op."""
-        with self._session() as s:
-            job = s.get(JobRow, job_id)
+        with self._write() as s:
+            job = s.get(JobRow, job_id, with_for_update=True)
             if job is None or JobStatus(job.status).terminal or job.cancel_requested:
                 return job
             job.cancel_requested = True
@@ -142,7 +258,7 @@ class Store:
 
     def live_attempts(self) -> list[AttemptRow]:
         with self._session() as s:
-            q = select(AttemptRow).where(AttemptRow.status != AttemptStatus.ENDED.value)
+            q = select(AttemptRow).where(AttemptRow.status != ENDED)
             return list(s.exec(q))
 
     def attempt_by_name(self, name: str) -> AttemptRow | None:
@@ -162,55 +278,134 @@ class Store:
             return int(n or 0) + 1
 
     def add_attempt(self, row: AttemptRow) -> AttemptRow:
-        """The write-ahead record of a launch, committed before the provider is called."""
-        with self._session() as s:
+        """The write-ahead record of a launch, committed before the provider is called. Raises
+        Conflict when an attempt of that name exists (the name is the idempotency key)."""
+        with self._write() as s:
             s.add(row)
-            s.commit()
+            try:
+                s.commit()
+            except IntegrityError:
+                s.rollback()
+                raise Conflict(f"attempt {row.name!r} already exists") from None
             s.refresh(row)
             return row
 
     def update_attempt(self, attempt_id: int, **fields: Any) -> AttemptRow | None:
-        with self._session() as s:
-            row = s.get(AttemptRow, attempt_id)
+        """Set attempt columns, under the same rules as `apply` (see `merge_attempt`: nothing
+        moves backwards). Returns the row as stored."""
+        with self._write() as s:
+            row = s.get(AttemptRow, attempt_id, with_for_update=True)
             if row is None:
                 return None
-            for key, value in fields.items():
-                setattr(row, key, value)
-            s.add(row)
+            self._merge_attempt(s, row, fields, time.time())
             s.commit()
             return row
 
+    def _merge_attempt(self, s: Session, row: AttemptRow, fields: dict[str, Any], now: float) -> list[str]:
+        """merge_attempt on a locked row, and the preemption aggregate in the same transaction
+        when this write is the one that ends it."""
+        was_ended = row.status == ENDED
+        refused = merge_attempt(row, fields)
+        s.add(row)
+        if not was_ended and row.status == ENDED:
+            gained = ended_attempt_stats(row, now)
+            if gained is not None:
+                self._add_history(s, row.provider, row.capacity, *gained)
+        return refused
+
+    def _add_history(self, s: Session, provider: str, capacity: str, preemptions: int, hours: float) -> None:
+        ins = _insert(s.get_bind().dialect.name, PreemptionStatsRow).values(
+            provider=provider, capacity=capacity, preemptions=preemptions, hours=hours
+        )
+        s.execute(ins.on_conflict_do_update(
+            index_elements=["provider", "capacity"],
+            set_={"preemptions": PreemptionStatsRow.preemptions + ins.excluded.preemptions,
+                  "hours": PreemptionStatsRow.hours + ins.excluded.hours},
+        ))
+
+    def record_launch(self, attempt_id: int, instance_id: str, launched_at: float) -> bool:
+        """A launch worker's confirmed machine: a pending attempt becomes launching with it; one
+        the tick adopted meanwhile keeps its status (never moved backwards). False when the
+        attempt was ended meanwhile (a cancel): the caller stops the machine."""
+        with self._write() as s:
+            row = s.get(AttemptRow, attempt_id, with_for_update=True)
+            if row is None or row.status == ENDED:
+                return False
+            if row.status == AttemptStatus.PENDING.value:
+                row.status = AttemptStatus.LAUNCHING.value
+            row.instance_id = row.instance_id or instance_id
+            row.launched_at = row.launched_at or launched_at
+            s.add(row)
+            s.commit()
+            return True
+
+    def finalize_cost(self, attempt_id: int, cost_usd: float, bill_started_at: float | None,
+                      bill_ended_at: float | None) -> None:
+        """The provider's final bill for the attempt's own machine, once its termination is
+        confirmed: replaces the estimate made when the attempt ended."""
+        self.update_attempt(attempt_id, cost_usd=cost_usd, cost_final=True,
+                            bill_started_at=bill_started_at, bill_ended_at=bill_ended_at)
+
+    def add_duplicate_cost(self, attempt_id: int, cost_usd: float) -> None:
+        """Add what a duplicate machine carrying this attempt's name cost (once per machine)."""
+        with self._write() as s:
+            row = s.get(AttemptRow, attempt_id, with_for_update=True)
+            if row is None:
+                return
+            row.duplicate_cost_usd = (row.duplicate_cost_usd or 0.0) + cost_usd
+            s.add(row)
+            s.commit()
+
     def delete_attempt(self, attempt_id: int) -> None:
         """Only for a pending attempt that provably made nothing (every launch said no)."""
-        with self._session() as s:
-            row = s.get(AttemptRow, attempt_id)
+        with self._write() as s:
+            row = s.get(AttemptRow, attempt_id, with_for_update=True)
             if row is not None and row.status == AttemptStatus.PENDING.value:
                 s.delete(row)
                 s.commit()
 
     def apply(self, job_id: str, job_fields: dict[str, Any], attempt_fields: dict[int, dict[str, Any]],
-              events: Sequence[tuple[int | None, str, str]]) -> None:
-        """One job's decided transitions, committed together."""
+              events: Sequence[tuple[int | None, str, str]]) -> set[int]:
+        """One job's decided transitions, committed together.
+
+        The job row and then its attempts (in id order) are locked first, so concurrent writers
+        serialize per job. Attempt fields go through `merge_attempt`: a decision made from an
+        older snapshot never moves an attempt backwards (an ENDED attempt stays ended and keeps
+        its first end; agent-reported columns keep newer values; a final bill is not replaced by
+        an estimate). An attempt this call ends adds its preemption and hours to the capacity's
+        aggregate in the same transaction. Events go through the same coalescing as `add_event`;
+        events about an attempt whose status change was refused are dropped (they would describe
+        a transition that did not happen).
+
+        Returns the ids of attempts some of whose fields were refused (the caller's snapshot was
+        stale for them).
+        """
         now = time.time()
-        with self._session() as s:
-            job = s.get(JobRow, job_id)
+        stale: set[int] = set()
+        with self._write() as s:
+            job = s.get(JobRow, job_id, with_for_update=True)
             if job is None:
-                return
-            for attempt_id, fields in attempt_fields.items():
-                row = s.get(AttemptRow, attempt_id)
-                if row is None:
+                return stale
+            dropped_numbers: set[int] = set()
+            for attempt_id in sorted(attempt_fields):
+                row = s.get(AttemptRow, attempt_id, with_for_update=True)
+                if row is None or row.job_id != job_id:
                     continue
-                for key, value in fields.items():
-                    setattr(row, key, value)
-                s.add(row)
+                refused = self._merge_attempt(s, row, attempt_fields[attempt_id], now)
+                if refused:
+                    stale.add(attempt_id)
+                    if "status" in refused:
+                        dropped_numbers.add(row.number)
             if job_fields:
                 for key, value in job_fields.items():
                     setattr(job, key, value)
                 job.updated_at = now
                 s.add(job)
             for attempt_no, kind, message in events:
-                s.add(EventRow(job_id=job_id, attempt=attempt_no, at=now, kind=kind, message=message[:2048]))
+                if attempt_no is None or attempt_no not in dropped_numbers:
+                    self._add_event(s, job_id, attempt_no, kind, message, now)
             s.commit()
+        return stale
 
     # ------------------------------------------------------------------ volumes, events, stats
 
@@ -223,7 +418,7 @@ class Store:
             return list(s.exec(select(VolumeRow).order_by(col(VolumeRow.name))))
 
     def set_volume_location(self, name: str, provider: str, region: str, provider_volume_id: str) -> None:
-        with self._session() as s:
+        with self._write() as s:
             vol = s.exec(select(VolumeRow).where(VolumeRow.name == name)).first()
             if vol is None:
                 return
@@ -232,28 +427,73 @@ class Store:
             s.commit()
 
     def add_event(self, job_id: str, kind: str, message: str, attempt: int | None = None) -> None:
-        with self._session() as s:
-            s.add(EventRow(job_id=job_id, attempt=attempt, at=time.time(), kind=kind, message=message[:2048]))
+        """Append to the job's log; a repeat of its latest event of a COALESCED_KINDS kind (same
+        attempt) updates that row instead: its message and time become the newest, `repeats`
+        counts the repetitions."""
+        with self._write() as s:
+            self._add_event(s, job_id, attempt, kind, message, time.time())
             s.commit()
+
+    def _add_event(self, s: Session, job_id: str, attempt: int | None, kind: str, message: str, now: float) -> None:
+        message = message[:2048]
+        if kind in COALESCED_KINDS:
+            latest = s.exec(
+                select(EventRow).where(EventRow.job_id == job_id).order_by(col(EventRow.id).desc()).limit(1)
+            ).first()
+            if latest is not None and latest.kind == kind and latest.attempt == attempt:
+                s.execute(
+                    update(EventRow).where(col(EventRow.id) == latest.id)
+                    .values(message=message, at=now, repeats=col(EventRow.repeats) + 1)
+                    .execution_options(synchronize_session=False)
+                )
+                s.expire(latest)
+                return
+        s.add(EventRow(job_id=job_id, attempt=attempt, at=now, kind=kind, message=message))
 
     def events(self, job_id: str, limit: int = 200) -> list[EventRow]:
         with self._session() as s:
             q = select(EventRow).where(EventRow.job_id == job_id).order_by(col(EventRow.id).desc()).limit(limit)
             return list(reversed(list(s.exec(q))))
 
+    def prune(self, now: float | None = None, *, batch_size: int = 1000, max_batches: int = 100) -> int:
+        """Delete events older than `event_retention_days` of jobs that have ended, `batch_size`
+        rows per transaction (other writers get the lock between batches), at most `max_batches`
+        batches per call. Returns how many were deleted; call again while it returns a full
+        `batch_size * max_batches`."""
+        now = time.time() if now is None else now
+        cutoff = now - self.event_retention_days * 86400.0
+        ended = select(JobRow.id).where(col(JobRow.status).in_(TERMINAL_STATUSES))
+        total = 0
+        for _ in range(max_batches):
+            batch = (
+                select(EventRow.id).where(col(EventRow.at) < cutoff, col(EventRow.job_id).in_(ended))
+                .limit(batch_size)
+            )
+            with self._write() as s:
+                result = s.execute(
+                    delete(EventRow).where(col(EventRow.id).in_(batch)).execution_options(synchronize_session=False)
+                )
+                s.commit()
+            n = cast(CursorResult[Any], result).rowcount
+            total += n
+            if n < batch_size:
+                break
+        return total
+
     def preemption_history(self) -> list[tuple[str, str, int, float]]:
-        """(provider, capacity, preemptions, hours run) over every attempt that ever ran."""
+        """(provider, capacity, preemptions, hours run) over every attempt that ever launched:
+        the aggregate of ended attempts plus the hours live attempts have run so far."""
         now = time.time()
         agg: dict[tuple[str, str], list[float]] = {}
         with self._session() as s:
-            q = select(AttemptRow).where(col(AttemptRow.launched_at).is_not(None))
-            for row in s.exec(q):
-                key = (row.provider, row.capacity)
-                slot = agg.setdefault(key, [0, 0.0])
-                if row.end_reason == EndReason.PREEMPTED.value:
-                    slot[0] += 1
-                start = row.running_at or row.launched_at or now
-                slot[1] += max(0.0, (row.ended_at or now) - start) / 3600.0
+            for stat in s.exec(select(PreemptionStatsRow)):
+                agg[(stat.provider, stat.capacity)] = [stat.preemptions, stat.hours]
+            q = select(AttemptRow.provider, AttemptRow.capacity, AttemptRow.running_at, AttemptRow.launched_at).where(
+                AttemptRow.status != ENDED, col(AttemptRow.launched_at).is_not(None)
+            )
+            for provider, capacity, running_at, launched_at in s.exec(q):
+                slot = agg.setdefault((provider, capacity), [0, 0.0])
+                slot[1] += max(0.0, now - (running_at or launched_at or now)) / 3600.0
         return [(p, c, int(v[0]), v[1]) for (p, c), v in agg.items()]
 
     def counts_by_status(self) -> dict[str, int]:

@@ -1,17 +1,36 @@
-"""The tables: jobs, their attempts, volumes and an event log. Plain rows, no behaviour.
+"""The tables: jobs, their attempts, volumes, an event log and the preemption aggregate. Plain
+rows, no behaviour.
 
 Times are UNIX seconds (floats) so SQLite and PostgreSQL store and compare them alike; the API
 renders them as ISO 8601. The job spec is stored whole as validated JSON: it is the desired
 state, and the columns beside it are what the engine has made of it so far.
+
+One rule lives in the schema rather than in code, because only the database sees concurrent
+writers: a volume serves at most one unfinished job (`uq_jobs_active_volume`, a partial unique
+index; see `ACTIVE_VOLUME_WHERE`).
 """
 
 from __future__ import annotations
 
+from sqlalchemy import Index, text
 from sqlmodel import Field, SQLModel
+
+# The job statuses that free a volume, frozen as SQL so the index predicate does not drift with
+# the enum unnoticed (tests compare it with JobStatus.terminal). "Not terminal" rather than "one of
+# the active ones": a status added later holds its volume until someone decides otherwise.
+TERMINAL_JOB_STATUSES = ("succeeded", "failed", "cancelled")
+ACTIVE_VOLUME_WHERE = "volume_name IS NOT NULL AND status NOT IN ({})".format(
+    ", ".join(f"'{s}'" for s in TERMINAL_JOB_STATUSES)
+)
 
 
 class JobRow(SQLModel, table=True):
     __tablename__ = "jobs"
+    __table_args__ = (
+        # at most one unfinished job per volume, enforced by the database on SQLite and PostgreSQL
+        Index("uq_jobs_active_volume", "volume_name", unique=True,
+              sqlite_where=text(ACTIVE_VOLUME_WHERE), postgresql_where=text(ACTIVE_VOLUME_WHERE)),
+    )
 
     id: str = Field(primary_key=True, max_length=32)
     name: str = Field(max_length=64, index=True)
@@ -63,6 +82,11 @@ class AttemptRow(SQLModel, table=True):
     interruption_at: float | None = None  # a provider's reclaim notice was received
     stop_requested_at: float | None = None  # gpuhop asked the instance to stop
     cost_usd: float = 0.0
+    # the provider's own account of billing (adapters' Bill): None until the provider says
+    bill_started_at: float | None = None
+    bill_ended_at: float | None = None
+    cost_final: bool = False  # cost_usd is the provider's final figure, not an estimate
+    duplicate_cost_usd: float = 0.0  # paid for duplicate machines that carried this attempt's name
 
 
 class VolumeRow(SQLModel, table=True):
@@ -84,6 +108,20 @@ class EventRow(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     job_id: str = Field(index=True, max_length=32)
     attempt: int | None = None
-    at: float
+    at: float = Field(index=True)  # updated when a repeat is folded into this row; pruning reads it
     kind: str = Field(max_length=32)
     message: str = Field(max_length=2048)
+    repeats: int = 0  # how many more times the same thing happened right after (see Store.add_event)
+
+
+class PreemptionStatsRow(SQLModel, table=True):
+    """What ended attempts taught about a kind of capacity, kept up to date in the transaction
+    that ends each attempt, so placement reads one row per (provider, capacity) instead of every
+    attempt ever made. Live attempts' hours are added at read time."""
+
+    __tablename__ = "preemption_stats"
+
+    provider: str = Field(primary_key=True, max_length=32)
+    capacity: str = Field(primary_key=True, max_length=16)
+    preemptions: int = 0
+    hours: float = 0.0  # hours run by ended attempts (from running, else launched, to ended)

@@ -1,0 +1,194 @@
+"""The store under concurrent writers, on SQLite and PostgreSQL: one unfinished job per volume
+whatever the timing, writes from stale snapshots that never move an attempt backwards, each ended
+attempt counted once in the preemption aggregate, and store calls that never queue behind
+provider SDK calls in the loop's default executor."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session
+
+from orchestrator.models import AttemptStatus, EndReason, JobSpec, JobStatus
+from orchestrator.store import AttemptRow, Conflict, JobRow, Store
+from orchestrator.store.tables import TERMINAL_JOB_STATUSES
+
+THREADS = 20
+BURSTS = 5
+
+
+def spec(volume: str | None = None) -> JobSpec:
+    extra = {"volume": {"name": volume, "size_gb": 10}} if volume else {}
+    return JobSpec.model_validate({"name": "t", "command": ["true"], **extra})
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[Store]:
+    s = Store(db_url)
+    s.migrate()
+    yield s
+    s.close()
+
+
+def at_once(n: int, fn: Callable[[int], Any]) -> list[Any]:
+    """Call fn(0..n-1) from n threads released together; each result or the exception raised."""
+    gate = threading.Barrier(n)
+
+    def one(i: int) -> Any:
+        gate.wait(timeout=120)
+        try:
+            return fn(i)
+        except Exception as exc:
+            return exc
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(one, range(n)))
+
+
+def test_the_index_predicate_names_exactly_the_terminal_statuses() -> None:
+    assert set(TERMINAL_JOB_STATUSES) == {s.value for s in JobStatus if s.terminal}
+
+
+def test_concurrent_submissions_on_one_volume_record_exactly_one(store: Store) -> None:
+    ends = ["succeeded", "failed", "cancelled"]
+    for burst in range(BURSTS):
+        results = at_once(THREADS, lambda i, b=burst: store.create_job(f"j{b}-{i}", spec("shared")))  # type: ignore[misc]
+        winners = [r for r in results if isinstance(r, JobRow)]
+        losers = [r for r in results if not isinstance(r, JobRow)]
+        assert len(winners) == 1, f"burst {burst}: {len(winners)} jobs recorded on one volume"
+        assert all(isinstance(r, Conflict) for r in losers), losers
+        winner = winners[0].id
+        assert all(f"volume 'shared' is in use by job {winner}" in str(r) for r in losers), losers
+        assert [j.id for j in store.active_jobs()] == [winner]
+        # the job ends (as the engine ends it): the volume is free for the next burst
+        store.apply(winner, {"status": ends[burst % 3]}, {}, [])
+    assert len(store.list_jobs()) == BURSTS
+    assert [v.name for v in store.list_volumes()] == ["shared"]
+
+
+def test_the_database_itself_refuses_a_second_unfinished_job_on_a_volume(store: Store) -> None:
+    """Not the store's code: a row written past it (another daemon version, a script) is refused."""
+    def row(job_id: str, status: str, volume: str | None) -> JobRow:
+        return JobRow(id=job_id, name="t", spec_json="{}", status=status, volume_name=volume,
+                      created_at=time.time(), updated_at=time.time())
+
+    with Session(store.engine) as s:
+        for i, status in enumerate(TERMINAL_JOB_STATUSES):  # any number of ended jobs
+            s.add(row(f"done{i}", status, "v"))
+        s.add(row("a", "running", "v"))
+        s.add(row("n1", "running", None))  # and of jobs without a volume
+        s.add(row("n2", "queued", None))
+        s.commit()
+    for status in ("queued", "recovering"):
+        with Session(store.engine) as s, pytest.raises(IntegrityError):
+            s.add(row("b", status, "v"))
+            s.commit()
+    with pytest.raises(Conflict, match="volume 'v' is in use by job a"):
+        store.create_job("c", spec("v"))
+    with pytest.raises(Conflict, match="held by another unfinished job"):
+        store.update_job("done0", status="recovering")
+    store.update_job("a", status="cancelled")
+    store.create_job("c", spec("v"))
+    assert {j.id for j in store.active_jobs()} == {"c", "n1", "n2"}
+
+
+def _job_with_attempt(store: Store, job_id: str, status: str = "running") -> AttemptRow:
+    store.create_job(job_id, spec())
+    now = time.time()
+    return store.add_attempt(AttemptRow(
+        job_id=job_id, number=1, name=f"g-{job_id}-1", provider="runpod", capacity="spot", status=status,
+        created_at=now - 7200, launched_at=now - 7200, running_at=now - 3600, instance_id="i-1",
+    ))
+
+
+def test_a_stale_engine_write_keeps_what_the_agent_reported_meanwhile(db_url: str) -> None:
+    engine_side, api_side = Store(db_url), Store(db_url)  # two daemons' worth of sessions
+    try:
+        engine_side.migrate()
+        row = _job_with_attempt(engine_side, "j1")
+        api_side.update_attempt(row.id, agent_state="started", last_heartbeat_at=1000.0)
+        snap = engine_side.attempts("j1")[0]  # the engine reads, then observes providers...
+        # ...while the agent's exit report lands
+        api_side.update_attempt(row.id, agent_state="exited", exit_code=0, exit_signal=None,
+                                sigterm_received=True, last_heartbeat_at=2000.0)
+        # the engine writes back from its snapshot: heartbeat, state and exit fields are older
+        stale = engine_side.apply("j1", {}, {row.id: {
+            "agent_state": snap.agent_state, "last_heartbeat_at": snap.last_heartbeat_at,
+            "exit_code": snap.exit_code, "sigterm_received": snap.sigterm_received,
+            "status": AttemptStatus.ENDED.value, "end_reason": EndReason.LOST.value, "ended_at": time.time(),
+        }}, [(1, "lost", "attempt 1 lost")])
+        got = api_side.attempts("j1")[0]
+        assert (got.agent_state, got.exit_code, got.sigterm_received, got.last_heartbeat_at) == (
+            "exited", 0, True, 2000.0)
+        assert got.status == "ended" and got.end_reason == "lost"  # the rest of the write stands
+        assert stale == {row.id}
+        # a heartbeat that is newer does go through
+        api_side.update_attempt(row.id, last_heartbeat_at=3000.0)
+        assert engine_side.attempts("j1")[0].last_heartbeat_at == 3000.0
+    finally:
+        engine_side.close()
+        api_side.close()
+
+
+def test_an_ended_attempt_stays_ended_and_keeps_its_first_end(store: Store) -> None:
+    row = _job_with_attempt(store, "j1")
+    snap = store.attempts("j1")[0]  # running, as a slow tick saw it
+    store.apply("j1", {}, {row.id: {"status": "ended", "end_reason": "succeeded", "ended_at": 100.0,
+                                    "detail": "exit 0", "cost_usd": 1.0}}, [(1, "succeeded", "attempt 1 succeeded")])
+    # the slow tick, from its snapshot, marks it running, then ends it differently
+    stale = store.apply("j1", {}, {snap.id: {"status": "running", "running_at": 200.0}}, [(1, "running", "again")])
+    assert stale == {row.id}
+    stale = store.apply("j1", {}, {snap.id: {"status": "ended", "end_reason": "lost", "ended_at": 300.0,
+                                             "detail": "gone", "cost_usd": 2.0}}, [(1, "lost", "attempt 1 lost")])
+    assert stale == {row.id}
+    got = store.attempts("j1")[0]
+    assert (got.status, got.end_reason, got.ended_at, got.detail, got.cost_usd) == (
+        "ended", "succeeded", 100.0, "exit 0", 1.0)
+    # the transitions that did not happen are not in the log either
+    assert [e.kind for e in store.events("j1")] == ["submitted", "succeeded"]
+    # billing still lands on an ended attempt; an estimate never replaces the final bill
+    store.update_attempt(row.id, cost_usd=1.25, cost_final=True, bill_started_at=50.0, bill_ended_at=101.0)
+    store.apply("j1", {}, {row.id: {"cost_usd": 1.5}}, [])
+    got = store.attempts("j1")[0]
+    assert (got.cost_usd, got.cost_final, got.bill_ended_at) == (1.25, True, 101.0)
+
+
+def test_an_attempt_ended_by_two_writers_at_once_is_counted_once(store: Store) -> None:
+    rounds = 6
+    for n in range(rounds):
+        row = _job_with_attempt(store, f"j{n}")
+        fields = {"status": "ended", "end_reason": EndReason.PREEMPTED.value, "ended_at": row.running_at + 3600}
+        results = at_once(4, lambda _i, r=row, f=fields: store.apply(  # type: ignore[misc]
+            r.job_id, {}, {r.id: dict(f)}, [(1, "preempted", "attempt 1 preempted")]))
+        assert [r for r in results if isinstance(r, Exception)] == []  # e.g. SQLite's busy snapshot
+        assert sorted(len(r) for r in results) == [0, 1, 1, 1], results  # one ends it, three are stale
+        events = [e.kind for e in store.events(row.job_id)]
+        assert events.count("preempted") == 1, events
+    assert store.preemption_history() == [("runpod", "spot", rounds, pytest.approx(rounds * 1.0))]
+
+
+async def test_store_calls_do_not_wait_behind_the_default_executor(tmp_path: Path) -> None:
+    """Provider SDK threads fill the loop's default executor; the store has its own."""
+    store = Store(f"sqlite:///{tmp_path / 'gpuhop.db'}")
+    store.migrate()
+    loop = asyncio.get_running_loop()
+    default = ThreadPoolExecutor(1)
+    loop.set_default_executor(default)
+    release = threading.Event()
+    blocker = loop.run_in_executor(None, release.wait, 300)  # a slow boto3 call, say
+    try:
+        store.create_job("j1", spec())
+        counts = await asyncio.wait_for(store.run(store.counts_by_status), 120)  # a generous deadline
+        assert counts == {"queued": 1}
+    finally:
+        release.set()
+        await blocker
+        store.close()
