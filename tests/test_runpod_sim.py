@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -214,7 +215,7 @@ async def test_preempt_sigterm_then_sigkill(runpod_sim: RunPodSimulator) -> None
 
     got = await sdk(runpod.get_pod, pod_id)
     assert got["desiredStatus"] == "EXITED" and got["runtime"] is None
-    assert got["lastStatusChange"].startswith("Exited by Runpod: ")
+    assert got["lastStatusChange"].startswith("Outbid: ")  # the reclaim RunPod records
     assert runpod_sim.world.catalog.free("CA-MTL-1", "NVIDIA RTX A6000", "SECURE") == free + 1
     ledger = await admin(runpod_sim, "GET", "/_sim/ledger")
     [entry] = [e for e in ledger["entries"] if e["id"] == pod_id]
@@ -250,22 +251,66 @@ async def test_container_restarts_when_its_process_exits(runpod_sim: RunPodSimul
 
 
 async def test_ledger_bills_pods_and_volumes(runpod_sim: RunPodSimulator) -> None:
-    t0 = time.time()
+    t0 = int(time.time())
     pod = await sdk(runpod.create_pod, "billed", "img", "NVIDIA H100 80GB HBM3", gpu_count=2,
                     docker_args="exec sleep 60")
     await sdk(run_graphql_query, 'mutation { createNetworkVolume(input: {name: "v", size: 100, '
                                  'dataCenterId: "US-TX-3"}) { id } }')
-    await asyncio.sleep(0.5)
+    # run across at least one second boundary of the simulator's clock
+    await wait_until(lambda: int(time.time()) >= t0 + 2)
+    stop = (f'mutation {{ podStop(input: {{podId: "{pod["id"]}"}}) '
+            "{ id desiredStatus lastStatusChange lastStartedAt costPerHr } }")
+    stopped = (await sdk(run_graphql_query, stop))["data"]["podStop"]
     await sdk(runpod.terminate_pod, pod["id"])
     t1 = time.time()
     ledger = await admin(runpod_sim, "GET", "/_sim/ledger")
     by_kind = {e["kind"]: e for e in ledger["entries"]}
     pod_entry, vol_entry = by_kind["pod"], by_kind["volume"]
-    assert pod_entry["price_per_hour"] == pytest.approx(2 * 2.99)
+    assert pod_entry["price_per_hour"] == pytest.approx(2 * 2.99) == stopped["costPerHr"]
     assert not pod_entry["running"]
-    assert 0.4 * 5.98 / 3600 <= pod_entry["cost_usd"] <= (t1 - t0) * 5.98 / 3600 + 1e-6
+    # one billing rule: costPerHr per second from lastStartedAt to the date the pod stopped,
+    # both whole seconds, exactly as the API states them
+    started = datetime.fromisoformat(stopped["lastStartedAt"].replace("Z", "+00:00")).timestamp()
+    assert stopped["lastStatusChange"].startswith("Exited by user: ")
+    ended = datetime.strptime(stopped["lastStatusChange"][len("Exited by user: "):][:33],
+                              "%a %b %d %Y %H:%M:%S GMT%z").timestamp()
+    assert (pod_entry["started"], pod_entry["stopped"]) == (started, ended)
+    assert t0 <= started < ended <= t1
+    assert pod_entry["cost_usd"] == pytest.approx((ended - started) * 5.98 / 3600, abs=1e-6)
+    assert pod_entry["cost_usd"] > 0
+    # terminating a stopped pod bills nothing more
+    assert (await admin(runpod_sim, "GET", "/_sim/ledger"))["entries"][0]["cost_usd"] == pod_entry["cost_usd"]
     assert vol_entry["running"] and vol_entry["price_per_hour"] == pytest.approx(100 * 0.05 / 730)
     assert ledger["total_usd"] >= pod_entry["cost_usd"]
+
+
+async def test_latency_delays_an_operation_which_still_happens_after_the_client_left(
+    runpod_sim: RunPodSimulator,
+) -> None:
+    await admin(runpod_sim, "POST", "/_sim/latency", {"operation": "podFindAndDeployOnDemand", "seconds": 1.5})
+    assert (await admin(runpod_sim, "GET", "/_sim/latency"))["latency"] == {"podFindAndDeployOnDemand": 1.5}
+    deploy = ('mutation { podFindAndDeployOnDemand(input: {name: "slow", imageName: "i", '
+              f'gpuTypeId: "{GPU}", cloudType: SECURE, gpuCount: 1}}) {{ id }} }}')
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(asyncio.TimeoutError):
+            async with session.post(f"{runpod_sim.url}/graphql", json={"query": deploy},
+                                    headers={"Authorization": f"Bearer {API_KEY}"},
+                                    timeout=aiohttp.ClientTimeout(total=0.2)):
+                pass
+    # the client is gone; other operations are not delayed; the create still lands
+    assert await sdk(runpod.get_pods) == []
+    await wait_until(lambda: [p for p in runpod_sim.world.pods.values() if p.name == "slow"])
+    assert runpod_sim.executed.count("podFindAndDeployOnDemand") == 1
+    # "*" delays everything; DELETE clears one operation or all
+    await admin(runpod_sim, "POST", "/_sim/latency", {"operation": "*", "seconds": 0.3})
+    await admin(runpod_sim, "DELETE", "/_sim/latency?operation=podFindAndDeployOnDemand")
+    assert (await admin(runpod_sim, "GET", "/_sim/latency"))["latency"] == {"*": 0.3}
+    assert len(await sdk(runpod.get_pods)) == 1
+    await admin(runpod_sim, "DELETE", "/_sim/latency")
+    assert (await admin(runpod_sim, "GET", "/_sim/latency"))["latency"] == {}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{runpod_sim.url}/_sim/latency", json={"operation": "x"}) as resp:
+            assert resp.status == 400
 
 
 async def test_faults(runpod_sim: RunPodSimulator) -> None:
@@ -295,6 +340,15 @@ async def test_faults(runpod_sim: RunPodSimulator) -> None:
         with pytest.raises(requests.exceptions.RequestException):
             await sdk(runpod.get_gpus)
     await admin(runpod_sim, "POST", "/_sim/faults", {"clear": True})
+    assert len(await sdk(runpod.get_gpus)) > 0
+
+    # "echo": the error repeats the request's credentials, as a careless error page could
+    await admin(runpod_sim, "POST", "/_sim/faults", {"kind": "graphql", "count": 1, "echo": True})
+    with pytest.raises(QueryError, match=f"Bearer {API_KEY}"):
+        await sdk(runpod.get_gpus)
+    await admin(runpod_sim, "POST", "/_sim/faults", {"kind": "500", "count": 2})
+    assert len((await admin(runpod_sim, "GET", "/_sim/faults"))["faults"]) == 1
+    await admin(runpod_sim, "DELETE", "/_sim/faults")
     assert len(await sdk(runpod.get_gpus)) > 0
 
 

@@ -1,4 +1,4 @@
-"""The RunPod provider (GraphQL through the `runpod` SDK): see adapter.py."""
+"""The RunPod provider (the runpod SDK's GraphQL over native async HTTP): see adapter.py."""
 
 from adapters.runpod.adapter import RunPodAdapter
 from adapters.runpod.settings import RunPodSettings

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 CloudType = Literal["secure", "community"]
 
@@ -17,17 +18,32 @@ class RunPodSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     api_key: SecretStr | None = Field(default=None, description="falls back to $RUNPOD_API_KEY")
-    api_url: str = Field(default="https://api.runpod.io", description="RUNPOD_API_BASE_URL for the SDK")
+    api_url: str = Field(default="https://api.runpod.io", description="GraphQL is at {api_url}/graphql")
     cloud_types: list[CloudType] = Field(default_factory=_all_clouds)
     interruptible: bool = Field(default=True, description="offer spot pods where RunPod takes bids")
     data_centers: list[str] | None = Field(default=None, description="only these data centers")
     offer_ttl_seconds: float = Field(default=30.0, ge=0, le=3600)
-    request_timeout_seconds: float = Field(default=8.0, gt=0, le=30)
+    # generous: calls run beside the reconcile tick, and RunPod's API takes 10 s at times
+    request_timeout_seconds: float = Field(default=20.0, gt=0, le=120)
     retry_attempts: int = Field(default=3, ge=1, le=10)
     retry_base_delay_seconds: float = Field(default=0.5, ge=0, le=10)
-    retry_budget_seconds: float = Field(default=10.0, gt=0, le=60, description="all retries of one call")
+    retry_budget_seconds: float = Field(default=45.0, gt=0, le=300, description="all retries of one call")
+    create_settle_seconds: float = Field(
+        default=120.0, ge=0, le=3600,
+        description="after a create got no answer, how long it may still land before a launch of "
+        "that name creates again",
+    )
     max_gpu_count: int = Field(default=8, ge=1, le=16)
     max_container_disk_gb: int = Field(default=500, ge=1, le=65536)
+
+    @model_validator(mode="after")
+    def _key_somewhere(self) -> RunPodSettings:
+        """A missing key is a configuration mistake: say so at check-config and start-up, in one
+        line naming the key, rather than failing every call later."""
+        if not (self.api_key and self.api_key.get_secret_value()) and not os.environ.get("RUNPOD_API_KEY"):
+            raise ValueError("no RunPod API key: set api_key in [providers.runpod] or the "
+                             "RUNPOD_API_KEY environment variable")
+        return self
 
     @field_validator("api_url")
     @classmethod

@@ -1,20 +1,38 @@
 """How a RunPod pod becomes a gpuhop Instance: one explicit table from RunPod's
-(desiredStatus, qualifier) to InstanceState, and where a pod's data center is found.
+(desiredStatus, qualifier) to InstanceState, where a pod's data center is found, and what the
+pod has cost (its `Bill`) by RunPod's own times.
 
-RunPod has no "preempted" status: a reclaimed interruptible pod is EXITED with lastStatusChange
-"Exited by Runpod: <date>" (spelling varies, so matched case-insensitively), and a RUNNING pod
-has `runtime: null` until its container is up.
+RunPod has no "preempted" status: a reclaimed pod is EXITED with lastStatusChange "Outbid:
+<date>", the one involuntary stop with a recorded cause. "Exited by Runpod: <date>" (spelling
+varies, so matched case-insensitively) covers an unpullable image, an image too large and
+"Insufficient balance" (PROVIDERS.md, late-2026 corrections): RunPod stopped the pod, but did
+not take it back, so it is EXITED (the agent's report or the volume's exit marker says how the
+job ended; relaunching may not help). A RUNNING pod has `runtime: null` until its container is
+up. A pod whose job ended on its own is still RUNNING: the agent lingers (GPUHOP_LINGER=1), as
+RunPod would otherwise restart the container, so the listing cannot tell an exit code.
+
+Billing (PROVIDERS.md: per second while the pod runs): a pod is charged `costPerHr` for every
+second from `lastStartedAt` (when it was rented or resumed) until it stopped, which is the date
+in the `lastStatusChange` that stopped it ("Exited by user: <date>", "Outbid: <date>", ...).
+RunPod states those dates to the second, so the bill is computed on whole seconds. Without
+`lastStartedAt` a running pod's "Rented by User: <date>" / "Resumed by user: <date>" is used.
 """
 
 from __future__ import annotations
 
+import math
 import re
+from datetime import UTC, datetime
 from typing import Any
 
-from orchestrator.models import Instance, InstanceState
+from orchestrator.models import Bill, Instance, InstanceState
 
 PROVIDER = "runpod"
+_OUTBID = re.compile(r"^\s*outbid", re.IGNORECASE)
 _BY_RUNPOD = re.compile(r"exited\s+by\s+run\s*pod", re.IGNORECASE)
+_STARTED = re.compile(r"^\s*(rented|resumed|started)\b", re.IGNORECASE)
+# JavaScript's Date.toString(): "Mon Jan 05 2026 12:00:00 GMT+0000 (Coordinated Universal Time)"
+_JS_DATE = re.compile(r"(\w{3} \d{1,2} \d{4} \d{1,2}:\d{2}:\d{2}) GMT([+-]\d{4})")
 _DC_ID = re.compile(r"^[A-Z]{2}-[A-Z]{2,4}-\d+$")
 
 # (desiredStatus, qualifier) -> state; qualifier "*" = any
@@ -23,8 +41,9 @@ STATUS_TABLE: dict[tuple[str, str], InstanceState] = {
     ("RUNNING", "no-runtime"): InstanceState.PENDING,  # pulling the image, starting
     ("RUNNING", "runtime"): InstanceState.RUNNING,
     ("RESTARTING", "*"): InstanceState.PENDING,
-    ("EXITED", "by-runpod"): InstanceState.PREEMPTED,  # reclaimed (spot) or host taken away
-    ("EXITED", "other"): InstanceState.EXITED,  # stopped; the agent reports the exit code
+    ("EXITED", "outbid"): InstanceState.PREEMPTED,  # RunPod took the machine back
+    ("EXITED", "by-runpod"): InstanceState.EXITED,  # image, size or balance: not a reclaim
+    ("EXITED", "other"): InstanceState.EXITED,  # stopped (by a user); the agent reports the exit code
     ("PAUSED", "*"): InstanceState.EXITED,
     ("DEAD", "*"): InstanceState.PREEMPTED,  # the host died under it
     ("TERMINATED", "*"): InstanceState.TERMINATED,
@@ -37,7 +56,8 @@ def qualifier(pod: dict[str, Any]) -> str:
     if status == "RUNNING":
         return "runtime" if pod.get("runtime") else "no-runtime"
     if status == "EXITED":
-        return "by-runpod" if _BY_RUNPOD.search(str(pod.get("lastStatusChange") or "")) else "other"
+        change = str(pod.get("lastStatusChange") or "")
+        return "outbid" if _OUTBID.search(change) else "by-runpod" if _BY_RUNPOD.search(change) else "other"
     return "*"
 
 
@@ -55,7 +75,7 @@ def pod_region(pod: dict[str, Any], known: dict[str, str], volume_dcs: dict[str,
     return known.get(str(pod.get("id"))) or volume_dcs.get(str(pod.get("networkVolumeId") or "")) or location
 
 
-def to_instance(pod: dict[str, Any], region: str) -> Instance:
+def to_instance(pod: dict[str, Any], region: str, now: float) -> Instance:
     cost = pod.get("costPerHr")
     return Instance(
         provider=PROVIDER,
@@ -65,9 +85,61 @@ def to_instance(pod: dict[str, Any], region: str) -> Instance:
         region=region,
         price_per_hour=float(cost) if isinstance(cost, int | float) else None,
         reason=str(pod.get("lastStatusChange") or ""),
+        bill=pod_bill(pod, now),
         extra={
             "desired_status": str(pod.get("desiredStatus") or ""),
             "pod_type": str(pod.get("podType") or ""),
             "gpu": str((pod.get("machine") or {}).get("gpuDisplayName") or ""),
         },
     )
+
+
+def status_time(text: str) -> float | None:
+    """The date in a lastStatusChange ("Exited by user: Mon Jan 05 2026 12:00:00 GMT+0000
+    (...)"), as UNIX seconds; None when there is none."""
+    m = _JS_DATE.search(text or "")
+    if not m:
+        return None
+    try:
+        return datetime.strptime(f"{m.group(1)} {m.group(2)}", "%b %d %Y %H:%M:%S %z").timestamp()
+    except ValueError:
+        return None
+
+
+def iso_time(value: Any) -> float | None:
+    """An ISO 8601 time ("2026-01-05T12:00:00.000Z") as UNIX seconds; None when it is not one."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        t = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return (t if t.tzinfo else t.replace(tzinfo=UTC)).timestamp()
+
+
+def pod_bill(pod: dict[str, Any], now: float) -> Bill | None:
+    """What the pod has cost by RunPod's rule (see the module docstring), read at `now`; None
+    when the answer does not say when billing began."""
+    price = pod.get("costPerHr")
+    if not isinstance(price, int | float) or isinstance(price, bool) or price < 0:
+        return None
+    status = str(pod.get("desiredStatus") or "").upper()
+    change = str(pod.get("lastStatusChange") or "")
+    started = iso_time(pod.get("lastStartedAt"))
+    if started is None and status == "RUNNING" and _STARTED.search(change):
+        started = status_time(change)
+    if started is None:
+        return None
+    started = float(math.floor(started))
+    if status == "RUNNING":
+        ended: float | None = None
+        until = float(math.floor(now))
+    elif status in ("EXITED", "TERMINATED", "DEAD", "PAUSED"):
+        stopped = status_time(change)
+        if stopped is None or _STARTED.search(change):
+            return None  # stopped, but the answer does not say when
+        ended = until = max(started, stopped)
+    else:
+        return None  # not billing yet (CREATED) or a status RunPod adds later
+    cost = max(0.0, until - started) * float(price) / 3600.0
+    return Bill(started_at=started, ended_at=ended, cost_usd=round(cost, 6))

@@ -131,6 +131,7 @@ type Pod {
   name: String
   desiredStatus: PodStatus
   lastStatusChange: String
+  lastStartedAt: String
   costPerHr: Float
   adjustedCostPerHr: Float
   gpuCount: Int

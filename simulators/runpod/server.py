@@ -3,8 +3,22 @@
 `/graphql` checks the bearer key (HTTP 401 otherwise), executes the query against the real
 schema in `schema.py` (inline arguments or `$variables`), and returns errors the way RunPod does:
 HTTP 200 with `{"errors": [{"message": ...}]}`. Injected faults (500, 429, a GraphQL error, a
-hang) hit `/graphql` only. `/_sim/*` is the simulator's own admin API (no auth): preempt a pod,
-set capacity and prices, inject faults, and read pods and the ledger.
+hang that never executes the query) hit `/graphql` only; with `"echo": true` a fault's answer
+repeats the request's URL and Authorization header, as a careless error page could, so that
+redaction can be tested. Injected latency delays an operation (by its root field, e.g.
+`gpuTypes`, `podFindAndDeployOnDemand`, or `*` for all) and then carries it out even when the
+client has given up and gone, as the real service does. `/_sim/*` is the simulator's own admin
+API (no auth):
+
+    POST   /_sim/pods/{id}/preempt   {"notice_seconds"?, "wait"?, "cause"?: outbid|runpod}
+    GET    /_sim/pods                every pod ever (terminated ones too) and the volumes
+    POST   /_sim/capacity            {"count", "data_center"?, "gpu_type"?, "cloud_type"?}
+    POST   /_sim/prices              {"gpu_type", "secure"?, "community"?, "secure_spot"?, ...}
+    GET|POST|DELETE /_sim/faults     {"kind": 500|429|graphql|timeout, "count"? | "rate"?,
+                                      "seconds"?, "message"?, "echo"?}; {"clear": true} or DELETE
+    GET|POST|DELETE /_sim/latency    {"operation": "gpuTypes"|...|"*", "seconds"}; DELETE
+                                      clears one ({"operation"} or ?operation=) or all
+    GET    /_sim/ledger              per-second charges (the billing rule is in world.py)
 """
 
 from __future__ import annotations
@@ -21,7 +35,15 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from graphql import GraphQLError, graphql, parse, validate
+from graphql import (
+    DocumentNode,
+    FieldNode,
+    GraphQLError,
+    OperationDefinitionNode,
+    graphql,
+    parse,
+    validate,
+)
 
 from simulators.runpod import views
 from simulators.runpod.catalog import CLOUD_TYPES, load_catalog
@@ -40,6 +62,7 @@ class Fault:
     rate: float | None = None  # or a random fraction of calls
     seconds: float = 40.0  # how long a "timeout" hangs (longer than the SDK's 30 s)
     message: str = GRAPHQL_FAULT_MESSAGE  # what a "graphql" fault says
+    echo: bool = False  # the answer repeats the request's URL and Authorization header
 
 
 class RunPodSimulator:
@@ -61,6 +84,8 @@ class RunPodSimulator:
         self.runtime = Runtime(self.state_dir)
         self.world = World(load_catalog(catalog_path), self.runtime, start_delay, notice_seconds)
         self.faults: list[Fault] = []
+        self.latency: dict[str, float] = {}  # root field name or "*" -> seconds
+        self.executed: list[str] = []  # root field names of every operation carried out
         self.calls = 0  # /graphql requests seen (including refused ones)
         self.app = web.Application(client_max_size=8 * 1024 * 1024)
         self.app.add_routes([
@@ -70,9 +95,15 @@ class RunPodSimulator:
             web.post("/_sim/capacity", self._admin_capacity),
             web.post("/_sim/prices", self._admin_prices),
             web.post("/_sim/faults", self._admin_faults),
+            web.get("/_sim/faults", self._admin_faults),
+            web.delete("/_sim/faults", self._admin_faults),
+            web.post("/_sim/latency", self._admin_latency),
+            web.get("/_sim/latency", self._admin_latency),
+            web.delete("/_sim/latency", self._admin_latency),
             web.get("/_sim/ledger", self._admin_ledger),
         ])
         self._runner: web.AppRunner | None = None
+        self._delayed: set[asyncio.Task[Any]] = set()
         self.url = ""
 
     # ------------------------------------------------------------------ lifecycle
@@ -89,6 +120,8 @@ class RunPodSimulator:
         return self.url
 
     async def stop(self) -> None:
+        for task in list(self._delayed):
+            task.cancel()
         await self.world.shutdown()
         if self._runner is not None:
             await self._runner.cleanup()
@@ -119,14 +152,18 @@ class RunPodSimulator:
             return web.json_response({"error": "Unauthorized"}, status=401)
         fault = self._next_fault()
         if fault is not None:
+            echo = ""
+            if fault.echo:
+                echo = (f" (request: POST {request.url}, "
+                        f"Authorization: {request.headers.get('Authorization', '')})")
             if fault.kind == "500":
-                return web.Response(status=500, text="Internal Server Error")
+                return web.Response(status=500, text="Internal Server Error" + echo)
             if fault.kind == "429":
-                return web.Response(status=429, text="Too Many Requests")
+                return web.Response(status=429, text="Too Many Requests" + echo)
             if fault.kind == "graphql":
-                return web.json_response({"errors": [{"message": fault.message}]})
+                return web.json_response({"errors": [{"message": fault.message + echo}]})
             await asyncio.sleep(fault.seconds)
-            return web.Response(status=504, text="Gateway Timeout")
+            return web.Response(status=504, text="Gateway Timeout" + echo)
         try:
             body = await request.json()
             query = body["query"]
@@ -145,10 +182,23 @@ class RunPodSimulator:
         problems = validate(schema(), document)
         if problems:
             return web.json_response({"errors": [e.formatted for e in problems]}, status=400)
-        result = await graphql(
-            schema(), query, root_value=self._root(document), variable_values=variables,
-            operation_name=operation,
-        )
+        fields = root_fields(document, operation)
+        delay = max([self.latency.get(f, 0.0) for f in [*fields, "*"]])
+
+        async def execute() -> Any:
+            if delay > 0:
+                await asyncio.sleep(delay)
+            self.executed.extend(fields)
+            return await graphql(
+                schema(), query, root_value=self._root(document), variable_values=variables,
+                operation_name=operation,
+            )
+
+        # the operation is carried out to its end even if the client gives up meanwhile
+        task = asyncio.get_running_loop().create_task(execute())
+        self._delayed.add(task)
+        task.add_done_callback(self._delayed.discard)
+        result = await asyncio.shield(task)
         out: dict[str, Any] = {"data": result.data}
         if result.errors:
             out["errors"] = [e.formatted for e in result.errors]
@@ -252,7 +302,11 @@ class RunPodSimulator:
         if pod is None or pod.desired != "RUNNING" or pod.preempting:
             return web.json_response({"error": f"pod {pod_id} is not running"}, status=409)
         notice = body.get("notice_seconds")
-        coro = self.world.preempt(pod_id, None if notice is None else float(notice))
+        causes = {"outbid": "Outbid", "runpod": "Exited by Runpod"}
+        cause = causes.get(str(body.get("cause", "outbid")))
+        if cause is None:
+            raise web.HTTPBadRequest(text="cause must be outbid (a reclaim) or runpod (image, balance)")
+        coro = self.world.preempt(pod_id, None if notice is None else float(notice), cause)
         if body.get("wait"):
             await coro
         else:
@@ -297,8 +351,10 @@ class RunPodSimulator:
         return web.json_response({"ok": True, "prices": gpu.prices})
 
     async def _admin_faults(self, request: web.Request) -> web.Response:
+        if request.method == "GET":
+            return web.json_response({"ok": True, "faults": [f.__dict__ for f in self.faults]})
         body = await self._body(request)
-        if body.get("clear"):
+        if body.get("clear") or request.method == "DELETE":
             self.faults.clear()
             return web.json_response({"ok": True, "faults": []})
         kind = str(body.get("kind", ""))
@@ -308,6 +364,7 @@ class RunPodSimulator:
             kind,
             seconds=float(body.get("seconds", 40.0)),
             message=str(body.get("message") or GRAPHQL_FAULT_MESSAGE),
+            echo=bool(body.get("echo")),
         )
         if body.get("rate") is not None:
             fault.rate = max(0.0, min(1.0, float(body["rate"])))
@@ -316,8 +373,37 @@ class RunPodSimulator:
         self.faults.append(fault)
         return web.json_response({"ok": True, "faults": [f.__dict__ for f in self.faults]})
 
+    async def _admin_latency(self, request: web.Request) -> web.Response:
+        if request.method != "GET":
+            body = await self._body(request)
+            op = body.get("operation", request.query.get("operation"))
+            if request.method == "DELETE":
+                if op is None:
+                    self.latency.clear()
+                else:
+                    self.latency.pop(str(op), None)
+            else:
+                if not isinstance(op, str) or not op:
+                    raise web.HTTPBadRequest(text='operation (a root field name or "*") is required')
+                try:
+                    seconds = float(body["seconds"])
+                except (KeyError, TypeError, ValueError):
+                    raise web.HTTPBadRequest(text="seconds (a number) is required") from None
+                if not 0 <= seconds <= 3600:
+                    raise web.HTTPBadRequest(text="seconds must be between 0 and 3600")
+                self.latency[op] = seconds
+        return web.json_response({"ok": True, "latency": self.latency})
+
     async def _admin_ledger(self, _request: web.Request) -> web.Response:
         return web.json_response(self.runtime.ledger.as_json())
+
+
+def root_fields(document: DocumentNode, operation: str | None) -> list[str]:
+    """The root field names (not aliases) of the operation a request runs."""
+    ops = [d for d in document.definitions if isinstance(d, OperationDefinitionNode)]
+    if operation:
+        ops = [d for d in ops if d.name is not None and d.name.value == operation]
+    return [s.name.value for d in ops[:1] for s in d.selection_set.selections if isinstance(s, FieldNode)]
 
 
 def main(

@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from simulators.runpod.catalog import CLOUD_TYPES, GpuType
-from simulators.runpod.world import SECRET_ENV_MARKERS, Pod, World
+from simulators.runpod.world import SECRET_ENV_MARKERS, Pod, World, iso_time
 
 
 def _stock(free: int, need: int = 1) -> str | None:
@@ -101,6 +101,7 @@ def pod_view(w: World, pod: Pod) -> dict[str, Any]:
         "name": pod.name,
         "desiredStatus": pod.desired,
         "lastStatusChange": pod.last_status_change,
+        "lastStartedAt": iso_time(pod.last_started_at),
         "costPerHr": pod.cost_per_hr,
         "adjustedCostPerHr": pod.cost_per_hr,
         "gpuCount": pod.gpu_count,
@@ -147,6 +148,8 @@ def admin_view(w: World, pod: Pod, terminated: bool = False) -> dict[str, Any]:
         "name": pod.name,
         "desiredStatus": "TERMINATED" if terminated else pod.desired,
         "lastStatusChange": pod.last_status_change,
+        "lastStartedAt": pod.last_started_at,
+        "stoppedAt": pod.stopped_at,
         "gpuTypeId": pod.gpu.id,
         "gpuCount": pod.gpu_count,
         "cloudType": pod.cloud,

@@ -5,6 +5,16 @@ whichever door a request came in by. A pod's container is a local process run by
 `Runtime`: it starts `start_delay` seconds after the pod is rented (`runtime` is null until
 then), is restarted when its main process exits (as RunPod restarts containers), and holds its
 GPUs (capacity) and bills by the second until it is stopped, preempted or terminated.
+
+The one billing rule, which the ledger and every API answer follow: a pod is charged
+`costPerHr` per second from the moment it was rented or resumed (`lastStartedAt`) until the
+moment it stopped (the date in the `lastStatusChange` that stopped it: "Exited by user: <date>",
+"Outbid: <date>", "Exited by Runpod: <date>", "Terminated by user: <date>"). RunPod states those
+dates to the second, so both moments are whole seconds of the simulator's clock and the ledger
+entry of the pod starts and stops at exactly those seconds; a resumed pod starts a new segment.
+A pod the provider reclaims (`preempt`) says "Outbid: <date>", the one involuntary stop RunPod
+records a cause for; RunPod's other stops (an unpullable image, insufficient balance) say
+"Exited by Runpod: <date>" and are not preemptions (PROVIDERS.md, late-2026 corrections).
 """
 
 from __future__ import annotations
@@ -40,6 +50,16 @@ class SimError(Exception):
 
 def _rid(n: int) -> str:
     return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(n))
+
+
+def whole_now() -> float:
+    """The simulator's clock to the second, as RunPod's dates state it."""
+    return float(int(time.time()))
+
+
+def iso_time(t: float) -> str:
+    """`lastStartedAt` as RunPod's REST answers show it: ISO 8601 UTC with milliseconds."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
 
 
 def status_time(t: float | None = None) -> str:
@@ -85,6 +105,8 @@ class Pod:
     preempting: bool = False
     generation: int = 0  # bumped on every stop/resume so stale supervisors give up
     holds_capacity: bool = False
+    last_started_at: float = 0.0  # billing began (rent or resume), whole seconds
+    stopped_at: float | None = None  # billing stopped, whole seconds; None while it runs
 
     @property
     def cost_per_hr(self) -> float:
@@ -124,17 +146,25 @@ class World:
             raise SimError(f"Pod {pod_id} not found.")
         return pod
 
-    def _hold(self, pod: Pod) -> None:
+    def _hold(self, pod: Pod, when: float) -> None:
+        """Take the pod's GPUs and start billing it at `when` (whole seconds)."""
         if not pod.holds_capacity:
             self.catalog.take(pod.data_center, pod.gpu.id, pod.cloud, pod.gpu_count)
             pod.holds_capacity = True
-        self.runtime.ledger.start(pod.id, "pod", pod.cost_per_hr, owner=pod.name)
+        ledger = self.runtime.ledger
+        ledger.start(pod.id, "pod", pod.cost_per_hr, owner=pod.name)
+        ledger.entries[pod.id].started = when
+        pod.last_started_at, pod.stopped_at = when, None
 
-    def _release(self, pod: Pod) -> None:
+    def _release(self, pod: Pod, when: float) -> None:
+        """Give the GPUs back and stop billing at `when`, the date its lastStatusChange states."""
         if pod.holds_capacity:
             self.catalog.give_back(pod.data_center, pod.gpu.id, pod.cloud, pod.gpu_count)
             pod.holds_capacity = False
-        self.runtime.ledger.stop(pod.id)
+        entry = self.runtime.ledger.entries.get(pod.id)
+        if entry is not None and entry.stopped is None:
+            entry.stopped = max(entry.started, when)
+            pod.stopped_at = entry.stopped
         pod.started_at = None
 
     # ------------------------------------------------------------------ pods: changes
@@ -200,10 +230,11 @@ class World:
             container_disk_gb=int(inp.get("containerDiskInGb") or 10),
             volume_gb=int(inp.get("volumeInGb") or 0),
             network_volume=volume_id or None,
-            last_status_change=f"Rented by User: {status_time()}",
         )
+        now = whole_now()
+        pod.last_status_change = f"Rented by User: {status_time(now)}"
         self.pods[pod.id] = pod
-        self._hold(pod)
+        self._hold(pod, now)
         self._spawn(self._supervise(pod, pod.generation))
         return pod
 
@@ -233,10 +264,11 @@ class World:
     def stop(self, pod_id: str) -> Pod:
         pod = self._pod(pod_id)
         if pod.desired == "RUNNING":
+            now = whole_now()
             pod.generation += 1
             pod.desired = "EXITED"
-            pod.last_status_change = f"Exited by user: {status_time()}"
-            self._release(pod)
+            pod.last_status_change = f"Exited by user: {status_time(now)}"
+            self._release(pod, now)
             self._spawn(self.runtime.kill(pod.id, grace=min(self.notice_seconds, 2.0)))
         return pod
 
@@ -259,22 +291,27 @@ class World:
         pod.gpu_count = count
         pod.generation += 1
         pod.desired = "RUNNING"
-        pod.last_status_change = f"Resumed by user: {status_time()}"
-        self._hold(pod)
+        now = whole_now()
+        pod.last_status_change = f"Resumed by user: {status_time(now)}"
+        self._hold(pod, now)
         self._spawn(self._supervise(pod, pod.generation))
         return pod
 
     def terminate(self, pod_id: str) -> None:
         pod = self._pod(pod_id)
+        now = whole_now()
         pod.generation += 1
         pod.desired = "TERMINATED"
-        pod.last_status_change = f"Terminated by user: {status_time()}"
-        self._release(pod)
+        if pod.stopped_at is None:  # an exited pod keeps the date it stopped billing
+            pod.last_status_change = f"Terminated by user: {status_time(now)}"
+        self._release(pod, now)
         self.gone[pod.id] = self.pods.pop(pod.id)
         self._spawn(self.runtime.kill(pod.id))
 
-    async def preempt(self, pod_id: str, notice_seconds: float | None = None) -> Pod:
-        """RunPod takes the machine back: SIGTERM, the notice period, SIGKILL; EXITED."""
+    async def preempt(self, pod_id: str, notice_seconds: float | None = None, cause: str = "Outbid") -> Pod:
+        """RunPod takes the machine back: SIGTERM, the notice period, SIGKILL; EXITED with
+        lastStatusChange "<cause>: <date>" ("Outbid", the reclaim RunPod records, or "Exited by
+        Runpod" for its other stops: an unpullable image, insufficient balance)."""
         pod = self._pod(pod_id)
         if pod.desired != "RUNNING" or pod.preempting:
             raise SimError(f"Pod {pod_id} is not running.")
@@ -286,9 +323,10 @@ class World:
             pod.preempting = False
             pod.generation += 1
             if pod.desired == "RUNNING":
+                now = whole_now()
                 pod.desired = "EXITED"
-                pod.last_status_change = f"Exited by Runpod: {status_time()}"
-                self._release(pod)
+                pod.last_status_change = f"{cause}: {status_time(now)}"
+                self._release(pod, now)
         return pod
 
     # ------------------------------------------------------------------ volumes
