@@ -5,35 +5,34 @@ Each test must leave no instance, volume or process behind that it did not creat
 from __future__ import annotations
 
 import json
+import logging
+import traceback
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from adapters.aws import AwsAdapter
-from adapters.aws.settings import AwsSettings
-from adapters.base import AdapterContext, AuthError, NoCapacity, PermanentError, RetryLater
+from adapters.base import AuthError, NoCapacity, PermanentError, RetryLater
 from orchestrator.models import (
     CapacityType,
     Instance,
     InstanceState,
-    LaunchRequest,
-    Offer,
-    ProviderVolume,
-    attempt_name,
 )
 from simulators.aws import AwsSimulator
 from tests.aws_fixtures import (
     NOTICE,
+    SLEEPER,
     admin,
-    call,
-    client,
+    clean_up,
     http_get,
+    make_adapter,
+    offer_for,
+    request,
     running_simulator,
     wait_for,
 )
-
-PREFIX = "gh"
 
 
 @pytest.fixture
@@ -44,56 +43,14 @@ async def sim(tmp_path: Path) -> AsyncIterator[AwsSimulator]:
 
 @pytest.fixture
 async def aws(sim: AwsSimulator, tmp_path: Path) -> AsyncIterator[AwsAdapter]:
-    settings = AwsSettings.model_validate({
-        "regions": ["us-east-1", "us-west-2"], "endpoint_url": sim.url,
-        "access_key_id": "testing", "secret_access_key": "testing",
-        "retry_attempts": 3, "retry_max_seconds": 2.0, "offers_ttl": 0,
-    })
-    ctx = AdapterContext(prefix=PREFIX, state_dir=tmp_path / "state", logs_dir=tmp_path / "logs", public_url="")
-    adapter = AwsAdapter(settings, ctx)
+    adapter = make_adapter(sim, tmp_path)
     await adapter.start()
     yield adapter
-    # clean up what the test made, then prove nothing else is left
-    await admin(sim, "DELETE", "/_sim/faults")
-    for instance in await adapter.list_instances():
-        await adapter.terminate(instance.instance_id)
-    for region in settings.regions:
-        ec2 = client(sim, "ec2", region)
-        for volume in (await call(ec2.describe_volumes))["Volumes"]:
-            if any(t["Key"] == "gpuhop:role" and t["Value"] == "volume" for t in volume.get("Tags", [])):
-                await adapter.delete_volume(volume["VolumeId"])
-    rows = await wait_for(
-        lambda: admin(sim, "GET", "/_sim/instances"),
-        lambda data: all(r["state"] in ("terminated", "stopped") for r in data["instances"]),
-    )
-    assert not any(r["process_running"] for r in rows["instances"])
-    for region in settings.regions:
-        assert (await call(client(sim, "ec2", region).describe_volumes))["Volumes"] == []
-    await adapter.close()
-
-
-def offer_for(offers: list[Offer], instance_type: str, zone: str, capacity: CapacityType) -> Offer:
-    return next(o for o in offers if o.offer_id == f"{instance_type}@{zone}@{capacity.value}")
-
-
-def request(
-    offer: Offer, job: str, attempt: int, command: list[str], volume: ProviderVolume | None = None,
-    bid: float | None = None,
-) -> LaunchRequest:
-    name = attempt_name(PREFIX, job, attempt)
-    return LaunchRequest(
-        name=name, idempotency_key=f"{name}/{offer.offer_id}", job_id=job, attempt=attempt,
-        offer=offer, image="python:3.11-slim", command=command,
-        env={"GPUHOP_JOB_ID": job, "GPUHOP_ATTEMPT": str(attempt), "GREETING": "it's \"quoted\"\nand multi-line"},
-        disk_gb=20, volume=volume, mount_path="/workspace", bid_price_per_hour=bid,
-    )
+    await clean_up(adapter, sim)
 
 
 async def observed(aws: AwsAdapter, instance_id: str) -> Instance | None:
     return next((i for i in await aws.list_instances() if i.instance_id == instance_id), None)
-
-
-SLEEPER = ["python3", "-c", "import time; time.sleep(60)"]
 
 
 async def test_offers_come_from_the_catalogue_and_live_spot_prices(aws: AwsAdapter, sim: AwsSimulator) -> None:
@@ -141,12 +98,14 @@ async def test_volume_follows_the_job_from_attempt_to_attempt(aws: AwsAdapter, s
     volume_dir = sim.runtime.volume_dir(volume.volume_id)
     for attempt in (1, 2):
         launched = await aws.launch(request(offer, "job2", attempt, ["python3", "-c", script], volume=volume))
-        # each listing attaches the volume once the instance runs; the job ends, the machine powers off
+        # each listing attaches the volume once the instance runs; the job ends, the machine powers
+        # off, and the agent's exit line on the console tells how the job ended
         ended = await wait_for(
-            lambda i=launched: observed(aws, i.instance_id),
-            lambda i: i is not None and i.state is InstanceState.TERMINATED, timeout=15,
+            partial(observed, aws, launched.instance_id),
+            lambda i: i is not None and i.extra["ec2_state"] == "terminated", timeout=15,
         )
         assert ended is not None and ended.reason.startswith("Client.InstanceInitiatedShutdown")
+        assert (ended.state, ended.exit_code, ended.exit_signal) == (InstanceState.EXITED, 0, None)
         assert (volume_dir / "runs.txt").read_text().split() == [str(n) for n in range(1, attempt + 1)]
     env = json.loads((volume_dir / "env.json").read_text())
     assert env["GPUHOP_VOLUME"] == str(volume_dir)
@@ -156,16 +115,20 @@ async def test_volume_follows_the_job_from_attempt_to_attempt(aws: AwsAdapter, s
 
 async def test_preemption_notice_is_polled_once_and_instance_ends_preempted(aws: AwsAdapter, sim: AwsSimulator, tmp_path: Path) -> None:
     offer = offer_for(await aws.offers(), "g5.xlarge", "us-east-1a", CapacityType.SPOT)
-    marker = tmp_path / "metadata-url"
-    command = ["python3", "-c", f"import os, time; open({str(marker)!r}, 'w').write(os.environ['GPUHOP_METADATA_URL']); time.sleep(60)"]
+    marker = tmp_path / "started"
+    command = ["python3", "-c", f"import time; open({str(marker)!r}, 'w').write('yes'); time.sleep(60)"]
     launched = await aws.launch(request(offer, "job3", 1, command))
     await wait_for(lambda: _exists(marker), bool)
+    # the agent (not the job) watches the instance metadata; the simulator points it at its own
+    job = sim.fleet.instances[launched.instance_id].job
+    assert job is not None and job.env["GPUHOP_METADATA_URL"].startswith("http://169.254.169.254/")
+    metadata_url = f"{sim.url}/_sim/metadata/{launched.instance_id}/latest/meta-data/spot/instance-action"
     assert await aws.poll_interruptions(0) == []
     await admin(sim, "POST", f"/_sim/instances/{launched.instance_id}/interrupt", {"notice_seconds": 3})
     notices = await aws.poll_interruptions(3)
     assert [(n.instance_id, n.action) for n in notices] == [(launched.instance_id, "terminate")]
     assert await aws.poll_interruptions(0) == []
-    status, text = await http_get(marker.read_text())
+    status, text = await http_get(metadata_url)
     assert status == 200 and json.loads(text)["action"] == "terminate"
 
     seen = await observed(aws, launched.instance_id)
@@ -197,8 +160,10 @@ async def test_error_mapping(aws: AwsAdapter, sim: AwsSimulator) -> None:
     offers = await aws.offers()
     spot = offer_for(offers, "g5.12xlarge", "us-east-1b", CapacityType.SPOT)
     await admin(sim, "POST", "/_sim/capacity", {"instance_type": "g5.12xlarge", "zone": "us-east-1b", "market": "spot", "capacity": 0})
+    runs = sim.ec2.calls["RunInstances"]
     with pytest.raises(NoCapacity, match="InsufficientInstanceCapacity"):
         await aws.launch(request(spot, "job5", 1, SLEEPER))
+    assert sim.ec2.calls["RunInstances"] == runs + 1  # an answer (EC2 sends it as a 500), not retried
     cheap = offer_for(offers, "g5.xlarge", "us-east-1a", CapacityType.SPOT)
     with pytest.raises(NoCapacity, match="SpotMaxPriceTooLow"):
         await aws.launch(request(cheap, "job5", 2, SLEEPER, bid=0.01))
@@ -219,9 +184,8 @@ async def test_error_mapping(aws: AwsAdapter, sim: AwsSimulator) -> None:
     with pytest.raises(PermanentError, match="VcpuLimitExceeded"):
         await aws.launch(request(on_demand, "job5", 3, SLEEPER))
     await admin(sim, "POST", "/_sim/faults", {"code": "AuthFailure", "count": 1, "message": "AWS was not able to validate the provided access credentials"})
-    with pytest.raises(AuthError) as exc:
-        await aws.list_instances()
-    assert "testing" not in str(exc.value)
+    with pytest.raises(AuthError, match="AuthFailure"):
+        await aws.list_instances()  # credentials in messages: test_credentials_never_reach_messages_or_logs
     volume = await aws.ensure_volume("job5-data", 10, "us-east-1a")
     with pytest.raises(PermanentError, match="is in us-east-1a"):
         await aws.launch(request(offer_for(offers, "g5.xlarge", "us-east-1b", CapacityType.SPOT), "job5", 4, SLEEPER, volume=volume))
@@ -229,3 +193,55 @@ async def test_error_mapping(aws: AwsAdapter, sim: AwsSimulator) -> None:
 
 async def _exists(path: Path) -> bool:
     return path.exists() and path.stat().st_size > 0
+
+
+ACCESS_KEY = "gpuhop-test-access-key-7f3a"
+SECRET_KEY = "gpuhop-test-secret-9c4e/+x"
+SESSION_TOKEN = "gpuhop-test-session-token-b51d"
+
+
+async def test_credentials_never_reach_messages_or_logs(
+    sim: AwsSimulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An endpoint (or a proxy in front of it) that echoes the caller's credentials in its error
+    text: the access key id and session token travel with every request, and the secret is put
+    into the message by the rule itself, as a proxy that logged the whole signing input could."""
+    aws = make_adapter(
+        sim, tmp_path, access_key_id=ACCESS_KEY, secret_access_key=SECRET_KEY, session_token=SESSION_TOKEN,
+    )
+    try:
+        offer = offer_for(await aws.offers(), "g5.xlarge", "us-east-1a", CapacityType.ON_DEMAND)
+        launched = await aws.launch(request(offer, "job6", 1, ["true"]))
+        await wait_for(
+            lambda: observed(aws, launched.instance_id),
+            lambda i: i is not None and i.extra["ec2_state"] == "terminated" and i.exit_code == 0, timeout=15,
+        )
+        echo = {"rate": 1.0, "echo_credentials": True, "message": f"denied; secret was {SECRET_KEY}"}
+
+        await admin(sim, "POST", "/_sim/faults", {**echo, "code": "AuthFailure", "actions": ["DescribeInstances"]})
+        with pytest.raises(AuthError) as raised:
+            await aws.list_instances()
+        shown = "".join(traceback.format_exception(raised.value))
+        assert "<redacted>" in str(raised.value)  # the credentials did reach the message...
+        for secret in (ACCESS_KEY, SECRET_KEY, SESSION_TOKEN):  # ...and left it removed
+            assert secret not in shown
+        await admin(sim, "DELETE", "/_sim/faults")
+
+        # a failure the adapter only logs: reading the console of an ended instance
+        second = await aws.launch(request(offer, "job6", 2, ["true"]))
+        await wait_for(
+            lambda: admin(sim, "GET", "/_sim/instances"),
+            lambda d: any(r["instance_id"] == second.instance_id and r["state"] == "terminated" for r in d["instances"]),
+            timeout=15,
+        )
+        await admin(sim, "POST", "/_sim/faults", {**echo, "code": "InternalError", "actions": ["GetConsoleOutput"]})
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="adapters"):
+            listed = {i.instance_id: i for i in await aws.list_instances()}
+        assert listed[second.instance_id].exit_code is None  # the console could not be read
+        logged = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("adapters"))
+        assert "<redacted>" in logged
+        for secret in (ACCESS_KEY, SECRET_KEY, SESSION_TOKEN):
+            assert secret not in logged
+    finally:
+        await clean_up(aws, sim)

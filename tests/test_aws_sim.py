@@ -7,6 +7,7 @@ import base64
 import json
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +107,7 @@ async def test_attach_checks_zone_and_double_attachment(sim: AwsSimulator) -> No
     a = await call(run, ec2=ec2, zone="us-east-1a")
     b = await call(run, ec2=ec2, zone="us-east-1a")
     for instance in (a, b):
-        await wait_for(lambda i=instance: describe_instance(ec2, i["InstanceId"]), lambda i: i["State"]["Name"] == "running")
+        await wait_for(partial(describe_instance, ec2, instance["InstanceId"]), lambda i: i["State"]["Name"] == "running")
     far = await call(ec2.create_volume, AvailabilityZone="us-east-1b", Size=10)
     with pytest.raises(ClientError) as exc:
         await call(ec2.attach_volume, VolumeId=far["VolumeId"], InstanceId=a["InstanceId"], Device="/dev/sdf")
@@ -177,6 +178,13 @@ async def test_job_runs_then_instance_shuts_down_and_ledger_bills(sim: AwsSimula
     ledger = await admin(sim, "GET", "/_sim/ledger")
     rows = {r["id"]: r for r in ledger["entries"]}
     assert rows[instance["InstanceId"]]["price_per_hour"] == 1.006 and not rows[instance["InstanceId"]]["running"]
+    # EC2's rule: per second, at least 60, between the times the API reports
+    assert rows[instance["InstanceId"]]["billed_seconds"] == 60
+    assert rows[instance["InstanceId"]]["cost_usd"] == pytest.approx(60 * 1.006 / 3600, abs=1e-6)
+    assert rows[instance["InstanceId"]]["started"] == ended["LaunchTime"].timestamp()
+    assert ended["StateTransitionReason"].endswith(
+        time.strftime("(%Y-%m-%d %H:%M:%S GMT)", time.gmtime(rows[instance["InstanceId"]]["stopped"]))
+    )
     assert rows[volume["VolumeId"]]["kind"] == "volume" and rows[volume["VolumeId"]]["running"]
     assert ledger["total_usd"] > 0
     await call(ec2.delete_volume, VolumeId=volume["VolumeId"])
@@ -200,6 +208,36 @@ async def test_injected_faults(sim: AwsSimulator) -> None:
     )
     with pytest.raises(ReadTimeoutError):
         await call(impatient.describe_instances)
+
+
+async def test_a_slow_launch_is_carried_out_after_the_client_gave_up(sim: AwsSimulator) -> None:
+    await admin(sim, "POST", "/_sim/faults", {"code": "latency", "count": 1, "delay": 1.5, "actions": ["RunInstances"]})
+    impatient = boto3.client(
+        "ec2", endpoint_url=sim.url, region_name="us-east-1", aws_access_key_id="k", aws_secret_access_key="s",
+        config=Config(retries={"total_max_attempts": 1, "mode": "standard"}, read_timeout=0.3),
+    )
+    with pytest.raises(ReadTimeoutError):
+        await call(run, ec2=impatient)
+    ec2 = client(sim, "ec2")
+    listed = await wait_for(
+        lambda: call(ec2.describe_instances), lambda answer: bool(answer["Reservations"]), timeout=15,
+    )
+    assert listed["Reservations"][0]["Instances"][0]["Tags"] == [{"Key": "Name", "Value": "sim-test"}]
+
+
+async def test_faults_reach_sqs_and_eventbridge_when_asked(sim: AwsSimulator) -> None:
+    sqs, events = client(sim, "sqs"), client(sim, "events")
+    await admin(sim, "POST", "/_sim/faults", {"code": "AccessDenied", "count": 1, "services": ["sqs"], "echo_credentials": True})
+    await call(client(sim, "ec2").describe_instances)  # EC2 is not affected
+    with pytest.raises(ClientError) as exc:
+        await call(sqs.create_queue, QueueName="q")
+    assert code_of(exc) == ("AccessDenied", 403)
+    assert "testing" in exc.value.response["Error"]["Message"]  # the access key id, echoed
+    await call(sqs.create_queue, QueueName="q")
+    await admin(sim, "POST", "/_sim/faults", {"code": "InternalError", "count": 1, "services": ["events"], "actions": ["PutRule"]})
+    with pytest.raises(ClientError) as exc:
+        await call(events.put_rule, Name="r", EventPattern="{}")
+    assert code_of(exc) == ("InternalError", 500)
 
 
 async def test_two_simulators_do_not_share_state(sim: AwsSimulator, tmp_path: Path) -> None:

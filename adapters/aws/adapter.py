@@ -7,6 +7,16 @@ request's idempotency key), which also covers a launch whose answer was lost. A 
 attached after launch, because EC2 cannot attach at launch a volume that already exists: the
 instance carries the volume id in a tag, and every listing attaches it to running instances that
 lack it (the previous attempt's instance may still hold it; then the next listing tries again).
+
+Listings say more than EC2's states: every instance carries its `Bill` (billing.py: EC2's own
+times, per second with a 60 s minimum, at the spot price in force), and an instance that ended
+without its exit reaching the daemon carries the exit the agent printed to the serial console
+(exits.py; GetConsoleOutput, asked once per ended instance, a few at a time). `terminate()`
+returns the final bill once EC2 says the instance left `running`.
+
+Start-up never takes the daemon down: `start()` raises one-line adapter errors only and may be
+called again after a failure (the plumbing for spot warnings is created idempotently, region by
+region); until it has succeeded, `poll_interruptions()` raises RetryLater.
 """
 
 from __future__ import annotations
@@ -15,16 +25,20 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections.abc import Awaitable, Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from email.utils import parsedate_to_datetime
+from typing import Any, ClassVar, TypeVar
 
 from botocore.exceptions import ClientError
 from pydantic import BaseModel
 
-from adapters.aws import interruptions
+from adapters.aws import billing, interruptions
 from adapters.aws import offers as offers_mod
 from adapters.aws.catalog import SHAPES
-from adapters.aws.client import AwsApi, error_code
+from adapters.aws.client import AwsApi, error_code, one_line
+from adapters.aws.exits import ExitLine, parse_exit
 from adapters.aws.settings import AwsSettings
 from adapters.aws.status import (
     TAG_ATTEMPT,
@@ -42,17 +56,39 @@ from adapters.base import (
     Adapter,
     AdapterContext,
     AdapterError,
+    AuthError,
     Interruption,
     InterruptionSupport,
     PermanentError,
+    RetryLater,
     VolumeSupport,
 )
-from orchestrator.models import CapacityType, Instance, LaunchRequest, Offer, ProviderVolume
+from orchestrator.models import (
+    Bill,
+    CapacityType,
+    Instance,
+    InstanceState,
+    LaunchRequest,
+    Offer,
+    ProviderVolume,
+)
 
 log = logging.getLogger(__name__)
 ROOT_DEVICE = "/dev/sda1"
 ZONE_MISMATCH = "InvalidVolume.ZoneMismatch"
 ATTACH_LATER = frozenset({"VolumeInUse", "IncorrectState", ZONE_MISMATCH})
+INSTANCE_NOT_FOUND = frozenset({"InvalidInstanceID.NotFound"})
+NOT_TERMINATED = ["pending", "running", "stopping", "stopped", "shutting-down"]
+FINAL_STATES = frozenset({"stopped", "terminated"})
+T = TypeVar("T")
+
+
+@dataclass
+class _SpotRows:
+    fetched_at: float  # wall clock, when the history was read
+    since: float  # it covers prices in force from this time on
+    types: frozenset[str]
+    rows: list[dict[str, Any]]
 
 
 class AwsAdapter(Adapter, VolumeSupport, InterruptionSupport):
@@ -67,21 +103,56 @@ class AwsAdapter(Adapter, VolumeSupport, InterruptionSupport):
         self.volumes = VolumeOps(self.api, settings, ctx.prefix)
         self._offers: tuple[float, list[Offer]] | None = None
         self._poller = interruptions.Poller(self.api, self.notice_seconds)
+        self._start_lock = asyncio.Lock()
+        self._console = asyncio.Semaphore(settings.console_reads)
         self._notices: dict[str, datetime] = {}
         self._terminated: set[str] = set()
         self._regions_of: dict[str, str] = {}  # instance id -> region, as seen
+        self._exits: dict[str, ExitLine | None] = {}  # instance id -> its console's exit line (None: none yet)
+        self._exits_final: set[str] = set()  # asked once the instance was stopped or terminated
+        self._bills: dict[str, Bill] = {}  # instance id -> final bill
+        self._ended_seen: dict[str, float] = {}  # instance id -> when first seen ended without a time
+        self._spot_rows: dict[str, _SpotRows] = {}  # region -> spot price history read for bills
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        urls = await asyncio.gather(*(
-            interruptions.ensure_plumbing(self.api, r, self.settings.interruption_queue)
-            for r in self.settings.regions
-        ))
-        self._poller.urls = dict(zip(self.settings.regions, urls, strict=True))
+        """Set up spot warnings (queue, rule, target) in every region that lacks them. Raises
+        AuthError, RetryLater or PermanentError with a one-line message; call it again after a
+        failure (what was made stays made, only the missing regions are tried)."""
+        if not self.settings.interruption_notices:
+            return
+        async with self._start_lock:
+            missing = [r for r in self.settings.regions if r not in self._poller.urls]
+            results = await asyncio.gather(
+                *(interruptions.ensure_plumbing(self.api, r, self.settings.interruption_queue) for r in missing),
+                return_exceptions=True,
+            )
+            failures: list[tuple[str, BaseException]] = []
+            for region, result in zip(missing, results, strict=True):
+                if isinstance(result, BaseException):
+                    failures.append((region, result))
+                else:
+                    self._poller.urls[region] = result
+            for _, result in failures:
+                if not isinstance(result, Exception):
+                    raise result  # a cancellation
+            if failures:
+                region, error = failures[0]
+                raise self._start_error(region, error) from None
+
+    def _start_error(self, region: str, error: BaseException) -> AdapterError:
+        what = f"aws: cannot set up spot warnings in {region}"
+        if isinstance(error, AdapterError):
+            text = one_line(self.api.redact(f"{what}: {error}"))
+            kind = type(error) if isinstance(error, AuthError | RetryLater | PermanentError) else RetryLater
+            return kind(text, provider="aws")
+        # a malformed answer or anything else unforeseen: transient as far as the daemon knows
+        return RetryLater(f"{what}: {type(error).__name__}", provider="aws", delay=10.0)
 
     async def close(self) -> None:
         await self._poller.close()
+        self.api.close()
 
     # ------------------------------------------------------------------ offers
 
@@ -93,13 +164,13 @@ class AwsAdapter(Adapter, VolumeSupport, InterruptionSupport):
         if not types:
             return []
         now = datetime.now(UTC)
-        histories = await asyncio.gather(*(
+        histories = await gather_all(
             self.api.paginate(
                 "ec2", region, "describe_spot_price_history", "SpotPriceHistory",
                 InstanceTypes=types, ProductDescriptions=["Linux/UNIX"], StartTime=now,
             )
             for region in self.settings.regions
-        ))
+        )
         result: list[Offer] = []
         for region, rows in zip(self.settings.regions, histories, strict=True):
             result.extend(offers_mod.build_offers(region, offers_mod.latest_spot_prices(rows), types))
@@ -120,6 +191,7 @@ class AwsAdapter(Adapter, VolumeSupport, InterruptionSupport):
             raise PermanentError(
                 f"volume {req.volume.volume_id} is in {req.volume.region}, the offer in {zone}", provider="aws"
             )
+        # a retried launch finds what an earlier try made (its answer lost or timed out)
         existing = await self._find_by_name(region, req.name)
         if existing is not None:
             return self._normalize(region, existing)
@@ -127,6 +199,7 @@ class AwsAdapter(Adapter, VolumeSupport, InterruptionSupport):
             user_data = build_user_data(req, self.settings.volume_device, self.settings.interruption_notices)
         except ValueError as exc:
             raise PermanentError(str(exc), provider="aws") from None
+        # botocore retries a timed-out RunInstances with the same ClientToken: EC2 makes one
         answer = await self.api.call("ec2", region, "run_instances", **self._run_params(req, instance_type, zone, capacity, user_data))
         return self._normalize(region, answer["Instances"][0])
 
@@ -188,7 +261,7 @@ class AwsAdapter(Adapter, VolumeSupport, InterruptionSupport):
             Filters=[
                 {"Name": "tag:Name", "Values": [name]},
                 {"Name": f"tag:{TAG_MANAGED}", "Values": [self.ctx.prefix]},
-                {"Name": "instance-state-name", "Values": ["pending", "running"]},
+                {"Name": "instance-state-name", "Values": NOT_TERMINATED},
             ],
         )
         raws = [i for r in found for i in r.get("Instances", [])]
@@ -197,11 +270,16 @@ class AwsAdapter(Adapter, VolumeSupport, InterruptionSupport):
     # ------------------------------------------------------------------ observe
 
     async def list_instances(self) -> list[Instance]:
-        batches = await asyncio.gather(*(self._list_region(r) for r in self.settings.regions))
+        """Every instance of ours in every region, one per instance id (two that carry one name
+        are both listed: the engine ends the extra one). Fails as a whole when a region fails:
+        a partial listing would look like instances that vanished."""
+        batches = await gather_all(self._list_region(r) for r in self.settings.regions)
         found = [i for batch in batches for i in batch]
         live = {i.instance_id for i in found}
-        for gone in set(self._notices) - live:
-            self._notices.pop(gone, None)
+        for cache in (self._notices, self._exits, self._bills, self._ended_seen):
+            for gone in set(cache) - live:
+                cache.pop(gone, None)
+        self._exits_final &= live
         return found
 
     async def _list_region(self, region: str) -> list[Instance]:
@@ -211,13 +289,17 @@ class AwsAdapter(Adapter, VolumeSupport, InterruptionSupport):
         )
         raws = [i for r in reservations for i in r.get("Instances", [])]
         raws = [r for r in raws if tags_of(r).get("Name", "").startswith(f"{self.ctx.prefix}-")]
-        reasons = await asyncio.gather(*(self._attach_if_needed(region, raw) for raw in raws))
+        reasons = await gather_all(self._attach_if_needed(region, raw) for raw in raws)
         out = []
         for raw, reason in zip(raws, reasons, strict=True):
             instance = self._normalize(region, raw)
             if reason:
                 instance.reason = reason
             out.append(instance)
+        await self._read_exits(region, out)
+        bills = await self._bills_for(region, raws, {})
+        for raw, instance in zip(raws, out, strict=True):
+            instance.bill = bills.get(str(raw["InstanceId"]))
         return out
 
     async def _attach_if_needed(self, region: str, raw: dict[str, Any]) -> str:
@@ -244,25 +326,174 @@ class AwsAdapter(Adapter, VolumeSupport, InterruptionSupport):
 
     def _normalize(self, region: str, raw: dict[str, Any]) -> Instance:
         self._regions_of[str(raw["InstanceId"])] = region
-        return to_instance(raw, notices=self._notices, terminated_by_us=self._terminated)
+        instance = to_instance(raw, notices=self._notices, terminated_by_us=self._terminated)
+        line = self._exits.get(instance.instance_id)
+        if line is not None:
+            _apply_exit(instance, line)
+        return instance
+
+    # ------------------------------------------------------------------ exits from the console
+
+    async def _read_exits(self, region: str, instances: list[Instance]) -> None:
+        """For ended instances whose exit is not known yet, read the agent's exit line from the
+        serial console. Asked once per instance; an answer without the line is asked once more
+        when the instance reaches stopped/terminated (EC2 posts the console at termination)."""
+        todo: list[tuple[Instance, bool]] = []
+        for instance in instances:
+            iid = instance.instance_id
+            ec2_state = instance.extra.get("ec2_state", "")
+            if self._exits.get(iid) is not None or ec2_state not in billing.ENDED_STATES or not instance.name:
+                continue
+            final = ec2_state in FINAL_STATES
+            if iid in self._exits and (not final or iid in self._exits_final):
+                continue
+            todo.append((instance, final))
+        lines = await gather_all(self._console_exit(region, inst, final) for inst, final in todo)
+        for (instance, _), line in zip(todo, lines, strict=True):
+            if line is not None:
+                _apply_exit(instance, line)
+
+    async def _console_exit(self, region: str, instance: Instance, final: bool) -> ExitLine | None:
+        iid = instance.instance_id
+        async with self._console:
+            try:
+                answer = await self.api.call(
+                    "ec2", region, "get_console_output", InstanceId=iid, expect=INSTANCE_NOT_FOUND,
+                )
+            except ClientError:
+                answer = {}  # gone: nothing more to learn
+                final = True
+            except AdapterError as exc:
+                log.warning("aws: cannot read the console of %s yet: %s", iid, exc)
+                return None  # asked again at the next listing
+        line = parse_exit(str(answer.get("Output") or ""), instance.name)
+        self._exits[iid] = line
+        if final:
+            self._exits_final.add(iid)
+        return line
+
+    # ------------------------------------------------------------------ bills
+
+    async def _bills_for(
+        self, region: str, raws: list[dict[str, Any]], ended_fallback: dict[str, float]
+    ) -> dict[str, Bill]:
+        """Each running or ended instance's bill from EC2's own times; a final one is kept."""
+        now = time.time()
+        out: dict[str, Bill] = {}
+        spot: list[tuple[str, str, str, float, float | None]] = []  # (id, type, zone, start, end)
+        for raw in raws:
+            iid = str(raw["InstanceId"])
+            if iid in self._bills:
+                out[iid] = self._bills[iid]
+                continue
+            state = str((raw.get("State") or {}).get("Name", ""))
+            started = billing.timestamp(raw.get("LaunchTime"))
+            if started is None or state == "pending":
+                continue  # EC2 bills from running on
+            ended = self._ended_at(iid, raw, ended_fallback.get(iid), now) if state in billing.ENDED_STATES else None
+            instance_type = str(raw.get("InstanceType", ""))
+            zone = str((raw.get("Placement") or {}).get("AvailabilityZone", ""))
+            if raw.get("InstanceLifecycle") == "spot":
+                spot.append((iid, instance_type, zone, started, ended))
+                continue
+            shape = SHAPES.get(instance_type)
+            price = shape.on_demand_price(region) if shape else _tag_price(raw)
+            if price is None:
+                continue
+            out[iid] = self._bill(iid, started, ended, now, [(started, price)], final=ended is not None)
+        if spot:
+            ends = [end for *_, end in spot if end is not None]
+            rows = await self._spot_history(
+                region, frozenset(t for _, t, *_ in spot), min(s for *_, s, _ in spot),
+                fresh_after=max(ends) if ends else None,
+            )
+            fetched = self._spot_rows[region].fetched_at if region in self._spot_rows else now
+            for iid, instance_type, zone, started, ended in spot:
+                steps = billing.price_steps(rows, instance_type, zone)
+                if steps:
+                    final = ended is not None and fetched > ended
+                    out[iid] = self._bill(iid, started, ended, now, steps, final=final)
+        return out
+
+    def _bill(
+        self, iid: str, started: float, ended: float | None, now: float, steps: list[tuple[float, float]], *, final: bool
+    ) -> Bill:
+        bill = Bill(started_at=started, ended_at=ended, cost_usd=billing.charge(started, ended if ended is not None else now, steps))
+        if final:
+            self._bills[iid] = bill
+        return bill
+
+    def _ended_at(self, iid: str, raw: dict[str, Any], fallback: float | None, now: float) -> float:
+        """When billing stopped: EC2's transition time, else the provider's clock when it said
+        so (the terminate answer's Date), else when this adapter first saw it ended."""
+        when = billing.parse_transition_time(str(raw.get("StateTransitionReason") or ""))
+        if when is not None:
+            return when
+        if fallback is not None:
+            return fallback
+        return self._ended_seen.setdefault(iid, now)
+
+    async def _spot_history(
+        self, region: str, types: frozenset[str], since: float, fresh_after: float | None
+    ) -> list[dict[str, Any]]:
+        """Spot prices in force since `since` for `types`, read at most once per offers_ttl
+        (and after `fresh_after`, the end of an interval whose bill is made final)."""
+        now = time.time()
+        cached = self._spot_rows.get(region)
+        if (
+            cached is not None and types <= cached.types and cached.since <= since
+            and now - cached.fetched_at < max(self.settings.offers_ttl, 1.0)
+            and (fresh_after is None or cached.fetched_at > fresh_after)
+        ):
+            return cached.rows
+        rows = await self.api.paginate(
+            "ec2", region, "describe_spot_price_history", "SpotPriceHistory",
+            InstanceTypes=sorted(types), ProductDescriptions=["Linux/UNIX"],
+            StartTime=datetime.fromtimestamp(since, UTC),
+        )
+        self._spot_rows[region] = _SpotRows(fetched_at=now, since=since, types=types, rows=rows)
+        return rows
 
     # ------------------------------------------------------------------ terminate
 
-    async def terminate(self, instance_id: str) -> None:
+    async def terminate(self, instance_id: str) -> Bill | None:
+        """Terminate; returns the final bill once EC2 says the instance left `running` (None
+        when it is gone from every region, as an instance is an hour after it ended)."""
         known = self._regions_of.get(instance_id)
         regions = [known] if known else []
         regions += [r for r in self.settings.regions if r != known]
         for region in regions:
             try:
-                await self.api.call(
-                    "ec2", region, "terminate_instances", InstanceIds=[instance_id],
-                    expect=frozenset({"InvalidInstanceID.NotFound"}),
+                answer = await self.api.call(
+                    "ec2", region, "terminate_instances", InstanceIds=[instance_id], expect=INSTANCE_NOT_FOUND,
                 )
             except ClientError:
                 continue  # not in this region
             self._terminated.add(instance_id)
-            return
-        # in no region: already gone, which is success
+            return await self._final_bill(region, instance_id, answer)
+        return None  # in no region: already gone, which is success
+
+    async def _final_bill(self, region: str, instance_id: str, answer: dict[str, Any]) -> Bill | None:
+        if instance_id in self._bills:
+            return self._bills[instance_id]
+        try:
+            described = await self.api.call(
+                "ec2", region, "describe_instances", InstanceIds=[instance_id], expect=INSTANCE_NOT_FOUND,
+            )
+        except ClientError:
+            return None
+        raws = [i for r in described.get("Reservations", []) for i in r.get("Instances", [])]
+        if not raws:
+            return None
+        raw = dict(raws[0])
+        said = {str((c.get("CurrentState") or {}).get("Name", "")) for c in answer.get("TerminatingInstances", [])}
+        if str((raw.get("State") or {}).get("Name")) not in billing.ENDED_STATES:
+            if not said & billing.ENDED_STATES:
+                return None
+            raw["State"] = {"Name": sorted(said & billing.ENDED_STATES)[0]}  # EC2 answers before it lists
+        fallback = _response_time(answer)
+        bills = await self._bills_for(region, [raw], {instance_id: fallback} if fallback is not None else {})
+        return bills.get(instance_id)
 
     # ------------------------------------------------------------------ volumes
 
@@ -278,8 +509,11 @@ class AwsAdapter(Adapter, VolumeSupport, InterruptionSupport):
         if not self.settings.interruption_notices:
             await asyncio.sleep(wait_seconds)
             return []
-        if not self._poller.urls:
-            await self.start()
+        if len(self._poller.urls) < len(self.settings.regions):
+            try:
+                await self.start()
+            except AdapterError as exc:
+                raise RetryLater(f"spot warnings are not set up yet: {exc}", provider="aws", delay=10.0) from None
         notices = await self._poller.poll(wait_seconds)
         for notice in notices:
             self._notices[notice.instance_id] = notice.deadline
@@ -300,3 +534,39 @@ def client_token(key: str) -> str:
     if len(key) <= 64 and key.isascii():
         return key
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+async def gather_all(aws: Iterable[Awaitable[T]]) -> list[T]:
+    """Every awaitable run to its end (none left running when one fails), then the first
+    failure raised, or the results in order."""
+    results = await asyncio.gather(*aws, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return list(results)  # type: ignore[arg-type]
+
+
+def _apply_exit(instance: Instance, line: ExitLine) -> None:
+    instance.exit_code = line.exit_code
+    instance.exit_signal = line.exit_signal
+    instance.extra["exit_sigterm"] = "true" if line.sigterm else "false"
+    if instance.state is not InstanceState.PREEMPTED:
+        instance.state = InstanceState.EXITED
+
+
+def _tag_price(raw: dict[str, Any]) -> float | None:
+    try:
+        return float(tags_of(raw)[TAG_PRICE])
+    except (KeyError, ValueError):
+        return None
+
+
+def _response_time(answer: dict[str, Any]) -> float | None:
+    """The provider's clock when it answered (the HTTP Date header), as UNIX seconds."""
+    date = (answer.get("ResponseMetadata") or {}).get("HTTPHeaders", {}).get("date")
+    if not date:
+        return None
+    try:
+        return parsedate_to_datetime(str(date)).timestamp()
+    except (TypeError, ValueError):
+        return None

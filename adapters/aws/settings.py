@@ -49,8 +49,16 @@ class AwsSettings(BaseModel):
     volume_type: str = "gp3"
     offers_ttl: float = Field(default=30.0, ge=0)
     request_timeout: float = Field(default=10.0, gt=0, le=120)
+    """botocore's read timeout per attempt (SQS long polls get 25 s more); connect: at most 5 s."""
     retry_attempts: int = Field(default=4, ge=1, le=10)
+    """Attempts per call, botocore's standard retry mode (throttling, 5xx, network faults)."""
     retry_max_seconds: float = Field(default=8.0, gt=0, le=60)
+    """Accepted for older configurations and ignored: botocore's standard mode caps each
+    backoff at 20 s, so a call is bounded by attempts x (connect + read timeout) + backoffs."""
+    call_threads: int = Field(default=16, ge=2, le=64)
+    """Size of the adapter's own thread pool for boto3 calls (the store never shares it)."""
+    console_reads: int = Field(default=4, ge=1, le=32)
+    """At most this many GetConsoleOutput calls at once (reading exits of ended instances)."""
 
     @field_validator("interruption_queue")
     @classmethod

@@ -6,13 +6,15 @@ spot reclaim is pending, so that EC2 itself records the reclaim (Server.SpotInst
 
 The job itself travels on one line that both the script and gpuhop's simulator read:
 
-    # gpuhop-job: <base64 of JSON {"version": 1, "image", "command", "env", "mount_path",
-    #                               "volume_id", "device"}>
+    # gpuhop-job: <base64 of JSON {"version": 1, "attempt", "image", "command", "env",
+    #                               "mount_path", "volume_id", "device"}>
 
 `command` is a /bin/sh line (the agent's bootstrap, which holds no user text); `env` is the job's
 environment including the agent and the GPUHOP_* contract variables. Values travel in JSON and
 reach docker through its process environment (`docker run -e NAME`), never through a shell, so
-no quoting can break. The script is gzip-compressed (cloud-init unpacks it) because EC2 limits
+no quoting can break. Its output (and the agent's, through `docker run`) reaches the serial
+console through cloud-init, where the agent's `gpuhop-exit:` line tells gpuhop how the job
+ended when the agent's report was lost (exits.py). The script is gzip-compressed (cloud-init unpacks it) because EC2 limits
 user data to 16 KB and the agent alone is about 13 KB in base64.
 """
 
@@ -61,6 +63,11 @@ if job.get("volume_id"):
 argv += [job["image"], "/bin/sh", "-c", job["command"]]
 os.execvpe("docker", argv, {{**os.environ, **job["env"]}})
 GPUHOP_RUN
+if [ "$status" -eq 125 ]; then
+  # docker could not run the job (image not pulled, bad option): the agent never ran to print
+  # its exit line on the console, where gpuhop reads it when no report arrives; print it here
+  python3 -c 'import json,sys; print("gpuhop-exit: " + json.dumps({{"attempt": sys.argv[1], "exit_code": 125, "exit_signal": None, "sigterm": False}}), flush=True)' "$(field attempt)"
+fi
 if curl -sf -m 2 {imds} >/dev/null 2>&1; then
   echo "gpuhop: job exited with $status during a spot reclaim notice; EC2 ends the machine" >&2
   exit 0
@@ -82,6 +89,7 @@ def job_document(req: LaunchRequest, device: str, watch_metadata: bool = True) -
         env["GPUHOP_VOLUME"] = req.mount_path
     return {
         "version": 1,
+        "attempt": req.name,
         "image": req.image,
         "command": line,
         "env": env,

@@ -4,18 +4,20 @@ prices, fail calls) and the windows it looks through (instances, ledger, catalog
 
     GET    /_sim/instances                      every instance the simulator launched
     POST   /_sim/instances/{id}/interrupt       {"notice_seconds"?: s, "action"?: "terminate"|"stop"}
-    GET    /_sim/ledger                         per-second cost of instances and volumes
+    GET    /_sim/ledger                         what instances (EC2's rule: billing.py) and volumes cost
     GET    /_sim/catalog                        prices and capacity per (type, zone)
     POST   /_sim/capacity                       {"zone", "capacity", "instance_type"?, "market"?}
     POST   /_sim/prices                         {"instance_type", "zone", "spot_price"} or
                                                 {"instance_type", "region", "on_demand_price"}
     POST   /_sim/quota                          {"region", "market", "vcpus": n | null}
-    GET|POST|DELETE /_sim/faults                {"code", "count"?, "rate"?, "actions"?, "delay"?}
+    GET|POST|DELETE /_sim/faults                {"code", "count"?, "rate"?, "actions"?, "delay"?,
+                                                 "services"?, "message"?, "echo_credentials"?}
     GET    /_sim/metadata/{id}/latest/meta-data/...   the instance metadata service (IMDS)
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from aiohttp import web
@@ -61,7 +63,11 @@ def routes(fleet: Fleet, ec2: Ec2Front) -> list[web.RouteDef]:
         return web.json_response({"instance_id": instance_id, "notice": result})
 
     async def ledger(_: web.Request) -> web.Response:
-        return web.json_response(fleet.runtime.ledger.as_json())
+        """Instances billed as EC2 does (fleet.py, billing.py); volumes per second."""
+        now = time.time()
+        volumes = [e for e in fleet.runtime.ledger.as_json()["entries"] if e["kind"] != "instance"]  # type: ignore[attr-defined]
+        entries = fleet.ledger_rows(now) + volumes
+        return web.json_response({"entries": entries, "total_usd": round(sum(e["cost_usd"] for e in entries), 6)})
 
     async def get_catalog(_: web.Request) -> web.Response:
         data = catalog.as_json()

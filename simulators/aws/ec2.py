@@ -2,14 +2,17 @@
 
 moto is right about records but knows nothing of markets: it never runs out of capacity,
 ignores `MaxPrice`, returns a constant spot price, lets a volume attach across zones or twice,
-and ignores `ClientToken`. Each handler here adds what EC2 does, with EC2's error codes, and
-passes everything else through to moto unchanged.
+ignores `ClientToken`, and answers `GetConsoleOutput` with fixed text. Each handler here adds
+what EC2 does, with EC2's error codes, and passes everything else through to moto unchanged.
+`calls` counts the actions received, for tests that must prove a call was (not) repeated.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
@@ -18,7 +21,7 @@ from moto.ec2.exceptions import InvalidInstanceIdError
 
 from simulators.aws import ec2xml
 from simulators.aws.catalog import Catalog
-from simulators.aws.faults import DEFAULT_MESSAGES, Faults
+from simulators.aws.faults import Faults, error_message
 from simulators.aws.fleet import USER_SHUTDOWN, Fleet
 from simulators.aws.userdata import UserDataError, decode_user_data, parse_job
 
@@ -43,17 +46,25 @@ class Ec2Front:
         self.vcpu_quota: dict[tuple[str, str], int] = {}  # (region, market) -> vCPUs
         self._tokens: dict[tuple[str, str], tuple[str, list[str]]] = {}
         self._launch_lock = asyncio.Lock()
+        self.calls: Counter[str] = Counter()
 
     async def handle(
-        self, region: str, params: dict[str, str], forward: Forward, describe: Callable[[str, list[str]], Awaitable[Reply]]
+        self, region: str, params: dict[str, str], forward: Forward,
+        describe: Callable[[str, list[str]], Awaitable[Reply]], caller: str = "",
     ) -> Reply:
         action = params.get("Action", "")
+        self.calls[action] += 1
         fault = self.faults.take(action)
         if fault is not None:
+            await asyncio.sleep(fault.delay if fault.code in ("timeout", "latency") else 0)
             if fault.code == "timeout":
-                await asyncio.sleep(fault.delay)
                 return error("InternalError", "An internal error has occurred")
-            return error(fault.code, fault.message or DEFAULT_MESSAGES.get(fault.code, fault.code))
+            if fault.code != "latency":
+                return error(fault.code, error_message(fault, caller))
+        if action == "GetConsoleOutput":
+            answer = self.console_output(params)
+            if answer is not None:
+                return answer
         if action == "RunInstances":
             return await self.run_instances(region, params, forward, describe)
         if action == "DescribeSpotPriceHistory":
@@ -178,6 +189,19 @@ class Ec2Front:
         page = rows[offset : offset + limit]
         token = str(offset + limit) if offset + limit < len(rows) else ""
         return reply(200, ec2xml.spot_price_history_xml(page, token))
+
+    # ------------------------------------------------------------------ the serial console
+
+    def console_output(self, params: dict[str, str]) -> Reply | None:
+        """What the instance printed, base64 as EC2 sends it (botocore decodes it): the last
+        64 KB as posted at boot and at the end, or as of now with `Latest=true`."""
+        rec = self.fleet.instances.get(params.get("InstanceId", ""))
+        if rec is None:
+            return None  # moto answers unknown ids
+        latest = params.get("Latest", "").lower() == "true"
+        output = self.fleet.console(rec, latest=latest)
+        encoded = base64.b64encode(output).decode("ascii") if output else ""
+        return reply(200, ec2xml.console_output_xml(rec.instance_id, encoded))
 
     # ------------------------------------------------------------------ volumes and endings
 

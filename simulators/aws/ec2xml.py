@@ -21,6 +21,8 @@ ERROR_STATUS = {
     "Unavailable": 503,
     "InternalError": 500,
     "InsufficientInstanceCapacity": 500,
+    "AuthFailure": 401,
+    "UnauthorizedOperation": 403,
 }
 
 
@@ -91,6 +93,15 @@ def terminate_xml(changes: list[tuple[str, tuple[int, str], tuple[int, str]]]) -
         f'<?xml version="1.0" encoding="UTF-8"?>\n<TerminateInstancesResponse xmlns="{EC2_NS}">'
         f"<requestId>{request_id()}</requestId><instancesSet>{items}</instancesSet>"
         "</TerminateInstancesResponse>"
+    )
+
+
+def console_output_xml(instance_id: str, output_b64: str) -> str:
+    output = f"<output>{output_b64}</output>" if output_b64 else ""
+    return (
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<GetConsoleOutputResponse xmlns="{EC2_NS}">'
+        f"<requestId>{request_id()}</requestId><instanceId>{escape(instance_id)}</instanceId>"
+        f"<timestamp>{iso(datetime.now(UTC).timestamp())}</timestamp>{output}</GetConsoleOutputResponse>"
     )
 
 

@@ -10,6 +10,11 @@ shuts itself down (the bootstrap script ends with `shutdown -h now`) unless a sp
 pending; after an interruption notice the instance is reclaimed with
 `Server.SpotInstanceTermination` (the job got no signal from it: the agent reads the notice from
 the metadata URL; the reclaim itself is an OS shutdown, SIGTERM then SIGKILL).
+
+What the instance prints is its serial console (boot lines, then the bootstrap's and the agent's
+output, as cloud-init passes user-data output to the console), served by GetConsoleOutput as EC2
+posts it: at boot and once the instance has ended, not while it shuts down. Billing follows
+billing.py, from the same whole-second times the API reports (LaunchTime, StateTransitionReason).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import logging
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from moto.ec2.models import ec2_backends
@@ -28,6 +34,7 @@ from moto.ec2.models.instances import Instance as MotoInstance
 from moto.ec2.models.instances import InstanceState, StateReason
 from moto.events.models import events_backends
 
+from simulators.aws import billing
 from simulators.aws.catalog import Catalog
 from simulators.aws.ec2xml import iso
 from simulators.aws.userdata import JobSpec
@@ -41,6 +48,12 @@ USER_SHUTDOWN = ("Client.UserInitiatedShutdown", "Client.UserInitiatedShutdown: 
 OS_SHUTDOWN = ("Client.InstanceInitiatedShutdown", "Client.InstanceInitiatedShutdown: Instance initiated shutdown")
 STATE_CODES = {"pending": 0, "running": 16, "shutting-down": 32, "terminated": 48, "stopping": 64, "stopped": 80}
 INTERRUPTION_DETAIL_TYPE = "EC2 Spot Instance Interruption Warning"
+CONSOLE_LIMIT = 64 * 1024  # EC2 keeps the last 64 KB of console output
+BOOT_LINES = (
+    "[    0.000000] Linux version 6.8.0-1021-aws (gpuhop simulated EC2) #23-Ubuntu SMP\n"
+    "[    3.102311] cloud-init[611]: Cloud-init v. 24.4 running 'init' at {when}.\n"
+    "[    6.870120] cloud-init[802]: Cloud-init v. 24.4 running 'modules:final' at {when}.\n"
+)
 
 
 @dataclass
@@ -60,6 +73,19 @@ class SimInstance:
     ending: bool = False  # a shutdown is under way or done
     notice: dict[str, str] | None = None
     notice_deadline: float | None = None
+    billing_started: float | None = None  # whole seconds: entered running (its LaunchTime)
+    billing_stopped: float | None = None  # whole seconds: left running (its StateTransitionReason)
+    transition_reason: str = ""
+    console: bytes = b""  # the console output as last posted (at boot, at the end)
+
+    def bill(self, catalog: Catalog, now: float) -> tuple[int, float]:
+        """(billed seconds, USD) so far, by billing.py's rule."""
+        if self.billing_started is None:
+            return 0, 0.0
+        stopped = self.billing_stopped if self.billing_stopped is not None else float(int(now))
+        offer = catalog.offer(self.instance_type, self.zone)
+        history = offer.spot_history if self.market == "spot" and offer is not None else [(0.0, self.price)]
+        return billing.billed_seconds(self.billing_started, stopped), billing.cost(self.billing_started, stopped, history)
 
     def as_json(self, runtime: Runtime) -> dict[str, Any]:
         return {
@@ -136,13 +162,14 @@ class Fleet:
             state = rec.moto._state.name
             if state in ("stopping", "stopped", "shutting-down", "terminated"):
                 rec.ending = True  # stopped or terminated through the API, passed to moto
+                self._stop_billing(rec, "User")
                 self._spawn(self._finish(rec, None, stop=state in ("stopping", "stopped")))
             elif rec.notice_deadline is not None and now >= rec.notice_deadline:
                 stop = bool(rec.notice and rec.notice.get("action") in ("stop", "hibernate"))
                 self.end(rec, SPOT_SHUTDOWN if stop else SPOT_TERMINATION, stop=stop)
             elif state == "pending" and now >= rec.boot_at:
                 rec.moto._state = InstanceState("running", 16)
-                self.runtime.ledger.start(rec.instance_id, "instance", rec.price, owner=rec.name)
+                self._start_billing(rec, now)
             elif state == "running" and not rec.started and rec.job and self._volume_ready(rec):
                 rec.started = True
                 self._spawn(self._start_job(rec, rec.job))
@@ -151,6 +178,33 @@ class Fleet:
                 # a spot reclaim is pending: then it leaves the end to EC2 (see the adapter)
                 stop = rec.moto.instance_initiated_shutdown_behavior == "stop"
                 self.end(rec, OS_SHUTDOWN, stop=stop)
+
+    def _start_billing(self, rec: SimInstance, now: float) -> None:
+        started = float(int(now))
+        rec.billing_started = started
+        # moto keeps naive UTC datetimes; EC2 reports whole seconds
+        rec.moto.launch_time = datetime.fromtimestamp(started, UTC).replace(tzinfo=None)
+        boot = BOOT_LINES.format(when=time.strftime("%a, %d %b %Y %H:%M:%S +0000", time.gmtime(started))).encode()
+        with open(self.runtime.log_path(rec.instance_id), "ab") as log_file:
+            log_file.write(boot)
+        rec.console = boot
+
+    def _stop_billing(self, rec: SimInstance, who: str) -> None:
+        if rec.billing_stopped is not None:
+            return
+        stopped = float(int(time.time()))
+        if rec.billing_started is not None:
+            rec.billing_stopped = max(stopped, rec.billing_started)
+        when = time.strftime("%Y-%m-%d %H:%M:%S GMT", time.gmtime(stopped))
+        rec.transition_reason = f"{who} initiated ({when})"
+        rec.moto._reason = rec.transition_reason
+
+    def console(self, rec: SimInstance, latest: bool = False) -> bytes:
+        """The console output EC2 would serve now (the last 64 KB)."""
+        if not latest:
+            return rec.console
+        path = self.runtime.log_path(rec.instance_id)
+        return _tail(path.read_bytes()) if path.exists() else b""
 
     def _volume_ready(self, rec: SimInstance) -> bool:
         if rec.job is None or not rec.job.volume_id:
@@ -180,6 +234,7 @@ class Fleet:
         name = "stopping" if stop else "shutting-down"
         rec.moto._state = InstanceState(name, STATE_CODES[name])
         rec.moto.state_reason = StateReason(reason[1], reason[0])
+        self._stop_billing(rec, "User" if reason == USER_SHUTDOWN else reason[0].split(".")[0])
         self._spawn(self._finish(rec, reason, stop=stop))
         return previous
 
@@ -192,10 +247,11 @@ class Fleet:
             else:
                 backend.terminate_instances([rec.instance_id])  # detaches its volumes
             rec.moto.state_reason = StateReason(reason[1], reason[0])
-            when = time.strftime("%Y-%m-%d %H:%M:%S GMT", time.gmtime())
-            rec.moto._reason = f"{reason[0].split('.')[0]} initiated ({when})"
+        rec.moto._reason = rec.transition_reason  # moto writes its own; EC2 keeps the first
         rec.holds_capacity = False
-        self.runtime.ledger.stop(rec.instance_id)
+        path = self.runtime.log_path(rec.instance_id)
+        if path.exists():  # EC2 posts the console once the instance has ended
+            rec.console = _tail(path.read_bytes())
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -247,4 +303,21 @@ class Fleet:
         await self.runtime.shutdown()
         for rec in self.instances.values():
             rec.holds_capacity = False
-            self.runtime.ledger.stop(rec.instance_id)
+            self._stop_billing(rec, "User")
+
+    def ledger_rows(self, now: float) -> list[dict[str, Any]]:
+        """Every instance's bill, in the shape of the runtime ledger's rows."""
+        rows = []
+        for rec in self.instances.values():
+            seconds, usd = rec.bill(self.catalog, now)
+            rows.append({
+                "id": rec.instance_id, "kind": "instance", "owner": rec.name, "market": rec.market,
+                "price_per_hour": rec.price, "started": rec.billing_started, "stopped": rec.billing_stopped,
+                "running": rec.billing_started is not None and rec.billing_stopped is None,
+                "billed_seconds": seconds, "cost_usd": round(usd, 6),
+            })
+        return rows
+
+
+def _tail(data: bytes) -> bytes:
+    return data[-CONSOLE_LIMIT:]

@@ -7,6 +7,10 @@ request's SigV4 credential scope to learn the service and region; EC2 Query-API 
 through `ec2.Ec2Front`, which answers some itself and forwards the rest to moto, which runs in
 a thread of this process (so the simulator can reach moto's backend objects directly).
 
+A request AWS has accepted is carried out even when its client gives up waiting (a read
+timeout): each one is handled in a task of its own that a dropped connection does not cancel.
+Injected faults (faults.py) apply to EC2 and, when a rule names them, to SQS and EventBridge.
+
 moto keeps its state in process-wide globals. Each simulator therefore uses its own random
 AWS account id, forced onto every request it forwards (`x-moto-account-id`), and drops that
 account's state when it stops: two simulators in one process do not see each other.
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import re
@@ -30,13 +35,14 @@ from moto.moto_server.threaded_moto_server import ThreadedMotoServer
 from simulators.aws import admin, ec2xml
 from simulators.aws.catalog import Catalog
 from simulators.aws.ec2 import Ec2Front, Reply
-from simulators.aws.faults import Faults
+from simulators.aws.faults import AUTH_STATUS, Faults, error_message
 from simulators.aws.fleet import Fleet
 from simulators.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 _SCOPE = re.compile(r"Credential=[^/,\s]*/\d{8}/([a-z0-9-]+)/([a-z0-9-]+)/aws4_request")
+_ACCESS_KEY = re.compile(r"Credential=([^/,\s]*)/")
 _HOP = {"host", "content-length", "transfer-encoding", "connection", "accept-encoding", "keep-alive"}
 _HOP_RESPONSE = {"content-length", "transfer-encoding", "connection", "content-encoding", "date", "server"}
 
@@ -71,6 +77,7 @@ class AwsSimulator:
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self._loop_task: asyncio.Task[None] | None = None
+        self._handling: set[asyncio.Task[Reply]] = set()
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
@@ -109,6 +116,10 @@ class AwsSimulator:
         self._forget_account()
         self._runner = self._session = self._moto = self._loop_task = None
 
+    def requests_in_flight(self) -> int:
+        """API requests accepted and not yet carried out (some may have lost their client)."""
+        return len(self._handling)
+
     def _forget_account(self) -> None:
         for backends in list(BackendDict._instances):  # type: ignore[misc]
             account_backend = backends.get(self.account_id)
@@ -122,23 +133,38 @@ class AwsSimulator:
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        service, region = _scope(request.headers.get("Authorization", ""))
+        task = asyncio.get_running_loop().create_task(
+            self._handle(request.method, request.path_qs, request.query_string, request.headers.copy(), body)
+        )
+        self._handling.add(task)
+        task.add_done_callback(self._handling.discard)
+        status, headers, data = await asyncio.shield(task)  # carried out even if the client goes
+        return web.Response(status=status, headers=headers, body=data)
+
+    async def _handle(self, method: str, path_qs: str, query: str, headers: Mapping[str, str], body: bytes) -> Reply:
+        service, region = _scope(headers.get("Authorization", ""))
+        caller = _caller(headers)
+
+        async def forward() -> Reply:
+            return await self._forward(method, path_qs, headers, body)
+
         if service == "ec2":
-
-            async def forward() -> Reply:
-                return await self._forward(request.method, request.path_qs, request.headers, body)
-
             try:
-                status, headers, data = await self.ec2.handle(
-                    region, ec2xml.parse_params(request.query_string, body), forward, self._describe
-                )
+                return await self.ec2.handle(region, ec2xml.parse_params(query, body), forward, self._describe, caller)
             except Exception:  # a simulator bug must still look like EC2 to the client
                 log.exception("aws simulator: EC2 request failed")
                 code, text = ec2xml.error_xml("InternalError", "An internal error has occurred")
-                status, headers, data = code, {"Content-Type": "text/xml;charset=UTF-8"}, text.encode()
-        else:
-            status, headers, data = await self._forward(request.method, request.path_qs, request.headers, body)
-        return web.Response(status=status, headers=headers, body=data)
+                return code, {"Content-Type": "text/xml;charset=UTF-8"}, text.encode()
+        target = headers.get("X-Amz-Target", "")
+        action = target.rsplit(".", 1)[-1] if target else ec2xml.parse_params(query, body).get("Action", "")
+        fault = self.faults.take(action, service)
+        if fault is not None:
+            await asyncio.sleep(fault.delay if fault.code in ("timeout", "latency") else 0)
+            if fault.code != "latency":
+                if fault.code == "timeout":
+                    return _json_error("InternalError", "An internal error has occurred")
+                return _json_error(fault.code, error_message(fault, caller))
+        return await forward()
 
     async def _forward(self, method: str, path_qs: str, headers: Mapping[str, str], body: bytes) -> Reply:
         assert self._session is not None
@@ -159,6 +185,22 @@ class AwsSimulator:
             "Authorization": f"AWS4-HMAC-SHA256 Credential=gpuhopsim/20250101/{region}/ec2/aws4_request, SignedHeaders=host, Signature=0",
         }
         return await self._forward("POST", "/", headers, body)
+
+
+def _caller(headers: Mapping[str, str]) -> str:
+    """The credentials a request carries in the clear: its access key id and session token."""
+    match = _ACCESS_KEY.search(headers.get("Authorization", ""))
+    parts = [match.group(1)] if match else []
+    if headers.get("X-Amz-Security-Token"):
+        parts.append(headers["X-Amz-Security-Token"])
+    return " ".join(parts)
+
+
+def _json_error(code: str, message: str) -> Reply:
+    """An error as the JSON protocols (SQS, EventBridge) send it."""
+    status = AUTH_STATUS.get(code) or ec2xml.ERROR_STATUS.get(code, 400)
+    headers = {"Content-Type": "application/x-amz-json-1.0", "x-amzn-query-error": f"{code};Sender"}
+    return status, headers, json.dumps({"__type": code, "message": message}).encode()
 
 
 def _scope(authorization: str) -> tuple[str, str]:
