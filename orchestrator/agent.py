@@ -2,16 +2,22 @@
 
 It exists because the daemon cannot see a process on a cloud machine (and must not be the parent
 of one on the local machine, so that jobs outlive daemon restarts). It runs the job as a child in
-its own process group, forwards SIGTERM (a preemption notice or a stop) to it, and reports what
-happened in three places, so that at least one survives any single failure:
+its own process group (as another user with `--user`), forwards SIGTERM (a preemption notice or
+a stop) to it, and reports what happened in four places, so that at least one survives any
+single failure:
 
-* files in `--dir` (local provider): `agent.pid`, `job.pid`, and `exit.json` when the job ends;
+* files in `--dir` (local provider): `agent.pid`, `job.pid`, `started_at`, and `exit.json`;
 * `$GPUHOP_VOLUME/.gpuhop/<attempt name>.exit` (every provider), read after a relaunch;
+* one `gpuhop-exit: {...}` line on its stdout (on EC2 that is the console output);
 * HTTP reports to `$GPUHOP_CALLBACK_URL` with the per-attempt `$GPUHOP_TOKEN` (start,
-  heartbeats carrying new log output, an interruption notice, and the exit code).
+  heartbeats carrying new log output, an interruption notice, and the exit code). Every line of
+  output is shipped before the exit report, which is retried with backoff until the daemon
+  acknowledges it (2xx, or 410: the attempt has already ended) or GPUHOP_EXIT_REPORT_MAX
+  seconds have passed; heartbeats go on meanwhile, and while the agent lingers.
 
-Standard library only: on a cloud it is shipped inside the launch request (`cloud_bootstrap`)
-and runs with whatever `python3` the job's image has.
+The job sees only GPUHOP_JOB_ID, GPUHOP_ATTEMPT and GPUHOP_VOLUME of gpuhop's variables: never
+the token, the callback URL or the agent's own settings. Standard library only: on a cloud it
+is shipped inside the launch request (`cloud_bootstrap`) and runs with the image's `python3`.
 """
 
 from __future__ import annotations
@@ -24,21 +30,29 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 HEARTBEAT_SECONDS = float(os.environ.get("GPUHOP_HEARTBEAT", "10"))
-STOP_GRACE_SECONDS = float(os.environ.get("GPUHOP_STOP_GRACE", "10"))
+EXIT_REPORT_MAX = float(os.environ.get("GPUHOP_EXIT_REPORT_MAX", "3600"))
+RETRY_FIRST = float(os.environ.get("GPUHOP_REPORT_RETRY", "1"))  # doubles up to RETRY_CAP
+RETRY_CAP = 30.0
 MAX_LOG_CHUNK = 256 * 1024
+# gpuhop's variables a job may see; every other GPUHOP_* is the agent's own (token, URL, ...)
+JOB_VARS = frozenset({"GPUHOP_JOB_ID", "GPUHOP_ATTEMPT", "GPUHOP_VOLUME", "GPUHOP_LOCAL_INSTANCE"})
+OK, GONE, REFUSED, FAILED = "ok", "gone", "refused", "failed"  # what a report got
 
 BOOTSTRAP_ARGV = [
     "python3",
     "-c",
-    'import base64,os;exec(compile(base64.b64decode(os.environ["GPUHOP_AGENT_B64"]),"gpuhop-agent","exec"))',
+    'import base64,os,zlib;exec(compile(zlib.decompress(base64.b64decode(os.environ["GPUHOP_AGENT_B64"])),"gpuhop-agent","exec"))',
 ]
 BOOTSTRAP_SHELL = shlex.join(BOOTSTRAP_ARGV)  # the same, as one /bin/sh command line
 
@@ -46,8 +60,9 @@ BOOTSTRAP_SHELL = shlex.join(BOOTSTRAP_ARGV)  # the same, as one /bin/sh command
 def cloud_bootstrap(command: list[str]) -> tuple[str, dict[str, str]]:
     """What a cloud adapter runs instead of the job's command: a fixed shell line (no user text
     in it) plus two environment variables carrying the agent's source and the job's command as
-    JSON. The line holds double quotes: escape it for the provider's wire format."""
-    source = Path(__file__).read_bytes()
+    JSON. The line holds double quotes: escape it for the provider's wire format. The source
+    travels zlib-compressed (EC2 user data is limited to 16 KB)."""
+    source = zlib.compress(Path(__file__).read_bytes(), 9)
     env = {
         "GPUHOP_AGENT_B64": base64.b64encode(source).decode("ascii"),
         "GPUHOP_COMMAND": json.dumps(command),
@@ -55,21 +70,48 @@ def cloud_bootstrap(command: list[str]) -> tuple[str, dict[str, str]]:
     return BOOTSTRAP_SHELL, env
 
 
+def job_environment(env: dict[str, str]) -> dict[str, str]:
+    """The job's environment: the agent's minus gpuhop's variables that are not for the job."""
+    return {k: v for k, v in env.items() if not k.startswith("GPUHOP_") or k in JOB_VARS}
+
+
 def _write_json_atomic(path: Path, data: dict[str, object]) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(json.dumps(data))
     os.replace(tmp, path)
 
 
-def _set_pdeathsig() -> None:
-    """Kill the job if the agent dies (Linux), so a killed agent never leaves a stray job."""
+def _libc() -> object | None:
     try:
         import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
+        return ctypes.CDLL(None, use_errno=True)
+    except Exception:  # not Linux, no libc: no parent-death signal
+        return None
+
+
+def child_setup(libc: object | None, parent: int, sig: int = 9) -> None:
+    """Runs in the job's process between fork and exec, after the uid change (a uid change
+    clears the parent-death signal, so it is set last): the job is SIGKILLed when the agent
+    dies. If the agent died before that (the child was re-parented), the job never starts."""
+    prctl = getattr(libc, "prctl", None)
+    if prctl is not None:
+        prctl(47, 4, 0, 0, 0)  # PR_CAP_AMBIENT_CLEAR_ALL: no capability reaches the job
+        prctl(1, sig, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os._exit(137)
+
+
+def _utf8_cut(data: bytes) -> bytes:
+    """`data` without a multi-byte character cut off at its end (it goes with the next chunk)."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte & 0xC0 != 0x80:  # an ASCII byte or the lead byte of a sequence
+            need = 1 if byte < 0xC0 else 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return data if need <= back or back == len(data) else data[:-back]
+    return data
 
 
 class Reporter:
@@ -81,38 +123,92 @@ class Reporter:
         self.name = name
         self.log_path = log_path
         self.log_offset = 0
+        self.gone = False  # the daemon answered 410: this attempt has ended, stop reporting
         self.lock = threading.Lock()
 
-    def post(self, event: str, **fields: object) -> bool:
+    def post(self, event: str, **fields: object) -> str:
         if not self.url:
-            return False
+            return OK
         with self.lock:
+            if self.gone:
+                return GONE
             body: dict[str, object] = {"attempt": self.name, "event": event, **fields}
             chunk = self._next_log_chunk()
             if chunk:
                 body["log_offset"] = self.log_offset
-                body["log"] = chunk.decode("utf-8", "replace")
+                # byte-exact: bytes that are not UTF-8 travel as U+DC80-U+DCFF, so the daemon's
+                # file grows by exactly len(chunk) and the offsets stay in step
+                body["log"] = chunk.decode("utf-8", "surrogateescape")
             req = urllib.request.Request(
                 self.url,
                 data=json.dumps(body).encode(),
-                headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
+                headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json",
+                         "X-Gpuhop-Attempt": self.name},
                 method="POST",
             )
             try:
                 with urllib.request.urlopen(req, timeout=10) as resp:
                     resp.read()
-                if chunk:
-                    self.log_offset += len(chunk)
-                return True
+            except urllib.error.HTTPError as exc:
+                answer = b""
+                with contextlib.suppress(OSError):
+                    answer = exc.read(4096)
+                exc.close()
+                if exc.code == 410:
+                    self.gone = True
+                    return GONE
+                if exc.code == 409 and self._resume_at(answer):
+                    return FAILED  # retried at once from where the daemon's copy ends
+                return REFUSED if 400 <= exc.code < 500 and exc.code not in (408, 429) else FAILED
             except (urllib.error.URLError, OSError, ValueError):
-                return False
+                return FAILED
+            self.log_offset += len(chunk)
+            return OK
+
+    def _resume_at(self, answer: bytes) -> bool:
+        """A 409 names the size of the daemon's copy of the log: send from there on."""
+        try:
+            offset = int(json.loads(answer.decode("utf-8"))["expected_offset"])
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return False
+        if offset < 0:
+            return False
+        self.log_offset = offset
+        return True
+
+    def unsent(self) -> int:
+        try:
+            size = self.log_path.stat().st_size if self.log_path else 0
+        except OSError:
+            return 0
+        return size - self.log_offset
 
     def _next_log_chunk(self) -> bytes:
-        if self.log_path is None or not self.log_path.exists():
+        if self.log_path is None or self.unsent() <= 0:
             return b""
         with open(self.log_path, "rb") as fh:
             fh.seek(self.log_offset)
-            return fh.read(MAX_LOG_CHUNK)
+            return _utf8_cut(fh.read(MAX_LOG_CHUNK))
+
+
+def deliver_exit(reporter: Reporter, result: dict[str, object], max_seconds: float) -> str:
+    """Ship every byte of output, then the exit report; retry with backoff (RETRY_FIRST doubling
+    to RETRY_CAP) until the daemon acknowledges, refuses for good, or `max_seconds` pass."""
+    deadline = time.monotonic() + max_seconds
+    delay = RETRY_FIRST
+    while True:
+        status = OK
+        while status == OK and reporter.url and reporter.unsent() > 0:
+            status = reporter.post("heartbeat")
+        if status == OK:
+            status = reporter.post("exit", **result)
+        if status != FAILED:
+            return status
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return FAILED
+        time.sleep(min(delay, left))
+        delay = min(delay * 2, RETRY_CAP)
 
 
 def _seconds_left(notice: dict[str, object]) -> float | None:
@@ -149,28 +245,82 @@ def _watch_metadata(url: str, reporter: Reporter, stop: threading.Event, on_noti
             return
 
 
-def run(command: list[str], state_dir: Path | None, log_path: Path | None) -> int:
+def _as_user(ids: tuple[int, int] | None, action: Callable[[], None]) -> None:
+    """Run `action` with the job's uid/gid (in a forked child) when the job runs as another
+    user: its volume is its own, and a root agent must not follow the links a job put there."""
+    if ids is None or os.geteuid() == ids[0]:
+        with contextlib.suppress(OSError):
+            action()
+        return
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(ids[1])
+            os.setuid(ids[0])
+            action()
+            code = 0
+        finally:
+            os._exit(code)
+    os.waitpid(pid, 0)
+
+
+def _write_marker(volume: str, name: str, result: dict[str, object]) -> None:
+    marker = Path(volume) / ".gpuhop"
+    marker.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _write_json_atomic(marker / f"{name or 'attempt'}.exit", result)
+
+
+def run(
+    command: list[str],
+    state_dir: Path | None,
+    log_path: Path | None,
+    user: tuple[int, int, list[int]] | None = None,
+    marker_user: tuple[int, int] | None = None,
+) -> int:
     env = dict(os.environ)
-    env.pop("GPUHOP_AGENT_B64", None)
-    env.pop("GPUHOP_COMMAND", None)
     name = env.get("GPUHOP_ATTEMPT_NAME", "")
-    volume = env.get("GPUHOP_VOLUME", "")
     reporter = Reporter(env.get("GPUHOP_CALLBACK_URL", ""), env.get("GPUHOP_TOKEN", ""), name, log_path)
+    agent_done = threading.Event()
+
+    def finish(result: dict[str, object]) -> None:
+        """Tell every place what happened, the daemon last (it may take long), then linger."""
+        line = {"attempt": name, "exit_code": result["exit_code"], "exit_signal": result["signal"],
+                "sigterm": result.get("sigterm_received", False)}
+        with contextlib.suppress(OSError, ValueError):
+            print("gpuhop-exit: " + json.dumps(line), flush=True)
+        vol = env.get("GPUHOP_VOLUME", "")
+        if vol:
+            _as_user(marker_user or (user[:2] if user else None), lambda: _write_marker(vol, name, result))
+        if state_dir:
+            _write_json_atomic(state_dir / "exit.json", result)
+        deliver_exit(reporter, result, float(env.get("GPUHOP_EXIT_REPORT_MAX", EXIT_REPORT_MAX)))
+        if env.get("GPUHOP_LINGER") == "1":
+            # Providers such as RunPod restart a container whose main process exits, which would
+            # run the job again. Stay up, idle and heartbeating, until the daemon ends the machine.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            while True:
+                time.sleep(3600)
+        agent_done.set()
+
+    def heartbeat() -> None:  # until the agent itself ends: also while it reports the exit
+        while not agent_done.wait(HEARTBEAT_SECONDS):
+            if reporter.post("heartbeat") == GONE:
+                return
 
     stop_requested = threading.Event()
     foreign_sigterm = threading.Event()  # a SIGTERM gpuhop did not ask for: a reclaim notice
-    out = open(log_path, "ab") if log_path else None
-    child = subprocess.Popen(
-        command,
-        stdin=subprocess.DEVNULL,
-        stdout=out or None,
-        stderr=subprocess.STDOUT if out else None,
-        env=env,
-        start_new_session=True,
-        preexec_fn=_set_pdeathsig,
-    )
-    if state_dir:
-        (state_dir / "job.pid").write_text(str(child.pid))
+    out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) if log_path else None
+    libc, parent, kill = _libc(), os.getpid(), int(signal.SIGKILL)
+    ids: dict[str, Any] = {}
+    if user is not None:  # Python >= 3.9; only the local provider asks for it
+        ids = {"user": user[0], "group": user[1], "extra_groups": user[2]}
+    # signals are handled from before the job exists: one that arrives while it starts is
+    # remembered and forwarded, never the default action that would kill the agent alone
+    started: list[subprocess.Popen[bytes]] = []
+    early: list[int] = []
 
     def forward(signum: int, _frame: object) -> None:
         if signum == signal.SIGTERM:
@@ -178,64 +328,72 @@ def run(command: list[str], state_dir: Path | None, log_path: Path | None) -> in
                 stop_requested.set()
             else:
                 foreign_sigterm.set()
-        with contextlib.suppress(ProcessLookupError):
+        if not started:
+            early.append(signum)
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(started[0].pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        child = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT if out is not None else None,
+            env=job_environment(env),
+            start_new_session=True,
+            preexec_fn=lambda: child_setup(libc, parent, kill),
+            **ids,
+        )
+    except OSError as exc:  # the program could not be started: report it as exit 127
+        if out is not None:
+            os.write(out, f"gpuhop-agent: cannot start {command[0]!r}: {exc}\n".encode())
+            os.close(out)
+        now = time.time()
+        finish({"exit_code": 127, "signal": None, "stopped_by_us": False, "started_at": now,
+                "ended_at": now, "error": str(exc)})
+        return 127
+    started_at = time.time()
+    if out is not None:
+        os.close(out)
+    if state_dir:
+        (state_dir / "job.pid").write_text(str(child.pid))
+        (state_dir / "started_at").write_text(repr(started_at))
+    started.append(child)
+    for signum in early:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(child.pid, signum)
 
     def notice_received() -> None:
         """A reclaim notice seen from inside the machine: tell the job to checkpoint now."""
         foreign_sigterm.set()
-        with contextlib.suppress(ProcessLookupError):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(child.pid, signal.SIGTERM)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-
-    done = threading.Event()
+    job_done = threading.Event()
     reporter.post("start", pid=child.pid)
-
-    def heartbeat() -> None:
-        while not done.wait(HEARTBEAT_SECONDS):
-            reporter.post("heartbeat")
-
     threading.Thread(target=heartbeat, daemon=True).start()
     metadata_url = env.get("GPUHOP_METADATA_URL", "")
     if metadata_url:
         threading.Thread(
-            target=_watch_metadata, args=(metadata_url, reporter, done, notice_received), daemon=True
+            target=_watch_metadata, args=(metadata_url, reporter, job_done, notice_received), daemon=True
         ).start()
 
     code = child.wait()
-    done.set()
+    job_done.set()
     if stop_requested.is_set() or (state_dir and (state_dir / "stop-requested").exists()):
         stop_requested.set()
-    result: dict[str, object] = {
+    finish({
         "exit_code": code if code >= 0 else None,
         "signal": -code if code < 0 else None,
         "stopped_by_us": stop_requested.is_set(),
         "sigterm_received": foreign_sigterm.is_set() and not stop_requested.is_set(),
+        "started_at": started_at,
         "ended_at": time.time(),
-    }
-    if out:
-        out.flush()
-    if volume:
-        with contextlib.suppress(OSError):
-            marker = Path(volume) / ".gpuhop"
-            marker.mkdir(parents=True, exist_ok=True)
-            _write_json_atomic(marker / f"{name or 'attempt'}.exit", result)
-    if state_dir:
-        _write_json_atomic(state_dir / "exit.json", result)
-    for _ in range(3):  # the exit report matters most: try a few times
-        if reporter.post("exit", **result) or not reporter.url:
-            break
-        time.sleep(1)
-    if env.get("GPUHOP_LINGER") == "1":
-        # Providers such as RunPod restart a container whose main process exits, which would
-        # run the job again. Stay up, idle, until the daemon terminates the machine.
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        while True:
-            time.sleep(3600)
+    })
     return code if code >= 0 else 128 + (-code)
 
 
@@ -248,10 +406,19 @@ def _daemonize() -> None:
         os._exit(0)
 
 
+def _ids(text: str) -> tuple[int, int, list[int]]:
+    """'UID:GID[:G1,G2]' -> (uid, gid, supplementary gids)."""
+    parts = text.split(":")
+    groups = [int(g) for g in parts[2].split(",") if g] if len(parts) > 2 else []
+    return int(parts[0]), int(parts[1]), groups
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     state_dir: Path | None = None
     log_path: Path | None = None
+    user: tuple[int, int, list[int]] | None = None
+    marker_user: tuple[int, int] | None = None
     daemonize = False
     while args and args[0].startswith("--"):
         flag = args.pop(0)
@@ -261,6 +428,10 @@ def main(argv: list[str] | None = None) -> int:
             state_dir = Path(args.pop(0))
         elif flag == "--log":
             log_path = Path(args.pop(0))
+        elif flag == "--user":  # run the job as UID:GID[:GROUPS] (the agent stays who it is)
+            user = _ids(args.pop(0))
+        elif flag == "--marker-user":  # write the volume's exit marker as UID:GID
+            marker_user = _ids(args.pop(0))[:2]
         elif flag == "--daemonize":
             daemonize = True
         else:
@@ -271,24 +442,17 @@ def main(argv: list[str] | None = None) -> int:
         print("gpuhop-agent: no command (give it after -- or in GPUHOP_COMMAND)", file=sys.stderr)
         return 2
     if log_path is None and os.environ.get("GPUHOP_CALLBACK_URL"):
-        # on a cloud the daemon sees the output only through our reports: keep it in a file
-        # and mirror it to stdout from the job's own console
-        log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"gpuhop-{os.environ.get('GPUHOP_ATTEMPT_NAME', 'job')}.log"
+        # on a cloud the daemon sees the output only through our reports: keep it in a private
+        # file (0600, a name nobody can guess or plant first)
+        fd, path = tempfile.mkstemp(prefix="gpuhop-", suffix=".log")
+        os.close(fd)
+        log_path = Path(path)
     if daemonize:
         _daemonize()
     if state_dir:
-        state_dir.mkdir(parents=True, exist_ok=True)
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         (state_dir / "agent.pid").write_text(str(os.getpid()))
-    try:
-        return run(command, state_dir, log_path)
-    except OSError as exc:  # the program could not be started: report it as exit 127
-        result: dict[str, object] = {"exit_code": 127, "signal": None, "stopped_by_us": False, "ended_at": time.time(), "error": str(exc)}
-        if log_path:
-            with open(log_path, "ab") as fh:
-                fh.write(f"gpuhop-agent: cannot start {command[0]!r}: {exc}\n".encode())
-        if state_dir:
-            _write_json_atomic(state_dir / "exit.json", result)
-        return 127
+    return run(command, state_dir, log_path, user, marker_user)
 
 
 if __name__ == "__main__":

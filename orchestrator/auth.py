@@ -2,7 +2,13 @@
 tokens. Both live in the state dir with mode 0600 and are never logged or returned by the API.
 
 An agent's token is HMAC(key, attempt name): the daemon can check it without storing it, and a
-relaunch under the same name (an idempotent retry) gets the same token.
+relaunch under the same name (an idempotent retry) gets the same token. That is sound only while
+no job can read `agent.key`: with it, any token could be minted and any attempt's exit forged.
+Cloud jobs never see the daemon's disk. Local jobs are kept off the state dir by the local
+adapter's isolation (a container, or a uid of their own; the state dir is 0700 and both files
+0600, re-tightened here if found looser); under `isolation = "none"` they are not, and the
+daemon warns so at start-up. A job never gets even its own attempt's token: only its agent holds
+it, and a report for an attempt that has ended is refused (410) whatever its token.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ def _read_or_create(path: Path, nbytes: int) -> str:
     try:
         value = path.read_text().strip()
         if value:
+            if path.stat().st_mode & 0o077:  # written by hand, or by an older gpuhop
+                os.chmod(path, 0o600)
             return value
     except FileNotFoundError:
         pass

@@ -27,6 +27,9 @@ launch_grace_seconds = 5
 stop_grace_seconds = 2
 [providers.local]
 cpu_slots = 4
+# the jobs here run the test's own python, which may sit under a 0700 home: run them as the
+# daemon's user (tests/test_security.py runs local jobs isolated)
+isolation = "none"
 """
 
 
@@ -41,13 +44,18 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
     assert wait_for(lambda: not pids_alive(pids), 15, what="every job process gone") is True
 
 
+def volume_dir(d: Daemon, name: str) -> Path:
+    """Local volumes live next to the state dir, not in it (jobs must not reach the state)."""
+    return d.state_dir.with_name(f"{d.state_dir.name}-volumes") / name
+
+
 def instance_dir(d: Daemon, job_id: str, attempt: int) -> Path:
     return d.state_dir / "local" / "instances" / f"gpuhop-{job_id}-{attempt}"
 
 
 def test_killed_job_is_relaunched_and_resumes_from_checkpoint(daemon: Daemon) -> None:
     job = daemon.client.submit(train_spec("resume", steps=25, step_seconds=0.2, volume="resume-ckpt"))
-    volume = daemon.state_dir / "local" / "volumes" / "resume-ckpt"
+    volume = volume_dir(daemon, "resume-ckpt")
     wait_for(lambda: len(steps_done(volume)) >= 5, 30, what="5 steps done")
     job_pid = int((instance_dir(daemon, job["id"], 1) / "job.pid").read_text())
     os.killpg(job_pid, signal.SIGKILL)  # the machine "dies" under the job
@@ -77,7 +85,7 @@ def test_kill9_daemon_while_jobs_run_loses_and_duplicates_nothing(daemon: Daemon
         done = daemon.wait_status(j["id"], {"succeeded", "failed", "cancelled"}, 60)
         assert done["status"] == "succeeded", done
         assert len(done["attempts"]) == 1, "the restarted daemon found the job instead of launching it again"
-        steps = steps_done(daemon.state_dir / "local" / "volumes" / done["spec"]["volume"]["name"])
+        steps = steps_done(volume_dir(daemon, done["spec"]["volume"]["name"]))
         assert sorted(steps) == list(range(1, 16))
 
 
