@@ -7,20 +7,24 @@ that says what was wrong; nothing a client sends can produce a 500 or reach a pr
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
 
 from orchestrator import auth, metrics
+from orchestrator.api.body import MAX_BODY
+from orchestrator.api.follow import Followers
 from orchestrator.engine import Engine
 from orchestrator.store import Store
 
 log = logging.getLogger("gpuhop.api")
 
-MAX_BODY = 1024 * 1024
+CLIENT_CLOSED = 499  # nginx's code for "the client went away first": not a server error
+DEFAULT_MAX_FOLLOWERS = 32
 
 
 @dataclass
@@ -30,6 +34,11 @@ class ApiContext:
     token: str
     agent_key: bytes
     logs_dir: Path
+    max_followers_per_token: int = DEFAULT_MAX_FOLLOWERS  # concurrent logs?follow=true streams
+    followers: Followers = field(default_factory=Followers)
+
+    def __post_init__(self) -> None:
+        self.followers.max_per_token = self.max_followers_per_token
 
 
 CTX = web.AppKey("ctx", ApiContext)
@@ -37,8 +46,24 @@ PUBLIC_PATHS = {"/healthz"}
 AGENT_PATHS = {"/v1/agent/report"}  # authenticated per attempt, in the handler
 
 
-def error(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+def error(status: int, code: str, message: str, headers: dict[str, str] | None = None,
+          **extra: object) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}, **extra}, status=status,
+                             headers=headers)
+
+
+def bearer(request: web.Request) -> str | None:
+    """The bearer token of the request, or None. A header that is not plain ASCII (aiohttp hands
+    non-UTF-8 bytes over as surrogates) is no token: it is refused, never compared."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or not token.isascii() or not token.isprintable():
+        return None
+    return token
+
+
+# headers an error keeps from aiohttp's own exception (405 must say which methods are allowed)
+_KEPT_HEADERS = ("Allow", "Retry-After", "WWW-Authenticate")
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -46,17 +71,18 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @web.middleware
 async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource else "unmatched"
     status = 500
     try:
         if request.path not in PUBLIC_PATHS and request.path not in AGENT_PATHS:
-            given = request.headers.get("Authorization", "")
-            scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not auth.same_secret(request.app[CTX].token, token.strip()):
+            token = bearer(request)
+            if token is None or not auth.same_secret(request.app[CTX].token, token):
                 resp: web.StreamResponse = error(
                     401, "unauthorized",
                     "missing or wrong bearer token: send 'Authorization: Bearer <token>' "
                     "(the daemon's token is in <state_dir>/token, or set GPUHOP_TOKEN)",
+                    headers={"WWW-Authenticate": "Bearer"},
                 )
                 status = resp.status
                 return resp
@@ -67,7 +93,15 @@ async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamR
         status = exc.status
         if exc.status >= 400:
             message = exc.text if exc.text and not exc.text.startswith(str(exc.status)) else exc.reason
-            return error(exc.status, exc.reason.lower().replace(" ", "_"), message or exc.reason)
+            kept = {h: exc.headers[h] for h in _KEPT_HEADERS if h in exc.headers}
+            return error(exc.status, exc.reason.lower().replace(" ", "_"), message or exc.reason, headers=kept)
+        raise
+    except ConnectionError:
+        # the client went away (Ctrl-C on `gpuhop logs -f`): nothing to answer, nothing to log
+        status = CLIENT_CLOSED
+        return web.Response(status=CLIENT_CLOSED)
+    except asyncio.CancelledError:
+        status = CLIENT_CLOSED
         raise
     except Exception:
         log.exception("unhandled error in %s %s", request.method, route)
@@ -81,6 +115,11 @@ def make_app(ctx: ApiContext) -> web.Application:
 
     app = web.Application(middlewares=[errors_and_auth], client_max_size=MAX_BODY)
     app[CTX] = ctx
+
+    async def close_followers(app: web.Application) -> None:
+        await app[CTX].followers.close()
+
+    app.on_shutdown.append(close_followers)
     routes.setup(app)
     agent_routes.setup(app)
     return app

@@ -4,62 +4,70 @@
 from __future__ import annotations
 
 import asyncio
-import json
+import re
 import secrets
+import time
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from orchestrator import metrics
-from orchestrator.api.app import CTX, error
+from orchestrator.api import follow
+from orchestrator.api.app import CTX, bearer, error
+from orchestrator.api.body import read_json, validation_message
 from orchestrator.api.openapi import openapi_document
-from orchestrator.api.views import job_json
+from orchestrator.api.views import Health, JobList, OfferOut, Offers, ProviderHealth, job_out, wire
 from orchestrator.models import JobSpec, JobStatus
 from orchestrator.placement import rank_offers_for_display
 from orchestrator.store import Conflict
 from orchestrator.store.tables import AttemptRow
 
+__all__ = ["read_json", "setup", "validation_message"]  # read_json: agent_routes' old import
+
 JOB_ID_CHARS = set("0123456789abcdef")
+_INT_RE = re.compile(r"-?[0-9]{1,9}")
+FOLLOW_POLL_SECONDS = 1.0  # a local job writes its log file itself: look at it this often
+FOLLOW_STATE_SECONDS = 2.0  # and at the job's state (new attempts, the end) this often, or when woken
 
 
-def validation_message(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors()[:10]:
-        where = ".".join(str(p) for p in err["loc"]) or "body"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown field"
-        parts.append(f"{where}: {msg}")
-    return "; ".join(parts)
+def query_int(request: web.Request, name: str, default: int | None, low: int, high: int) -> int | None:
+    """A whole-number query parameter, plain ASCII digits only, within [low, high]; else 400."""
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if not _INT_RE.fullmatch(raw) or not low <= int(raw) <= high:
+        raise web.HTTPBadRequest(text=f"{name} must be a whole number between {low} and {high}")
+    return int(raw)
 
 
-async def read_json(request: web.Request) -> Any:
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise web.HTTPRequestEntityTooLarge(max_size=request.client_max_size, actual_size=0,
-                                            text="request body is larger than 1 MiB") from None
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise web.HTTPBadRequest(text=f"request body is not valid JSON: {exc}") from None
+def query_bool(request: web.Request, name: str) -> bool:
+    raw = request.query.get(name, "false")
+    if raw not in ("true", "false"):
+        raise web.HTTPBadRequest(text=f"{name} must be true or false")
+    return raw == "true"
 
 
 def _job_id(request: web.Request) -> str:
     job_id = request.match_info["job_id"]
     if not (1 <= len(job_id) <= 32) or not set(job_id) <= JOB_ID_CHARS:
-        raise web.HTTPNotFound(text=f"no job {job_id[:40]!r}")
+        shown = job_id[:40].encode("unicode_escape").decode("ascii")
+        raise web.HTTPNotFound(text=f"no job '{shown}'")
     return job_id
+
+
+def _health(request: web.Request) -> dict[str, ProviderHealth]:
+    engine = request.app[CTX].engine
+    return {n: ProviderHealth(ok=h.ok, error=h.error) for n, h in engine.health.items()}
 
 
 async def healthz(request: web.Request) -> web.Response:
     engine = request.app[CTX].engine
-    providers = {n: {"ok": h.ok, "error": h.error} for n, h in engine.health.items()}
     ok = engine.healthy()
-    return web.json_response({"ok": ok, "providers": providers}, status=200 if ok else 503)
+    age = round(time.time() - engine.last_tick_at, 3) if engine.last_tick_at else None
+    body = Health(ok=ok, tick_age_seconds=age, ticks=engine.ticks, providers=_health(request))
+    return web.json_response(wire(body), status=200 if ok else 503)
 
 
 async def submit(request: web.Request) -> web.Response:
@@ -85,25 +93,23 @@ async def submit(request: web.Request) -> web.Response:
     except Conflict as exc:
         return error(409, "conflict", str(exc))
     ctx.engine.hint()
-    return web.json_response(job_json(job, []), status=201)
+    return web.json_response(wire(job_out(job, [])), status=201)
+
+
+STATUS_VALUES = [s.value for s in JobStatus]
 
 
 async def list_jobs(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     statuses = [s for s in request.query.get("status", "").split(",") if s]
-    valid = {s.value for s in JobStatus}
-    bad = [s for s in statuses if s not in valid]
+    bad = [s for s in statuses if s not in STATUS_VALUES]
     if bad:
-        return error(400, "invalid_query", f"status: {bad[0][:40]!r} is not one of {', '.join(sorted(valid))}")
-    try:
-        limit = int(request.query.get("limit", "200"))
-    except ValueError:
-        return error(400, "invalid_query", "limit must be a whole number")
-    if not 1 <= limit <= 1000:
-        return error(400, "invalid_query", "limit must be between 1 and 1000")
+        shown = bad[0][:40].encode("unicode_escape").decode("ascii")
+        return error(400, "invalid_query", f"status: '{shown}' is not one of {', '.join(sorted(STATUS_VALUES))}")
+    limit = query_int(request, "limit", 200, 1, 1000) or 200
     jobs = await ctx.store.run(ctx.store.list_jobs, statuses or None, limit)
     attempts = await ctx.store.run(ctx.store.attempts_for, [j.id for j in jobs])
-    return web.json_response({"jobs": [job_json(j, attempts.get(j.id, [])) for j in jobs]})
+    return web.json_response(wire(JobList(jobs=[job_out(j, attempts.get(j.id, [])) for j in jobs])))
 
 
 async def get_job(request: web.Request) -> web.Response:
@@ -115,7 +121,7 @@ async def get_job(request: web.Request) -> web.Response:
     attempts = await ctx.store.run(ctx.store.attempts, job_id)
     events = await ctx.store.run(ctx.store.events, job_id)
     volume = await ctx.store.run(ctx.store.volume, job.volume_name) if job.volume_name else None
-    return web.json_response(job_json(job, attempts, events, volume))
+    return web.json_response(wire(job_out(job, attempts, events, volume)))
 
 
 async def cancel(request: web.Request) -> web.Response:
@@ -125,19 +131,24 @@ async def cancel(request: web.Request) -> web.Response:
     if job is None:
         return error(404, "not_found", f"no job {job_id}")
     ctx.engine.hint()
+    ctx.followers.notify(job_id)
     attempts = await ctx.store.run(ctx.store.attempts, job_id)
-    return web.json_response(job_json(job, attempts), status=202)
+    return web.json_response(wire(job_out(job, attempts)), status=202)
+
+
+def log_path(logs_dir: Path, attempt_name: str) -> Path:
+    return logs_dir / f"{attempt_name}.log"
 
 
 def _log_files(logs_dir: Path, attempts: list[AttemptRow], number: int | None) -> list[tuple[AttemptRow, Path]]:
-    return [(a, logs_dir / f"{a.name}.log") for a in attempts if number is None or a.number == number]
+    return [(a, log_path(logs_dir, a.name)) for a in attempts if number is None or a.number == number]
 
 
-def _read_from(path: Path, offset: int) -> bytes:
+def _read_from(path: Path, offset: int, limit: int = 1024 * 1024) -> bytes:
     try:
         with open(path, "rb") as fh:
             fh.seek(offset)
-            return fh.read(1024 * 1024)
+            return fh.read(limit)
     except FileNotFoundError:
         return b""
 
@@ -149,55 +160,74 @@ def _tail(data: bytes, lines: int) -> bytes:
     return b"".join(parts[-lines:])
 
 
+def _header(a: AttemptRow) -> bytes:
+    return f"--- attempt {a.number} on {a.provider} {a.region} ---\n".encode()
+
+
+def _new_output(files: list[tuple[AttemptRow, Path]], offsets: dict[str, int], headers: bool) -> bytes:
+    """What was appended to each attempt's log since `offsets` (updated), in attempt order."""
+    out: list[bytes] = []
+    for a, path in files:
+        if a.name not in offsets:
+            offsets[a.name] = 0
+            if headers:
+                out.append(_header(a))
+        while True:
+            chunk = _read_from(path, offsets[a.name])
+            if not chunk:
+                break
+            offsets[a.name] += len(chunk)
+            out.append(chunk)
+    return b"".join(out)
+
+
 async def logs(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CTX]
     job_id = _job_id(request)
+    tail = query_int(request, "tail", 0, 0, 1_000_000) or 0
+    number = query_int(request, "attempt", None, 1, 1_000_000)
+    follow_ = query_bool(request, "follow")
     job = await ctx.store.run(ctx.store.get_job, job_id)
     if job is None:
         return error(404, "not_found", f"no job {job_id}")
-    try:
-        tail = int(request.query.get("tail", "0"))
-        number = int(request.query["attempt"]) if "attempt" in request.query else None
-    except ValueError:
-        return error(400, "invalid_query", "tail and attempt must be whole numbers")
-    if tail < 0 or tail > 1_000_000:
-        return error(400, "invalid_query", "tail must be between 0 and 1000000")
-    follow = request.query.get("follow", "false").lower() in ("1", "true", "yes")
     attempts = await ctx.store.run(ctx.store.attempts, job_id)
     if number is not None and not any(a.number == number for a in attempts):
         return error(404, "not_found", f"job {job_id} has no attempt {number}")
-
-    def read_all() -> tuple[bytes, dict[str, int]]:
-        chunks, offsets = [], {}
-        for a, path in _log_files(ctx.logs_dir, attempts, number):
-            data = path.read_bytes() if path.exists() else b""
-            offsets[a.name] = len(data)
-            if len(attempts) > 1 and number is None:
-                chunks.append(f"--- attempt {a.number} on {a.provider} {a.region} ---\n".encode())
-            chunks.append(data)
-        return b"".join(chunks), offsets
-
-    data, offsets = await asyncio.to_thread(read_all)
-    if not follow:
+    headers = number is None and len(attempts) > 1
+    offsets: dict[str, int] = {}
+    data = await asyncio.to_thread(_new_output, _log_files(ctx.logs_dir, attempts, number), offsets, headers)
+    if not follow_:
         return web.Response(body=_tail(data, tail), content_type="text/plain", charset="utf-8")
+    try:
+        follower = ctx.followers.add(request, job_id, bearer(request) or "")
+    except follow.TooManyFollowers as exc:
+        return error(429, "too_many_followers", str(exc), headers={"Retry-After": "5"})
     resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
-    await resp.prepare(request)
-    await resp.write(_tail(data, tail))
-    while True:
-        await asyncio.sleep(0.5)
-        job = await ctx.store.run(ctx.store.get_job, job_id)
-        attempts = await ctx.store.run(ctx.store.attempts, job_id)
-        for a, path in _log_files(ctx.logs_dir, attempts, number):
-            if a.name not in offsets:
-                offsets[a.name] = 0
-                await resp.write(f"--- attempt {a.number} on {a.provider} {a.region} ---\n".encode())
-            chunk = await asyncio.to_thread(_read_from, path, offsets[a.name])
+    try:
+        await resp.prepare(request)
+        await resp.write(_tail(data, tail))
+        next_state = time.monotonic() + FOLLOW_STATE_SECONDS
+        while not JobStatus(job.status).terminal:
+            woken = await follow.wait(follower, FOLLOW_POLL_SECONDS)
+            if follower.gone:
+                return resp  # the client left: stop now, quietly
+            if woken or time.monotonic() >= next_state:
+                next_state = time.monotonic() + FOLLOW_STATE_SECONDS
+                fresh = await ctx.store.run(ctx.store.get_job, job_id)
+                if fresh is None:
+                    break
+                job = fresh
+                attempts = await ctx.store.run(ctx.store.attempts, job_id)
+                headers = headers or (number is None and len(attempts) > 1)
+            chunk = await asyncio.to_thread(_new_output, _log_files(ctx.logs_dir, attempts, number), offsets,
+                                            headers)
             if chunk:
-                offsets[a.name] += len(chunk)
                 await resp.write(chunk)
-        if job is None or JobStatus(job.status).terminal:
-            break
-    await resp.write_eof()
+        await resp.write_eof()
+    except ConnectionError:
+        pass  # the client left while we wrote
+    finally:
+        ctx.followers.remove(follower)
     return resp
 
 
@@ -206,22 +236,22 @@ async def offers(request: web.Request) -> web.Response:
     by_provider = await ctx.engine.offers()
     flat = [o for lst in by_provider.values() for o in lst]
     ranked = rank_offers_for_display(flat, ctx.engine.placement, await ctx.engine.rate_stats())
-    return web.json_response({
-        "offers": [
-            {
-                "provider": o.provider, "region": o.region, "gpu": o.gpu, "gpu_count": o.gpu_count,
-                "vram_gb": o.vram_gb, "vcpu": o.vcpu, "memory_gb": o.memory_gb, "capacity": o.capacity.value,
-                "price_per_hour": o.price_per_hour, "expected_cost_per_hour": round(cost, 4),
-                "available": o.available, "supports_volumes": o.supports_volumes, "offer_id": o.offer_id,
-            }
+    return web.json_response(wire(Offers(
+        offers=[
+            OfferOut(
+                provider=o.provider, region=o.region, gpu=o.gpu, gpu_count=o.gpu_count, vram_gb=o.vram_gb,
+                vcpu=o.vcpu, memory_gb=o.memory_gb, capacity=o.capacity, price_per_hour=o.price_per_hour,
+                expected_cost_per_hour=round(cost, 4), available=o.available,
+                supports_volumes=o.supports_volumes, offer_id=o.offer_id,
+            )
             for o, cost in ranked
         ],
-        "providers": {n: {"ok": h.ok, "error": h.error} for n, h in ctx.engine.health.items()},
-    })
+        providers=_health(request),
+    )))
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(openapi_document())
+    return web.json_response(openapi_document(tuple(sorted(request.app[CTX].engine.adapters))))
 
 
 async def metrics_view(request: web.Request) -> web.Response:
@@ -233,12 +263,12 @@ async def metrics_view(request: web.Request) -> web.Response:
 
 
 def setup(app: web.Application) -> None:
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics_view)
-    app.router.add_get("/v1/openapi.json", openapi)
+    app.router.add_get("/healthz", healthz, allow_head=False)
+    app.router.add_get("/metrics", metrics_view, allow_head=False)
+    app.router.add_get("/v1/openapi.json", openapi, allow_head=False)
     app.router.add_post("/v1/jobs", submit)
-    app.router.add_get("/v1/jobs", list_jobs)
-    app.router.add_get("/v1/jobs/{job_id}", get_job)
+    app.router.add_get("/v1/jobs", list_jobs, allow_head=False)
+    app.router.add_get("/v1/jobs/{job_id}", get_job, allow_head=False)
     app.router.add_post("/v1/jobs/{job_id}/cancel", cancel)
-    app.router.add_get("/v1/jobs/{job_id}/logs", logs)
-    app.router.add_get("/v1/offers", offers)
+    app.router.add_get("/v1/jobs/{job_id}/logs", logs, allow_head=False)
+    app.router.add_get("/v1/offers", offers, allow_head=False)

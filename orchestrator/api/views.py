@@ -1,86 +1,195 @@
-"""How jobs, attempts and events look on the wire: one function each, used by the API (and so
-by `gpuhop show --json`). Times are ISO 8601 UTC; costs are USD, live attempts priced so far."""
+"""How everything the API returns looks on the wire, as pydantic models: the handlers build these
+and serialize them, and the OpenAPI document's response schemas are generated from the same
+models, so the document cannot drift from what the server sends (`gpuhop show --json` prints the
+same). Times are ISO 8601 UTC; costs are USD, live attempts priced so far."""
 
 from __future__ import annotations
 
-import json
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from orchestrator import reconcile
 from orchestrator.engine import attempt_view
+from orchestrator.models import AttemptStatus, CapacityType, EndReason, JobSpec, JobStatus
 from orchestrator.store import AttemptRow, EventRow, JobRow, VolumeRow
 
 
-def iso(ts: float | None) -> str | None:
+class _Out(BaseModel):
+    # every field is always sent (null when unknown): the document marks them all required
+    model_config = ConfigDict(extra="forbid", json_schema_serialization_defaults_required=True)
+
+
+class ErrorDetail(_Out):
+    code: str
+    message: str
+
+
+class Error(BaseModel):
+    """Every 4xx and 5xx: what was wrong, in words."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    error: ErrorDetail
+    expected_offset: int | None = None  # 409 on a log chunk: where the next chunk must start
+
+
+class Attempt(_Out):
+    number: int
+    name: str
+    provider: str
+    region: str
+    offer_id: str
+    capacity: str
+    gpu: str | None
+    gpu_count: int
+    price_per_hour: float
+    instance_id: str | None
+    volume_id: str | None
+    status: AttemptStatus
+    end_reason: EndReason | None
+    detail: str
+    exit_code: int | None
+    exit_signal: int | None
+    cost_usd: float
+    placement_reason: str
+    created_at: datetime | None
+    launched_at: datetime | None
+    running_at: datetime | None
+    ended_at: datetime | None
+    last_heartbeat_at: datetime | None
+    interruption_at: datetime | None
+
+
+class Event(_Out):
+    at: datetime | None
+    kind: str
+    attempt: int | None
+    message: str
+    repeats: int = Field(default=0, ge=0, description="how many more times it happened right after (folded into this event)")
+
+
+class Volume(_Out):
+    name: str
+    size_gb: int
+    mount_path: str
+    provider: str | None
+    region: str | None
+    volume_id: str | None
+
+
+class Job(_Out):
+    id: str
+    name: str
+    status: JobStatus
+    end_reason: str | None
+    message: str
+    cost_usd: float
+    attempt_count: int
+    relaunches: int
+    retries: int
+    created_at: datetime | None
+    updated_at: datetime | None
+    finished_at: datetime | None
+    cancel_requested: bool
+    spec: JobSpec
+    attempts: list[Attempt]
+    volume: Volume | None = None  # only in GET /v1/jobs/{id}, when the job has a volume
+    events: list[Event] | None = None  # only in GET /v1/jobs/{id}
+
+
+class JobList(_Out):
+    jobs: list[Job]
+
+
+class ProviderHealth(_Out):
+    ok: bool
+    error: str | None
+
+
+class Health(_Out):
+    ok: bool = Field(description="the reconcile loop is alive (ticks keep coming), whatever the providers do")
+    tick_age_seconds: float | None = Field(description="seconds since the last tick ended; null before the first")
+    ticks: int = Field(ge=0, description="ticks since this daemon started")
+    providers: dict[str, ProviderHealth]
+
+
+class OfferOut(_Out):
+    provider: str
+    region: str
+    gpu: str | None
+    gpu_count: int
+    vram_gb: int
+    vcpu: int
+    memory_gb: int
+    capacity: CapacityType
+    price_per_hour: float
+    expected_cost_per_hour: float
+    available: int
+    supports_volumes: bool
+    offer_id: str
+
+
+class Offers(_Out):
+    offers: list[OfferOut]
+    providers: dict[str, ProviderHealth]
+
+
+class AgentAck(_Out):
+    ok: Literal[True]
+    attempt_status: AttemptStatus
+    log_size: int | None = None  # bytes of this attempt's log the daemon holds
+
+
+def when(ts: float | None) -> datetime | None:
+    """A stored UNIX time as an aware UTC datetime, whole seconds (serialized `...Z`)."""
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(int(ts), UTC)
 
 
-def attempt_json(row: AttemptRow, now: float) -> dict[str, Any]:
-    return {
-        "number": row.number,
-        "name": row.name,
-        "provider": row.provider,
-        "region": row.region,
-        "offer_id": row.offer_id,
-        "capacity": row.capacity,
-        "gpu": row.gpu,
-        "gpu_count": row.gpu_count,
-        "price_per_hour": row.price_per_hour,
-        "instance_id": row.instance_id,
-        "volume_id": row.volume_id,
-        "status": row.status,
-        "end_reason": row.end_reason,
-        "detail": row.detail,
-        "exit_code": row.exit_code,
-        "exit_signal": row.exit_signal,
-        "cost_usd": round(reconcile.attempt_cost(attempt_view(row), now), 6),
-        "placement_reason": row.placement_reason,
-        "created_at": iso(row.created_at),
-        "launched_at": iso(row.launched_at),
-        "running_at": iso(row.running_at),
-        "ended_at": iso(row.ended_at),
-        "last_heartbeat_at": iso(row.last_heartbeat_at),
-        "interruption_at": iso(row.interruption_at),
-    }
+def attempt_out(row: AttemptRow, now: float) -> Attempt:
+    return Attempt(
+        number=row.number, name=row.name, provider=row.provider, region=row.region, offer_id=row.offer_id,
+        capacity=row.capacity, gpu=row.gpu, gpu_count=row.gpu_count, price_per_hour=row.price_per_hour,
+        instance_id=row.instance_id, volume_id=row.volume_id, status=AttemptStatus(row.status),
+        end_reason=EndReason(row.end_reason) if row.end_reason else None, detail=row.detail,
+        exit_code=row.exit_code, exit_signal=row.exit_signal,
+        cost_usd=round(reconcile.attempt_cost(attempt_view(row), now), 6),
+        placement_reason=row.placement_reason, created_at=when(row.created_at),
+        launched_at=when(row.launched_at), running_at=when(row.running_at), ended_at=when(row.ended_at),
+        last_heartbeat_at=when(row.last_heartbeat_at), interruption_at=when(row.interruption_at),
+    )
 
 
-def job_json(
+def job_out(
     job: JobRow,
     attempts: list[AttemptRow],
     events: list[EventRow] | None = None,
     volume: VolumeRow | None = None,
     now: float | None = None,
-) -> dict[str, Any]:
+) -> Job:
     now = now or time.time()
-    rows = [attempt_json(a, now) for a in attempts]
-    out: dict[str, Any] = {
-        "id": job.id,
-        "name": job.name,
-        "status": job.status,
-        "end_reason": job.end_reason,
-        "message": job.message,
-        "cost_usd": round(sum(a["cost_usd"] for a in rows), 6),
-        "attempt_count": len(rows),
-        "relaunches": job.relaunches,
-        "retries": job.retries,
-        "created_at": iso(job.created_at),
-        "updated_at": iso(job.updated_at),
-        "finished_at": iso(job.finished_at),
-        "cancel_requested": job.cancel_requested,
-        "spec": json.loads(job.spec_json),
-        "attempts": rows,
-    }
-    if volume is not None:
-        out["volume"] = {
-            "name": volume.name, "size_gb": volume.size_gb, "mount_path": volume.mount_path,
-            "provider": volume.provider, "region": volume.region, "volume_id": volume.provider_volume_id,
-        }
-    if events is not None:
-        out["events"] = [
-            {"at": iso(e.at), "kind": e.kind, "attempt": e.attempt, "message": e.message} for e in events
-        ]
-    return out
+    rows = [attempt_out(a, now) for a in attempts]
+    return Job(
+        id=job.id, name=job.name, status=JobStatus(job.status), end_reason=job.end_reason, message=job.message,
+        cost_usd=round(sum(a.cost_usd for a in rows), 6), attempt_count=len(rows), relaunches=job.relaunches,
+        retries=job.retries, created_at=when(job.created_at), updated_at=when(job.updated_at),
+        finished_at=when(job.finished_at), cancel_requested=job.cancel_requested,
+        spec=JobSpec.model_validate_json(job.spec_json), attempts=rows,
+        volume=None if volume is None else Volume(
+            name=volume.name, size_gb=volume.size_gb, mount_path=volume.mount_path, provider=volume.provider,
+            region=volume.region, volume_id=volume.provider_volume_id,
+        ),
+        events=None if events is None else [
+            Event(at=when(e.at), kind=e.kind, attempt=e.attempt, message=e.message, repeats=e.repeats)
+            for e in events
+        ],
+    )
+
+
+def wire(model: BaseModel) -> object:
+    """A response model as JSON-ready data: what every handler sends."""
+    return model.model_dump(mode="json", exclude_none=False)
