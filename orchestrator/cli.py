@@ -21,6 +21,7 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 
 from orchestrator import render
 from orchestrator.client import Client, ClientError
@@ -47,7 +48,7 @@ TERMINAL = {s.value for s in JobStatus if s.terminal}
 
 
 def fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True)
     raise typer.Exit(code)
 
 
@@ -93,7 +94,7 @@ def serve(
     setup_logging(log_level.upper())
     try:
         asyncio.run(run_daemon(settings))
-    except OSError as exc:
+    except (OSError, ConfigError) as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         pass

@@ -44,6 +44,9 @@ class ServerSettings(_Section):
     instance_prefix: str = Field(
         default="gpuhop", pattern=r"^[a-z][a-z0-9]{0,15}$", description="every instance we own is named <prefix>-<job>-<n>"
     )
+    max_log_followers: int = Field(
+        default=32, ge=1, le=10_000, description="concurrent `logs?follow=true` streams per token (429 past it)"
+    )
 
     @field_validator("listen")
     @classmethod
@@ -77,6 +80,9 @@ class ServerSettings(_Section):
 
 class DatabaseSettings(_Section):
     url: str = Field(default="", description="SQLAlchemy URL; empty = SQLite (WAL) at <state_dir>/gpuhop.db")
+    event_retention_days: float = Field(
+        default=30.0, gt=0, le=36500, description="events of ended jobs older than this are deleted"
+    )
 
     @field_validator("url")
     @classmethod
@@ -101,6 +107,17 @@ class EngineSettings(_Section):
         default=60.0, gt=0, le=3600, description="longest wait between placement tries when nothing fits"
     )
     stop_grace_seconds: float = Field(default=10.0, ge=0, le=600, description="SIGTERM to SIGKILL on stop")
+    listing_wait_seconds: float = Field(
+        default=2.0, gt=0, le=600,
+        description="how long a tick waits for a provider's listing; a slower answer is used by the next tick",
+    )
+    launch_concurrency: int = Field(default=8, ge=1, le=1024, description="launches in flight at once, in all")
+    provider_concurrency: int = Field(
+        default=4, ge=1, le=256, description="launches and terminations in flight at once per provider"
+    )
+    provider_start_backoff_max_seconds: float = Field(
+        default=300.0, gt=0, le=86400, description="longest pause between tries to start a failing provider"
+    )
 
 
 class PlacementSettingsModel(_Section):
@@ -147,7 +164,7 @@ def format_validation_error(source: str, exc: ValidationError, prefix: str = "")
     lines = [f"{source}: invalid configuration"]
     for err in exc.errors():
         key = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling against config.example.toml)"
         got = err.get("input")

@@ -5,12 +5,19 @@ engine keeps ticking.
 
 Stopping the daemon never stops jobs: local jobs run under their own agents, cloud machines
 keep running, and the next start finds them again by name.
+
+One daemon per state dir: a second `gpuhop serve` on the same state dir refuses to start (an
+flock on `daemon.lock`) instead of running two loops over one database. A configuration mistake
+stops the start with one line naming the key; a provider that fails to start for any other
+reason (network, credentials that the provider refuses, plumbing) is marked degraded and retried
+with backoff by the engine while the other providers, and the local jobs, keep running.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -21,17 +28,18 @@ from typing import Any
 
 from aiohttp import web
 
-from adapters.base import Adapter, AdapterContext
+from adapters.base import Adapter, AdapterContext, AdapterError
 from adapters.registry import create_adapter, validate_settings
 from orchestrator import auth, systemd
 from orchestrator.api.app import ApiContext, make_app
-from orchestrator.config import Settings, load_settings
+from orchestrator.config import ConfigError, Settings, load_settings
 from orchestrator.engine import Engine
 from orchestrator.store import Store
 
 log = logging.getLogger("gpuhop.daemon")
 
 SERVER_FILE = "server.json"
+LOCK_FILE = "daemon.lock"
 
 
 class _RedactSecrets(logging.Filter):
@@ -81,17 +89,49 @@ def configured_secrets(settings: Settings) -> list[str]:
 
 
 def build_adapters(settings: Settings, logs_dir: Path) -> dict[str, Adapter]:
+    """Every configured adapter, constructed (not started). A provider that cannot even be
+    constructed is a configuration mistake: ConfigError, one line, naming the provider."""
     ctx = AdapterContext(
         prefix=settings.server.instance_prefix, state_dir=settings.state_dir, logs_dir=logs_dir,
         public_url=settings.server.agent_base_url(),
     )
-    return {name: create_adapter(name, table, ctx) for name, table in settings.providers.items()}
+    adapters: dict[str, Adapter] = {}
+    for name, table in settings.providers.items():
+        try:
+            adapters[name] = create_adapter(name, table, ctx)
+        except AdapterError as exc:
+            raise ConfigError(f"providers.{name}: {exc}") from None
+    return adapters
+
+
+class StateDirBusy(OSError):
+    """Another daemon holds this state dir."""
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """Take the state dir's lock for the life of this process (released when it exits, even
+    on kill -9). Raises StateDirBusy naming the other daemon's pid."""
+    path = state_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise StateDirBusy(
+            f"another gpuhop daemon (pid {other}) is already using the state dir {state_dir}; "
+            "stop it first, or give this one its own --state-dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """Run until `stop` is set or a SIGTERM/SIGINT arrives."""
     state_dir = settings.state_dir
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    lock_fd = lock_state_dir(state_dir)
     logs_dir = state_dir / "logs"
     logs_dir.mkdir(exist_ok=True, mode=0o700)
     token = auth.api_token(state_dir, settings.server.token.get_secret_value() if settings.server.token else None)
@@ -99,7 +139,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     for handler in logging.getLogger().handlers:
         handler.addFilter(_RedactSecrets([token, *configured_secrets(settings)]))
 
-    store = Store(settings.database_url())
+    store = Store(settings.database_url(), event_retention_days=settings.database.event_retention_days)
     await store.run(store.migrate)
 
     stop = stop or asyncio.Event()
@@ -116,10 +156,9 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         settings.server.listen = f"{settings.server.host}:{site[1]}"
         sock = site[0]
         adapters = build_adapters(settings, logs_dir)
-        for adapter in adapters.values():
-            await adapter.start()
         engine = Engine(settings, store, adapters, lambda name: auth.attempt_token(agent_key, name))
-        app = make_app(ApiContext(store=store, engine=engine, token=token, agent_key=agent_key, logs_dir=logs_dir))
+        app = make_app(ApiContext(store=store, engine=engine, token=token, agent_key=agent_key, logs_dir=logs_dir,
+                                  max_followers_per_token=settings.server.max_log_followers))
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         await web.SockSite(runner, sock).start()
@@ -146,6 +185,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
             with contextlib.suppress(Exception):
                 await adapter.close()
         store.close()
+        os.close(lock_fd)
         with contextlib.suppress(FileNotFoundError):
             server_file = state_dir / SERVER_FILE
             if json.loads(server_file.read_text()).get("pid") == os.getpid():

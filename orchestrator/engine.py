@@ -1,34 +1,27 @@
-"""The reconcile loop: observe every provider once, decide each job with `reconcile.decide`,
-act write-ahead, record, and sleep until the next tick or an early hint.
+"""The reconcile loop: observe every provider, decide each job with `reconcile.decide`, apply
+the decisions write-ahead, and hand launches and terminations to bounded workers.
 
-Money safety lives here. A launch is recorded (attempt row, deterministic name) before the
-provider is called, so a crash between the two is healed by the next observation rather than
-paid for twice; terminations are idempotent; and the orphan reaper stops any instance that
-carries our prefix but no live attempt. Provider calls run concurrently, each bounded by a
-timeout, and a provider that fails is marked degraded without stalling the others.
+Money safety lives here and in `launching`. The tick itself only reads listings that arrived
+(`observation`), reads the store, decides and commits: it never waits on a launch, a
+termination or a slow provider, so it stays short whatever a provider does, and `healthy()`
+means the loop is alive. Observations are keyed by instance id: two machines carrying one
+attempt's name are a duplicate, and the extra one is stopped at once, recorded and costed. The
+orphan reaper stops any machine with our prefix that no live attempt owns. Heartbeat silence is
+counted only while this daemon was up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
-from adapters.base import (
-    Adapter,
-    AdapterError,
-    InterruptionSupport,
-    NoCapacity,
-    PermanentError,
-    RetryLater,
-    VolumeSupport,
-)
+from adapters.base import Adapter, InterruptionSupport
 from orchestrator import metrics, reconcile
 from orchestrator.config import Settings
+from orchestrator.launching import TerminateOrder, Workers
 from orchestrator.models import (
     AttemptStatus,
     CapacityType,
@@ -37,30 +30,18 @@ from orchestrator.models import (
     InstanceState,
     JobSpec,
     JobStatus,
-    LaunchRequest,
     Offer,
-    ProviderVolume,
-    attempt_name,
     parse_attempt_name,
 )
-from orchestrator.placement import PlacementSettings, RateStats, VolumeLocation, place
+from orchestrator.observation import Observer, ProviderHealth, Snapshot, describe, pick_primary
+from orchestrator.placement import PlacementSettings, RateStats
 from orchestrator.store import AttemptRow, JobRow, Store
 
 log = logging.getLogger("gpuhop.engine")
 
+__all__ = ["Engine", "ProviderHealth", "attempt_view", "job_view", "placement_settings"]
 
-@dataclass
-class ProviderHealth:
-    ok: bool = True
-    error: str = ""
-    since: float = 0.0
-    last_ok: float = 0.0
-
-
-@dataclass
-class OfferCache:
-    offers: list[Offer] = field(default_factory=list)
-    fetched_at: float = 0.0
+PRUNE_EVERY_SECONDS = 3600.0
 
 
 def placement_settings(settings: Settings) -> PlacementSettings:
@@ -82,6 +63,8 @@ def attempt_view(row: AttemptRow) -> reconcile.AttemptView:
         agent_state=row.agent_state, exit_code=row.exit_code, exit_signal=row.exit_signal,
         sigterm_received=row.sigterm_received, last_heartbeat_at=row.last_heartbeat_at,
         interruption_at=row.interruption_at, stop_requested_at=row.stop_requested_at,
+        created_at=row.created_at, bill_started_at=row.bill_started_at,
+        duplicate_cost_usd=row.duplicate_cost_usd,
     )
 
 
@@ -105,20 +88,28 @@ class Engine:
         self.adapters = adapters
         self.token_for = token_for
         self.prefix = settings.server.instance_prefix
-        self.health: dict[str, ProviderHealth] = {name: ProviderHealth() for name in adapters}
-        self.offer_cache: dict[str, OfferCache] = {name: OfferCache() for name in adapters}
+        eng = settings.engine
+        self.observer = Observer(adapters, self.prefix, offer_max_age=eng.offer_refresh_seconds,
+                                 start_backoff_max=eng.provider_start_backoff_max_seconds)
+        self.health: dict[str, ProviderHealth] = self.observer.health
         self.placement = placement_settings(settings)
+        self.started_at = time.time()
         self.cfg = reconcile.Settings(
-            launch_grace_seconds=settings.engine.launch_grace_seconds,
-            heartbeat_timeout_seconds=settings.engine.heartbeat_timeout_seconds,
+            launch_grace_seconds=eng.launch_grace_seconds,
+            heartbeat_timeout_seconds=eng.heartbeat_timeout_seconds,
             remote_providers=frozenset(n for n, a in adapters.items() if a.remote),
+            silence_since=self.started_at,
         )
+        self.workers = Workers(settings, store, adapters, self.observer, self.placement, token_for, self.hint)
         self._wake = asyncio.Event()
-        self._background: set[asyncio.Task[None]] = set()
-        self._terminating: set[tuple[str, str]] = set()
-        self._backoff: dict[str, float] = {}
+        self._specs: dict[str, tuple[str, JobSpec]] = {}
+        self._duplicates_seen: set[str] = set()
+        self._pending_events: list[tuple[str, int, str]] = []
+        self._last_prune = 0.0
+        self._prev_tick_at = 0.0
         self.ticks = 0
         self.last_tick_at = 0.0
+        self.started_providers = False
 
     # ------------------------------------------------------------------ running
 
@@ -126,7 +117,15 @@ class Engine:
         """Wake the loop early (an API write, an agent report, a reclaim notice)."""
         self._wake.set()
 
+    def start_providers(self) -> None:
+        """Start every provider in the background: one that fails is degraded and retried with
+        backoff while the others run. Tests that build an Engine by hand call it, or `run` does."""
+        if not self.started_providers:
+            self.started_providers = True
+            self.observer.start_providers()
+
     async def run(self, stop: asyncio.Event) -> None:
+        self.start_providers()
         pollers = [
             asyncio.create_task(self._poll_interruptions(name, a, stop), name=f"interruptions-{name}")
             for name, a in self.adapters.items()
@@ -152,95 +151,116 @@ class Engine:
             for task in pollers:
                 task.cancel()
             await asyncio.gather(*pollers, return_exceptions=True)
-            await self.drain()
+            await self.drain(grace=30.0)
+            await self.observer.close()
 
-    async def drain(self, grace: float = 30.0) -> None:
-        """Wait for terminations in flight (they stop billing; never abandon them lightly)."""
-        if self._background:
-            await asyncio.wait(list(self._background), timeout=grace)
+    async def drain(self, grace: float | None = None) -> None:
+        """Wait for the launches and terminations in flight."""
+        await self.workers.drain(grace)
 
     def healthy(self) -> bool:
-        return time.time() - self.last_tick_at < max(60.0, 5 * self.settings.engine.tick_seconds)
+        """The loop is alive (ticks keep coming), whatever the providers do."""
+        return time.time() - self.last_tick_at < max(30.0, 5 * self.settings.engine.tick_seconds)
 
     # ------------------------------------------------------------------ one tick
 
+    def _spec(self, job: JobRow) -> JobSpec:
+        cached = self._specs.get(job.id)
+        if cached is not None and cached[0] == job.spec_json:
+            return cached[1]
+        spec = JobSpec.model_validate_json(job.spec_json)
+        self._specs[job.id] = (job.spec_json, spec)
+        return spec
+
     async def tick(self) -> None:
+        """One pass: read fresh listings, then the store (after the listings, so an agent's
+        report that arrived meanwhile is not overwritten by a stale snapshot), decide, commit,
+        and hand work to the workers."""
+        if not self.started_providers:
+            self.start_providers()
+            await self.observer.wait_started(self.settings.engine.listing_wait_seconds)
         started = time.time()
+        eng = self.settings.engine
+        snap = await self.observer.snapshot(self._prev_tick_at, min(eng.listing_wait_seconds, eng.tick_seconds))
+        self._prev_tick_at = started
         jobs = await self.store.run(self.store.active_jobs)
         attempts = await self.store.run(self.store.attempts_for, [j.id for j in jobs])
-        observed, readable = await self._observe()
         now = time.time()
-        to_launch: list[tuple[JobRow, JobSpec, bool]] = []
-        retry: list[tuple[JobRow, JobSpec, AttemptRow]] = []
+        live = {a.name: a for rows in attempts.values() for a in rows if a.status != AttemptStatus.ENDED.value}
+        observed = self._primaries(snap, live)
+        while self._pending_events:
+            job_id, number, message = self._pending_events.pop()
+            await self.store.run(self.store.add_event, job_id, "duplicate", message, number)
         for job in jobs:
-            spec = JobSpec.model_validate_json(job.spec_json)
+            spec = self._spec(job)
             rows = attempts.get(job.id, [])
             views = [attempt_view(r) for r in rows]
-            decision = reconcile.decide(job_view(job, spec), views, observed, readable, now, self.cfg)
-            launch = await self._apply(job, rows, decision, now)
-            if launch is not None:
-                to_launch.append((job, spec, launch))
+            decision = reconcile.decide(job_view(job, spec), views, observed, snap.readable, now, self.cfg,
+                                        snap.asked_at)
+            launch = await self._apply(job, rows, decision, observed, now)
+            if launch is not None and self.observer.settled():
+                self.workers.launch_soon(job, spec, launch)
             by_id = {r.id: r for r in rows}
             for action in decision.actions:
                 if isinstance(action, reconcile.RetryLaunch):
-                    retry.append((job, spec, by_id[action.attempt_id]))
-        await self._reap(observed, readable)
-        sem = asyncio.Semaphore(4)
-
-        async def bounded(coro: Awaitable[None]) -> None:
-            async with sem:
-                await coro
-
-        stats = await self.rate_stats() if to_launch else {}  # one history read per tick
-        await asyncio.gather(
-            *(bounded(self._relaunch_pending(j, s, a)) for j, s, a in retry),
-            *(bounded(self._launch(j, s, early, stats)) for j, s, early in to_launch),
-        )
+                    self.workers.relaunch_soon(job, spec, by_id[action.attempt_id])
+            await asyncio.sleep(0)  # let the API and agents in between jobs
+        active = {j.id for j in jobs}
+        for job_id in [k for k in self._specs if k not in active]:
+            del self._specs[job_id]
+        await self._record_bill_starts(observed, live)
+        await self._reap(snap, live)
+        await self._prune(now)
         self.ticks += 1
         self.last_tick_at = time.time()
         metrics.TICK_SECONDS.observe(self.last_tick_at - started)
 
-    async def _observe(self) -> tuple[dict[str, Instance], set[str]]:
-        """One listing per provider, concurrently, each bounded by the provider timeout."""
-        timeout = self.settings.engine.provider_timeout_seconds
-
-        async def one(name: str, adapter: Adapter) -> tuple[str, list[Instance] | BaseException]:
-            try:
-                return name, await asyncio.wait_for(adapter.list_instances(), timeout)
-            except (Exception, asyncio.TimeoutError) as exc:  # noqa: UP041
-                return name, exc
-
-        results = await asyncio.gather(*(one(n, a) for n, a in self.adapters.items()))
+    def _primaries(self, snap: Snapshot, live: dict[str, AttemptRow]) -> dict[str, Instance]:
+        """The instance each attempt name stands for; every other live instance with a live
+        attempt's name is a duplicate, stopped at once and its bill added to that attempt."""
         observed: dict[str, Instance] = {}
-        readable: set[str] = set()
-        now = time.time()
-        for name, result in results:
-            h = self.health[name]
-            if isinstance(result, BaseException):
-                if h.ok:
-                    h.since = now
-                    log.warning("provider %s degraded: %s", name, _describe(result))
-                h.ok, h.error = False, _describe(result)
-                metrics.PROVIDER_ERRORS.labels(name, "list").inc()
-                continue
-            if not h.ok:
-                log.info("provider %s recovered", name)
-            h.ok, h.error, h.last_ok = True, "", now
-            readable.add(name)
-            for inst in result:
-                if inst.name.startswith(f"{self.prefix}-"):
-                    # a name seen twice (RunPod keeps stopped pods) prefers the live one
-                    prev = observed.get(inst.name)
-                    if prev is None or prev.state in (InstanceState.TERMINATED, InstanceState.EXITED):
-                        observed[inst.name] = inst
-        for name, h in self.health.items():
-            metrics.PROVIDER_UP.labels(name).set(1 if h.ok else 0)
-        return observed, readable
+        for name, instances in snap.by_name.items():
+            attempt = live.get(name)
+            primary, extras = pick_primary(instances, attempt.instance_id if attempt else None)
+            if primary is not None:
+                observed[name] = primary
+            if attempt is None:
+                continue  # no live attempt: the reaper deals with every one of them
+            for extra in extras:
+                if self.workers.stopping_or_stopped(extra.provider, extra.instance_id):
+                    continue
+                key = f"{extra.provider}/{extra.instance_id}"
+                if key not in self._duplicates_seen:
+                    self._duplicates_seen.add(key)
+                    log.warning("duplicate %s instance %s carries attempt %s: stopping it",
+                                extra.provider, extra.instance_id, name)
+                    metrics.DUPLICATES.labels(extra.provider).inc()
+                    self._pending_events.append((
+                        attempt.job_id, attempt.number,
+                        f"a second {extra.provider} machine {extra.instance_id} carried attempt "
+                        f"{attempt.number}'s name; stopped it (its cost is added to the attempt)",
+                    ))
+                self.workers.terminate_soon(TerminateOrder(
+                    extra.provider, extra.instance_id, attempt_id=attempt.id, duplicate=True,
+                    price_per_hour=extra.price_per_hour or attempt.price_per_hour,
+                    started_at=extra.bill.started_at if extra.bill else None, last_bill=extra.bill,
+                ))
+        return observed
+
+    async def _record_bill_starts(self, observed: dict[str, Instance], live: dict[str, AttemptRow]) -> None:
+        """Remember when the provider started billing each live attempt (once)."""
+        for name, attempt in live.items():
+            inst = observed.get(name)
+            if (inst is not None and inst.bill is not None and attempt.bill_started_at is None
+                    and attempt.instance_id == inst.instance_id):
+                await self.store.run(self.store.update_attempt, attempt.id or 0,
+                                     bill_started_at=inst.bill.started_at)
 
     # ------------------------------------------------------------------ applying decisions
 
     async def _apply(
-        self, job: JobRow, rows: list[AttemptRow], d: reconcile.Decision, now: float
+        self, job: JobRow, rows: list[AttemptRow], d: reconcile.Decision, observed: dict[str, Instance],
+        now: float,
     ) -> bool | None:
         """Commit one job's transitions, then start its terminations. Returns None, or whether
         a launch is wanted early (True) or normally (False)."""
@@ -248,7 +268,7 @@ class Engine:
         job_fields: dict[str, object] = {}
         attempt_fields: dict[int, dict[str, object]] = {}
         events: list[tuple[int | None, str, str]] = []
-        terminations: list[tuple[AttemptRow, str]] = []
+        terminations: list[TerminateOrder] = []
         launch: bool | None = None
         for action in d.actions:
             if isinstance(action, reconcile.Adopt):
@@ -264,7 +284,7 @@ class Engine:
                 events.append((a.number, "running", f"attempt {a.number} running on {a.provider} {a.region}"))
             elif isinstance(action, reconcile.EndAttempt):
                 a = by_id[action.attempt_id]
-                cost = reconcile.attempt_cost(attempt_view(a), now)
+                cost = reconcile.attempt_cost(attempt_view(a), now) - a.duplicate_cost_usd
                 attempt_fields.setdefault(a.id or 0, {}).update(
                     status=AttemptStatus.ENDED.value, end_reason=action.reason.value, detail=action.detail[:1024],
                     exit_code=action.exit_code if action.exit_code is not None else a.exit_code,
@@ -276,7 +296,12 @@ class Engine:
             elif isinstance(action, reconcile.Terminate):
                 a = by_id[action.attempt_id]
                 attempt_fields.setdefault(a.id or 0, {}).setdefault("stop_requested_at", a.stop_requested_at or now)
-                terminations.append((a, action.instance_id))
+                seen = observed.get(a.name)
+                bill = seen.bill if seen is not None and seen.instance_id == action.instance_id else None
+                terminations.append(TerminateOrder(
+                    a.provider, action.instance_id, attempt_id=a.id, price_per_hour=a.price_per_hour,
+                    started_at=a.bill_started_at or a.launched_at, last_bill=bill,
+                ))
             elif isinstance(action, reconcile.SetStatus):
                 job_fields.update(status=action.status.value)
                 if action.status == JobStatus.RECOVERING:
@@ -295,219 +320,83 @@ class Engine:
             job_fields["retries"] = job.retries + d.retries
         if job_fields or attempt_fields or events:
             await self.store.run(self.store.apply, job.id, job_fields, attempt_fields, events)
-        for a, instance_id in terminations:
-            self._terminate_soon(a.provider, instance_id)
+        for order in terminations:
+            self.workers.terminate_soon(order)
         return launch
 
-    def _terminate_soon(self, provider: str, instance_id: str) -> None:
-        key = (provider, instance_id)
-        adapter = self.adapters.get(provider)
-        if adapter is None or key in self._terminating:
-            return
-        self._terminating.add(key)
-
-        async def go() -> None:
-            try:
-                await asyncio.wait_for(
-                    adapter.terminate(instance_id),
-                    self.settings.engine.provider_timeout_seconds + self.settings.engine.stop_grace_seconds,
-                )
-                log.info("terminated %s instance %s", provider, instance_id)
-            except (Exception, asyncio.TimeoutError) as exc:  # noqa: UP041 - the reaper will retry
-                metrics.PROVIDER_ERRORS.labels(provider, "terminate").inc()
-                log.warning("terminate %s %s failed (will retry): %s", provider, instance_id, _describe(exc))
-            finally:
-                self._terminating.discard(key)
-                self.hint()
-
-        task = asyncio.create_task(go(), name=f"terminate-{provider}-{instance_id}")
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _reap(self, observed: dict[str, Instance], readable: set[str]) -> None:
+    async def _reap(self, snap: Snapshot, live: dict[str, AttemptRow]) -> None:
         """Terminate every instance with our prefix that no live attempt owns: leftovers of
         ended attempts whose termination failed, and true orphans (no attempt at all)."""
-        live = {a.name for a in await self.store.run(self.store.live_attempts)}
-        for name, inst in observed.items():
-            if inst.provider not in readable or name in live or inst.state == InstanceState.TERMINATED:
+        live_names = set(live)
+        candidates = [
+            inst for name, instances in snap.by_name.items() if name not in live_names
+            for inst in instances
+            if inst.provider in snap.readable and inst.state != InstanceState.TERMINATED
+            and not self.workers.stopping_or_stopped(inst.provider, inst.instance_id)
+            and parse_attempt_name(self.prefix, name) is not None
+        ]
+        if not candidates:
+            return
+        # an attempt made since the listing may own one: look again before stopping anything
+        live_now = {a.name for a in await self.store.run(self.store.live_attempts)}
+        for inst in candidates:
+            if inst.name in live_now:
                 continue
-            if (inst.provider, inst.instance_id) in self._terminating or parse_attempt_name(self.prefix, name) is None:
-                continue
-            row = await self.store.run(self.store.attempt_by_name, name)
-            if row is not None and row.stop_requested_at is not None:
-                log.info("stopping leftover %s instance %s of ended attempt %s", inst.provider, inst.instance_id, name)
+            row = await self.store.run(self.store.attempt_by_name, inst.name)
+            order = TerminateOrder(inst.provider, inst.instance_id, last_bill=inst.bill)
+            if row is not None and row.instance_id == inst.instance_id:
+                log.info("stopping leftover %s instance %s of ended attempt %s", inst.provider, inst.instance_id,
+                         inst.name)
+                order = TerminateOrder(inst.provider, inst.instance_id, attempt_id=row.id,
+                                       price_per_hour=row.price_per_hour,
+                                       started_at=row.bill_started_at or row.launched_at, last_bill=inst.bill)
+            elif row is not None:
+                log.warning("stopping extra %s instance %s carrying ended attempt %s", inst.provider,
+                            inst.instance_id, inst.name)
+                order = TerminateOrder(inst.provider, inst.instance_id, attempt_id=row.id, duplicate=True,
+                                       price_per_hour=inst.price_per_hour or row.price_per_hour,
+                                       started_at=inst.bill.started_at if inst.bill else None, last_bill=inst.bill)
             else:
-                log.warning("reaping orphan %s instance %s (%s): no attempt owns it", inst.provider, inst.instance_id, name)
+                log.warning("reaping orphan %s instance %s (%s): no attempt owns it", inst.provider,
+                            inst.instance_id, inst.name)
                 metrics.ORPHANS_REAPED.labels(inst.provider).inc()
-            self._terminate_soon(inst.provider, inst.instance_id)
+            self.workers.terminate_soon(order)
 
-    # ------------------------------------------------------------------ offers and launches
+    async def _prune(self, now: float) -> None:
+        if now - self._last_prune < PRUNE_EVERY_SECONDS:
+            return
+        self._last_prune = now
+        prune = getattr(self.store, "prune", None)
+        if prune is not None:
+            try:
+                await self.store.run(prune, now)
+            except Exception as exc:  # retention is housekeeping: never fail a tick for it
+                log.warning("pruning old events failed: %s", describe(exc))
+
+    # ------------------------------------------------------------------ offers
 
     async def offers(self, max_age: float | None = None) -> dict[str, list[Offer]]:
         """Every provider's offers, refreshed when older than `max_age` (default from config)."""
-        max_age = self.settings.engine.offer_refresh_seconds if max_age is None else max_age
-        now = time.time()
-
-        async def one(name: str) -> None:
-            cache = self.offer_cache[name]
-            if now - cache.fetched_at < max_age:
-                return
-            try:
-                cache.offers = await asyncio.wait_for(
-                    self.adapters[name].offers(), self.settings.engine.provider_timeout_seconds
-                )
-                cache.fetched_at = time.time()
-            except (Exception, asyncio.TimeoutError) as exc:  # noqa: UP041
-                metrics.PROVIDER_ERRORS.labels(name, "offers").inc()
-                log.warning("offers from %s unavailable: %s", name, _describe(exc))
-
-        await asyncio.gather(*(one(n) for n in self.adapters))
-        return {n: list(c.offers) for n, c in self.offer_cache.items()}
+        return await self.observer.offers(max_age, wait=self.settings.engine.provider_timeout_seconds)
 
     async def rate_stats(self) -> dict[tuple[str, CapacityType], RateStats]:
-        rows = await self.store.run(self.store.preemption_history)
-        out: dict[tuple[str, CapacityType], RateStats] = {}
-        for provider, capacity, n, hours in rows:
-            with contextlib.suppress(ValueError):
-                out[(provider, CapacityType(capacity))] = RateStats(n, hours)
-        return out
-
-    def _request(self, job: JobRow, spec: JobSpec, number: int, offer: Offer,
-                 volume: ProviderVolume | None) -> LaunchRequest:
-        name = attempt_name(self.prefix, job.id, number)
-        env = dict(spec.env)
-        env.update(
-            GPUHOP_JOB_ID=job.id, GPUHOP_ATTEMPT=str(number), GPUHOP_ATTEMPT_NAME=name,
-            GPUHOP_CALLBACK_URL=f"{self.settings.server.agent_base_url()}/v1/agent/report",
-            GPUHOP_TOKEN=self.token_for(name), GPUHOP_HEARTBEAT=str(self.settings.engine.heartbeat_seconds),
-        )
-        return LaunchRequest(
-            name=name, idempotency_key=f"{name}-{hashlib.sha1(offer.offer_id.encode()).hexdigest()[:10]}"[-64:],
-            job_id=job.id, attempt=number, offer=offer, image=spec.image, command=list(spec.command), env=env,
-            disk_gb=spec.resources.disk_gb, volume=volume,
-            mount_path=spec.volume.mount_path if spec.volume else "/workspace",
-            bid_price_per_hour=offer.price_per_hour if offer.capacity == CapacityType.SPOT else None,
-        )
-
-    async def _volume_for(self, spec: JobSpec, offer: Offer) -> ProviderVolume | None:
-        if spec.volume is None:
-            return None
-        adapter = self.adapters[offer.provider]
-        if not isinstance(adapter, VolumeSupport):
-            raise PermanentError(f"{offer.provider} does not support volumes", provider=offer.provider)
-        vol = await adapter.ensure_volume(spec.volume.name, spec.volume.size_gb, offer.region)
-        await self.store.run(self.store.set_volume_location, spec.volume.name, vol.provider, vol.region, vol.volume_id)
-        return vol
-
-    async def _launch(self, job: JobRow, spec: JobSpec, early: bool,
-                      stats: dict[tuple[str, CapacityType], RateStats]) -> None:
-        """Place the job and start a new attempt, trying candidates best first."""
-        now = time.time()
-        if not early and job.next_try_at is not None and now < job.next_try_at:
-            return
-        offers_by_provider = await self.offers()
-        offers = [o for name, lst in offers_by_provider.items() if self.health[name].ok for o in lst]
-        location: VolumeLocation | None = None
-        if spec.volume is not None:
-            vol = await self.store.run(self.store.volume, spec.volume.name)
-            location = VolumeLocation(vol.provider if vol else None, vol.region if vol else None)
-        result = place(spec, offers, location, stats, self.placement)
-        number = await self.store.run(self.store.next_attempt_number, job.id)
-        tried: list[str] = []
-        for cand in result.candidates[:8]:
-            offer = cand.offer
-            row = AttemptRow(
-                job_id=job.id, number=number, name=attempt_name(self.prefix, job.id, number),
-                provider=offer.provider, region=offer.region, offer_id=offer.offer_id,
-                capacity=offer.capacity.value, gpu=offer.gpu, gpu_count=offer.gpu_count,
-                price_per_hour=offer.price_per_hour, status=AttemptStatus.PENDING.value,
-                placement_reason=cand.reason[:1024], created_at=time.time(),
-            )
-            try:
-                volume = await asyncio.wait_for(self._volume_for(spec, offer), self.settings.engine.provider_timeout_seconds)
-                if volume is not None:
-                    row.volume_id = volume.volume_id
-                row = await self.store.run(self.store.add_attempt, row)  # write-ahead
-                req = self._request(job, spec, number, offer, volume)
-                inst = await asyncio.wait_for(
-                    self.adapters[offer.provider].launch(req), self.settings.engine.provider_timeout_seconds
-                )
-            except (NoCapacity, PermanentError) as exc:
-                tried.append(f"{offer.provider}/{offer.region} {offer.gpu or 'cpu'}: {_describe(exc)}")
-                if row.id is not None:
-                    await self.store.run(self.store.delete_attempt, row.id)
-                self.offer_cache[offer.provider].fetched_at = 0.0
-                continue
-            except (TimeoutError, RetryLater, AdapterError, OSError) as exc:
-                # the launch may or may not have happened: keep the attempt pending; the next
-                # observation adopts the instance, or the launch is retried under the same name
-                await self.store.run(self.store.add_event, job.id, "launch_retry",
-                                     f"launch of attempt {number} on {offer.provider} unconfirmed: {_describe(exc)}", number)
-                return
-            await self.store.run(
-                self.store.apply, job.id,
-                {"status": JobStatus.LAUNCHING.value if not early else job.status, "next_try_at": None,
-                 "message": f"attempt {number} on {offer.provider} {offer.region}"},
-                {row.id or 0: {"status": AttemptStatus.LAUNCHING.value, "instance_id": inst.instance_id,
-                               "launched_at": time.time()}},
-                [(number, "launched", f"attempt {number} launched{' ahead of a reclaim' if early else ''}: "
-                  f"{cand.reason}")],
-            )
-            self._backoff.pop(job.id, None)
-            self.offer_cache[offer.provider].fetched_at = 0.0
-            metrics.LAUNCHES.labels(offer.provider, offer.capacity.value).inc()
-            return
-        # nothing could be launched: wait, with a growing pause
-        delay = min(self.settings.engine.retry_backoff_max_seconds, self._backoff.get(job.id, 1.0) * 2)
-        self._backoff[job.id] = delay
-        why = "; ".join(tried) if tried else result.summary()
-        await self.store.run(
-            self.store.apply, job.id,
-            {"next_try_at": time.time() + delay, "message": f"no capacity: {why}"[:1024]},
-            {}, [(None, "no_capacity", f"nothing launched, next try in {delay:.0f} s: {why}")],
-        )
-
-    async def _relaunch_pending(self, job: JobRow, spec: JobSpec, row: AttemptRow) -> None:
-        """Re-issue a pending attempt's launch under its own name (idempotent)."""
-        offer = Offer(
-            provider=row.provider, offer_id=row.offer_id, region=row.region, gpu=row.gpu, gpu_count=row.gpu_count,
-            vram_gb=0, vcpu=0, memory_gb=0, disk_gb=0, capacity=CapacityType(row.capacity or "on-demand"),
-            price_per_hour=row.price_per_hour,
-        )
-        adapter = self.adapters.get(row.provider)
-        if adapter is None:
-            return
-        volume = None
-        if spec.volume is not None and row.volume_id:
-            vol = await self.store.run(self.store.volume, spec.volume.name)
-            if vol is not None and vol.provider_volume_id:
-                volume = ProviderVolume(row.provider, vol.provider_volume_id, vol.name, vol.region or row.region, vol.size_gb)
-        req = self._request(job, spec, row.number, offer, volume)
-        try:
-            inst = await asyncio.wait_for(adapter.launch(req), self.settings.engine.provider_timeout_seconds)
-        except (NoCapacity, PermanentError) as exc:
-            await self.store.run(self.store.delete_attempt, row.id or 0)
-            await self.store.run(self.store.add_event, job.id, "launch_failed",
-                                 f"pending attempt {row.number} dropped: {_describe(exc)}", row.number)
-            self.hint()
-            return
-        except (Exception, asyncio.TimeoutError) as exc:  # noqa: UP041
-            log.info("relaunch of pending %s unconfirmed: %s", row.name, _describe(exc))
-            return
-        await self.store.run(self.store.update_attempt, row.id or 0, status=AttemptStatus.LAUNCHING.value,
-                             instance_id=inst.instance_id, launched_at=row.launched_at or time.time())
+        return await self.workers.rate_stats()
 
     # ------------------------------------------------------------------ notices
 
     async def _poll_interruptions(self, name: str, adapter: InterruptionSupport, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            if not self.observer.started(name):
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1)
+                continue
             try:
                 notices = await adapter.poll_interruptions(wait_seconds=10)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 metrics.PROVIDER_ERRORS.labels(name, "interruptions").inc()
-                log.warning("interruption notices from %s unavailable: %s", name, _describe(exc))
+                log.warning("interruption notices from %s unavailable: %s", name, describe(exc))
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), 5)
                 continue
@@ -528,9 +417,4 @@ class Engine:
         self.hint()
 
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, asyncio.TimeoutError):
-        return "timed out"
-    text = str(exc) or type(exc).__name__
-    return text[:300]
 

@@ -21,6 +21,10 @@ JOBS_FINISHED = Counter("gpuhop_jobs_finished_total", "Jobs ended, by status", [
 ORPHANS_REAPED = Counter(
     "gpuhop_orphans_reaped_total", "Instances terminated because no attempt owned them", ["provider"], registry=REGISTRY
 )
+DUPLICATES = Counter(
+    "gpuhop_duplicate_instances_total", "Extra machines found carrying a live attempt's name (stopped)",
+    ["provider"], registry=REGISTRY,
+)
 INTERRUPTIONS = Counter(
     "gpuhop_interruption_notices_total", "Reclaim notices received", ["provider"], registry=REGISTRY
 )

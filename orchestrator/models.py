@@ -13,9 +13,17 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    JsonValue,
+    field_validator,
+    model_validator,
+)
 
-from orchestrator.gpus import canonical_gpu
+from orchestrator.gpus import GPUS, canonical_gpu
 
 # --------------------------------------------------------------------------- enums
 
@@ -75,14 +83,36 @@ class InstanceState(StrEnum):
 
 # --------------------------------------------------------------------------- the job spec
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-_ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
-_REGION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# Every pattern is matched whole with fullmatch: `$` would also accept a trailing newline.
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+_ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+_REGION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_IMAGE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}")
+_MOUNT_RE = re.compile(r"[A-Za-z0-9/._-]+")
 MAX_ENV_VALUE = 32 * 1024
 MAX_COMMAND_ARG = 64 * 1024
 RESERVED_ENV_PREFIX = "GPUHOP_"
 
-PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+def _a_json_number(value: object) -> object:
+    """Numbers are taken only as numbers: `true` or "1" is not a GPU count. (A whole number
+    written 2.0 is still an integer, as JSON Schema has it; 2.5 is refused by the int check.)"""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("must be a number (not a string or a boolean)")
+    return value
+
+
+StrictInt = Annotated[int, BeforeValidator(_a_json_number)]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False), BeforeValidator(_a_json_number)]
+PricePerHour = Annotated[float, Field(gt=0, le=1000, allow_inf_nan=False), BeforeValidator(_a_json_number)]
+CostUsd = Annotated[float, Field(gt=0, le=1_000_000, allow_inf_nan=False), BeforeValidator(_a_json_number)]
+
+
+def _shown(value: str, limit: int = 64) -> str:
+    """A caller's text quoted for an error message: short, and escaped (repr) so that control
+    characters and lone surrogates cannot break the JSON or the log line it lands in."""
+    return repr(value[:limit]) + ("..." if len(value) > limit else "")
 
 
 class _Strict(BaseModel):
@@ -94,18 +124,32 @@ def _check_text(value: str, what: str, limit: int) -> str:
         raise ValueError(f"{what} must not contain NUL characters")
     if len(value) > limit:
         raise ValueError(f"{what} is longer than {limit} characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} must be valid Unicode text (it holds a lone surrogate such as \\ud800)") from None
     return value
 
 
+_GPU_NAMES = sorted({n for g in GPUS for n in (g.name, *g.aliases)})
+
+
 class Resources(_Strict):
-    gpu: list[str] | None = Field(
-        default=None, description="Accepted GPU models (any of them), e.g. ['H100', 'A100-80GB']."
+    model_config = ConfigDict(json_schema_extra={
+        # gpu_count = 0 is a CPU-only job: it cannot also ask for a GPU model or GPU memory
+        "if": {"properties": {"gpu_count": {"const": 0}}, "required": ["gpu_count"]},
+        "then": {"properties": {"gpu": {"type": "null"}, "min_vram_gb": {"type": "null"}}},
+    })
+
+    gpu: list[Annotated[str, Field(json_schema_extra={"enum": _GPU_NAMES})]] | None = Field(
+        default=None, min_length=1, max_length=32,
+        description="Accepted GPU models (any of them), e.g. ['H100', 'A100-80GB']."
     )
-    min_vram_gb: int | None = Field(default=None, ge=1, le=4096)
-    gpu_count: int = Field(default=1, ge=0, le=16)
-    min_vcpu: int = Field(default=0, ge=0, le=1024)
-    min_memory_gb: int = Field(default=0, ge=0, le=16384)
-    disk_gb: int = Field(default=20, ge=1, le=65536)
+    min_vram_gb: Annotated[int, Field(ge=1, le=4096), BeforeValidator(_a_json_number)] | None = None
+    gpu_count: StrictInt = Field(default=1, ge=0, le=16)
+    min_vcpu: StrictInt = Field(default=0, ge=0, le=1024)
+    min_memory_gb: StrictInt = Field(default=0, ge=0, le=16384)
+    disk_gb: StrictInt = Field(default=20, ge=1, le=65536)
 
     @field_validator("gpu")
     @classmethod
@@ -118,7 +162,7 @@ class Resources(_Strict):
         for name in value:
             gpu = canonical_gpu(name)
             if gpu is None:
-                raise ValueError(f"unknown GPU model {name!r}; see `gpuhop gpus` for the known names")
+                raise ValueError(f"unknown GPU model {_shown(name)}; see `gpuhop gpus` for the known names")
             out.append(gpu.name)
         return out
 
@@ -129,11 +173,16 @@ class Resources(_Strict):
         return self
 
 
+_REGION_SCHEMA: dict[str, JsonValue] = {"pattern": "^" + _REGION_RE.pattern + "$"}
+
+
 class Placement(_Strict):
     capacity: CapacityPreference = CapacityPreference.AUTO
-    max_price_per_hour: float | None = Field(default=None, gt=0, le=1000, allow_inf_nan=False)
-    providers: list[str] | None = None
-    regions: list[str] | None = None
+    max_price_per_hour: PricePerHour | None = None
+    providers: list[Annotated[str, Field(json_schema_extra=_REGION_SCHEMA)]] | None = Field(
+        default=None, min_length=1, max_length=64)
+    regions: list[Annotated[str, Field(json_schema_extra=_REGION_SCHEMA)]] | None = Field(
+        default=None, min_length=1, max_length=64)
 
     @field_validator("providers", "regions")
     @classmethod
@@ -143,20 +192,25 @@ class Placement(_Strict):
         if not value:
             raise ValueError("must list at least one entry, or be left out")
         for item in value:
-            if not _REGION_RE.match(item):
-                raise ValueError(f"{item!r} is not a valid name (letters, digits, . _ -)")
+            if not _REGION_RE.fullmatch(item):
+                raise ValueError(f"{_shown(item)} is not a valid name (letters, digits, . _ -)")
         return value
 
 
+_NAME_SCHEMA: dict[str, JsonValue] = {"pattern": "^" + _NAME_RE.pattern + "$"}
+# absolute, no '..' segment, only these characters
+_MOUNT_SCHEMA: dict[str, JsonValue] = {"pattern": r"^(?!(.*/)?\.\.(/|$))/[A-Za-z0-9/._-]*$", "maxLength": 255}
+
+
 class VolumeSpec(_Strict):
-    name: str
-    size_gb: int = Field(default=20, ge=1, le=65536)
-    mount_path: str = "/workspace"
+    name: str = Field(json_schema_extra=_NAME_SCHEMA)
+    size_gb: StrictInt = Field(default=20, ge=1, le=65536)
+    mount_path: str = Field(default="/workspace", json_schema_extra=_MOUNT_SCHEMA)
 
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not _NAME_RE.match(value):
+        if not _NAME_RE.fullmatch(value):
             raise ValueError("volume name must be 1-63 letters, digits, '.', '_' or '-'")
         return value
 
@@ -165,27 +219,37 @@ class VolumeSpec(_Strict):
     def _mount(cls, value: str) -> str:
         if not value.startswith("/") or ".." in value.split("/") or len(value) > 255:
             raise ValueError("mount_path must be an absolute path without '..'")
-        if not re.match(r"^[A-Za-z0-9/._-]+$", value):
+        if not _MOUNT_RE.fullmatch(value):
             raise ValueError("mount_path may only contain letters, digits, '/', '.', '_' or '-'")
         return value
 
 
 class Policy(_Strict):
-    max_relaunches: int = Field(default=10, ge=0, le=1000, description="after preemption or loss")
-    max_retries_on_error: int = Field(default=0, ge=0, le=100, description="after a non-zero exit")
-    max_cost_usd: float | None = Field(default=None, gt=0, le=1_000_000, allow_inf_nan=False)
-    checkpoint_interval: float = Field(
-        default=600, gt=0, le=7 * 86400, allow_inf_nan=False, description="seconds"
-    )
+    max_relaunches: StrictInt = Field(default=10, ge=0, le=1000, description="after preemption or loss")
+    max_retries_on_error: StrictInt = Field(default=0, ge=0, le=100, description="after a non-zero exit")
+    max_cost_usd: CostUsd | None = None
+    checkpoint_interval: PositiveFloat = Field(default=600, le=7 * 86400, description="seconds")
+
+
+# what the document promises for free text: no NUL (lone surrogates cannot be written in UTF-8)
+_TEXT = r"^[^\x00]*$"
+_ENV_KEY_SCHEMA: dict[str, JsonValue] = {"pattern": r"^(?![Gg][Pp][Uu][Hh][Oo][Pp]_)" + _ENV_KEY_RE.pattern + "$"}
 
 
 class JobSpec(_Strict):
     """What a user submits. Validated completely before anything is stored."""
 
-    name: str
-    image: str = "python:3.11-slim"
-    command: list[str] = Field(min_length=1, max_length=4096)
-    env: dict[str, str] = Field(default_factory=dict)
+    model_config = ConfigDict(json_schema_extra={"propertyNames": {"maxLength": 64}})
+
+    name: str = Field(json_schema_extra=_NAME_SCHEMA)
+    image: str = Field(default="python:3.11-slim", json_schema_extra={"pattern": "^" + _IMAGE_RE.pattern + "$"})
+    command: list[Annotated[str, Field(max_length=MAX_COMMAND_ARG, json_schema_extra={"pattern": _TEXT})]] = Field(
+        min_length=1, max_length=4096, json_schema_extra={"prefixItems": [  # the program: not empty
+            {"type": "string", "minLength": 1, "maxLength": MAX_COMMAND_ARG, "pattern": _TEXT}]})
+    env: dict[
+        Annotated[str, Field(json_schema_extra=_ENV_KEY_SCHEMA)],
+        Annotated[str, Field(max_length=MAX_ENV_VALUE, json_schema_extra={"pattern": _TEXT})],
+    ] = Field(default_factory=dict, max_length=256, json_schema_extra={"additionalProperties": False})
     resources: Resources = Field(default_factory=Resources)
     placement: Placement = Field(default_factory=Placement)
     volume: VolumeSpec | None = None
@@ -194,37 +258,48 @@ class JobSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not _NAME_RE.match(value):
+        if not _NAME_RE.fullmatch(value):
             raise ValueError("name must be 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit")
         return value
 
     @field_validator("image")
     @classmethod
     def _image(cls, value: str) -> str:
-        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$", value):
+        if not _IMAGE_RE.fullmatch(value):
             raise ValueError("image must be a container image reference such as 'python:3.11-slim'")
+        return value
+
+    @field_validator("command", mode="before")
+    @classmethod
+    def _command_text(cls, value: object) -> object:
+        # before pydantic's own checks, so that a lone surrogate is named as such
+        if isinstance(value, list):
+            for arg in value:
+                if isinstance(arg, str):
+                    _check_text(arg, "a command argument", MAX_COMMAND_ARG)
         return value
 
     @field_validator("command")
     @classmethod
     def _command(cls, value: list[str]) -> list[str]:
-        for arg in value:
-            _check_text(arg, "a command argument", MAX_COMMAND_ARG)
         if not value[0]:
             raise ValueError("the command's first element (the program) must not be empty")
         return value
 
-    @field_validator("env")
+    @field_validator("env", mode="before")
     @classmethod
-    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+    def _env(cls, value: object) -> object:
+        if not isinstance(value, dict):
+            return value
         if len(value) > 256:
             raise ValueError("at most 256 environment variables")
         for key, val in value.items():
-            if not _ENV_KEY_RE.match(key):
-                raise ValueError(f"environment variable name {key[:64]!r} is not a valid name")
+            if not isinstance(key, str) or not _ENV_KEY_RE.fullmatch(key):
+                raise ValueError(f"environment variable name {_shown(str(key))} is not a valid name")
             if key.upper().startswith(RESERVED_ENV_PREFIX):
                 raise ValueError(f"environment variable {key!r}: names starting with GPUHOP_ are set by gpuhop")
-            _check_text(val, f"the value of {key}", MAX_ENV_VALUE)
+            if isinstance(val, str):
+                _check_text(val, f"the value of {key}", MAX_ENV_VALUE)
         return value
 
 
@@ -317,7 +392,7 @@ def attempt_name(prefix: str, job_id: str, attempt: int) -> str:
 
 def parse_attempt_name(prefix: str, name: str) -> tuple[str, int] | None:
     """Inverse of attempt_name; None for a name that is not ours."""
-    m = re.match(rf"^{re.escape(prefix)}-([a-z0-9]+)-(\d+)$", name or "")
+    m = re.fullmatch(rf"{re.escape(prefix)}-([a-z0-9]+)-(\d+)", name or "")
     if not m:
         return None
     return m.group(1), int(m.group(2))

@@ -12,10 +12,14 @@ The rules, in order of precedence for each live attempt:
    `failed`; killed by a signal gpuhop did not send, or exited after a SIGTERM gpuhop did not
    send, is `lost` (a preemption notice if the provider's listing says so).
 5. An instance gone without an exit code, after the launch grace, is `lost`; so is a remote
-   agent silent past the heartbeat timeout.
+   agent silent past the heartbeat timeout. Silence is counted only while this daemon was up
+   (`Settings.silence_since`): an agent that could not report while the daemon was down is not
+   lost, and after a restart of any length every agent gets a full timeout to report again.
+   A listing taken before an attempt was launched says nothing about it (`observed_at`).
 6. An attempt under a reclaim notice is handed over (ended `preempted`, its machine stopped so
    the job checkpoints and the volume is free) as soon as its early replacement is up.
-Then the job: cancelled when asked; out of budget when its cost reaches `max_cost_usd`; a new
+Then the job: `launching` once a provider confirmed a machine (a launch still in flight leaves
+it `queued` or `recovering`); cancelled when asked; out of budget when its cost reaches `max_cost_usd`; a new
 attempt when none is live (within `max_relaunches` / `max_retries_on_error`), or early when a
 reclaim notice arrives.
 """
@@ -48,6 +52,9 @@ class AttemptView:
     last_heartbeat_at: float | None = None
     interruption_at: float | None = None
     stop_requested_at: float | None = None
+    created_at: float | None = None
+    bill_started_at: float | None = None  # the provider's own start of billing, when known
+    duplicate_cost_usd: float = 0.0  # paid for extra machines that carried this attempt's name
 
     @property
     def live(self) -> bool:
@@ -71,6 +78,8 @@ class Settings:
     heartbeat_timeout_seconds: float = 180.0
     # providers whose machines report through the agent (the daemon cannot see their processes)
     remote_providers: frozenset[str] = frozenset()
+    # heartbeat silence is counted from here at the earliest (when this daemon process started)
+    silence_since: float = 0.0
 
 
 # ----------------------------------------------------------------------------- actions
@@ -146,12 +155,14 @@ class Decision:
 
 
 def attempt_cost(a: AttemptView, now: float) -> float:
-    """What an attempt cost (ended) or has cost so far (live): price x billed seconds."""
+    """What an attempt cost (ended: the provider's bill once the termination is confirmed) or
+    has cost so far (live: price x seconds since billing began), duplicates included."""
     if not a.live:
-        return a.cost_usd
-    if a.launched_at is None:
-        return 0.0
-    return max(0.0, now - a.launched_at) * a.price_per_hour / 3600.0
+        return a.cost_usd + a.duplicate_cost_usd
+    start = a.bill_started_at if a.bill_started_at is not None else a.launched_at
+    if start is None:
+        return a.duplicate_cost_usd
+    return max(0.0, now - start) * a.price_per_hour / 3600.0 + a.duplicate_cost_usd
 
 
 def job_cost(attempts: list[AttemptView], now: float) -> float:
@@ -165,7 +176,8 @@ def _exit_outcome(a: AttemptView, inst: Instance | None) -> tuple[EndReason, str
     elif inst is not None and inst.state == InstanceState.EXITED and (
         inst.exit_code is not None or inst.exit_signal is not None
     ):
-        code, sig, sigterm = inst.exit_code, inst.exit_signal, False
+        # an adapter that read the agent's exit line (EC2 console) passes its SIGTERM flag on
+        code, sig, sigterm = inst.exit_code, inst.exit_signal, inst.extra.get("exit_sigterm") == "true"
         if inst.stopped_by_us:
             return EndReason.CANCELLED, "stopped by gpuhop", code, sig
     else:
@@ -177,6 +189,13 @@ def _exit_outcome(a: AttemptView, inst: Instance | None) -> tuple[EndReason, str
     if code == 0:
         return EndReason.SUCCEEDED, "exit code 0", code, sig
     return EndReason.FAILED, f"exit code {code}", code, sig
+
+
+def _newer_than_listing(a: AttemptView, observed_at: dict[str, float] | None) -> bool:
+    if observed_at is None or a.provider not in observed_at:
+        return False
+    seen = observed_at[a.provider]
+    return any(t is not None and t > seen for t in (a.created_at, a.launched_at))
 
 
 def _judge_attempt(a: AttemptView, inst: Instance | None, now: float, cfg: Settings, d: Decision) -> EndReason | None:
@@ -218,7 +237,7 @@ def _judge_attempt(a: AttemptView, inst: Instance | None, now: float, cfg: Setti
     if inst.state == InstanceState.RUNNING and a.status != AttemptStatus.RUNNING:
         d.add(MarkRunning(a.id))
     if a.provider in cfg.remote_providers and a.status == AttemptStatus.RUNNING:
-        last = a.last_heartbeat_at or a.running_at or a.launched_at or now
+        last = max(a.last_heartbeat_at or a.running_at or a.launched_at or now, cfg.silence_since)
         if now - last > cfg.heartbeat_timeout_seconds:
             return end(EndReason.LOST, f"no report from the agent for {int(now - last)} s")
     return None
@@ -231,9 +250,12 @@ def decide(
     readable: set[str],
     now: float,
     cfg: Settings,
+    observed_at: dict[str, float] | None = None,
 ) -> Decision:
     """Everything that should happen to `job` now. `observed` maps attempt names to the
-    instances seen this tick; `readable` is the providers whose listing succeeded."""
+    instances seen this tick; `readable` is the providers whose listing succeeded, and
+    `observed_at` when each of those listings was asked for (an attempt recorded or launched
+    after that is not judged by it)."""
     d = Decision()
     live = [a for a in attempts if a.live]
 
@@ -249,7 +271,7 @@ def decide(
     ended_now: dict[int, EndReason] = {}
     still_live: list[AttemptView] = []
     for a in live:
-        if a.provider not in readable:
+        if a.provider not in readable or _newer_than_listing(a, observed_at):
             still_live.append(a)
             continue
         reason = _judge_attempt(a, observed.get(a.name), now, cfg, d)
@@ -305,7 +327,17 @@ def decide(
         running = any(a.status == AttemptStatus.RUNNING for a in still_live) or any(
             isinstance(x, MarkRunning) for x in d.actions
         )
-        status = JobStatus.RUNNING if running else JobStatus.LAUNCHING
+        confirmed = any(a.status != AttemptStatus.PENDING for a in still_live) or any(
+            isinstance(x, Adopt) for x in d.actions
+        )
+        if running:
+            status = JobStatus.RUNNING
+        elif confirmed:
+            status = JobStatus.LAUNCHING
+        elif job.status in (JobStatus.QUEUED, JobStatus.RECOVERING, JobStatus.LAUNCHING):
+            status = job.status  # a launch in flight is not a launch yet: the job still waits
+        else:
+            status = JobStatus.RECOVERING if any(not a.live for a in attempts) else JobStatus.QUEUED
         if status != job.status:
             d.add(SetStatus(status))
         return d

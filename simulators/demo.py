@@ -90,6 +90,7 @@ offer_refresh_seconds = 2
 stop_grace_seconds = 2
 [providers.local]
 cpu_slots = 2
+isolation = "none"  # the demo's jobs run this checkout's Python, which a job user may not reach
 [providers.runpod]
 api_key = "{runpod_key}"
 api_url = "{runpod_url}"
@@ -217,7 +218,7 @@ class Demo:
     def _volume_dir(self, detail: dict[str, Any], attempt: dict[str, Any]) -> Path | None:
         vol = detail.get("volume") or {}
         if attempt["provider"] == "local":
-            return self.state / "local" / "volumes" / vol.get("name", "")
+            return self.state.with_name(f"{self.state.name}-volumes") / vol.get("name", "")
         if vol.get("volume_id"):
             return self.root / attempt["provider"] / "volumes" / vol["volume_id"]
         return None

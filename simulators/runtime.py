@@ -126,6 +126,10 @@ class Runtime:
         log_path = self.log_path(machine_id)
         cwd = workdir or (self.root / "work" / _safe(machine_id))
         cwd.mkdir(parents=True, exist_ok=True)
+        # a machine has its own /tmp: nothing a simulated machine writes lands in the host's
+        tmp = self.root / "tmp" / _safe(machine_id)
+        tmp.mkdir(parents=True, exist_ok=True, mode=0o700)
+        full_env["TMPDIR"] = str(tmp)
         with open(log_path, "ab") as log:  # noqa: ASYNC230 - opening a local file is instant
             proc = await asyncio.create_subprocess_exec(
                 "/bin/sh", "-c", command,

@@ -6,13 +6,12 @@ with a fifth of API calls failing every job still finishes and no pod is left ru
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.daemon_harness import TRAIN, Daemon, SimProcess, steps_done, wait_for
+from tests.daemon_harness import TRAIN, Daemon, SimProcess, assert_launches, steps_done, wait_for
 from tests.daemon_harness import sim_volume_dir as volume_dir
 
 pytestmark = pytest.mark.e2e
@@ -100,10 +99,17 @@ def test_out_of_capacity_job_waits_in_its_data_center(env: tuple[SimProcess, Dae
     sim.admin("POST", "/_sim/capacity", {"count": 0, "data_center": dc})
     sim.admin("POST", f"/_sim/pods/{running['attempts'][0]['instance_id']}/preempt")
     d.wait_status(job["id"], {"recovering"}, 30)
-    time.sleep(3)  # several ticks and placement tries: it must stay put, not land elsewhere
-    waiting = d.client.job(job["id"])
-    assert waiting["status"] == "recovering"
-    assert [a["region"] for a in waiting["attempts"]] == [dc]
+
+    def three_tries_in_place() -> dict | None:
+        # every look, while it tries again and again: launched only in dc, and a launch in
+        # flight (at most one) aimed at dc too, never at capacity elsewhere
+        job_now = d.client.job(job["id"])
+        assert job_now["status"] == "recovering", job_now
+        assert_launches(job_now, [dc])
+        tries = [1 + e["repeats"] for e in job_now["events"] if e["kind"] == "no_capacity"]
+        return job_now if sum(tries) >= 3 and "no capacity" in job_now["message"] else None
+
+    waiting = wait_for(three_tries_in_place, 60, interval=0.1, what="three placement tries")
     assert "no capacity" in waiting["message"]
     sim.admin("POST", "/_sim/capacity", {"count": 4, "data_center": dc})
     done = d.wait_status(job["id"], {"succeeded", "failed"}, 90)
@@ -162,4 +168,14 @@ def test_cancel_terminates_the_pod(env: tuple[SimProcess, Daemon]) -> None:
     pod = running["attempts"][0]["instance_id"]
     wait_for(lambda: next(p for p in sim.admin("GET", "/_sim/pods")["pods"] if p["id"] == pod)["desiredStatus"]
              == "TERMINATED", 30, what="pod terminated")
-    assert sys.executable  # the job ran under the simulator's python3, not ours
+    cancelled = d.client.job(job["id"])
+    (attempt,) = cancelled["attempts"]
+    assert (attempt["status"], attempt["end_reason"]) == ("ended", "cancelled"), attempt
+    assert cancelled["end_reason"] == "cancelled by the user"
+    # billing stopped: the provider's own ledger no longer runs the meter for this pod
+    def meter_stopped() -> bool:
+        entries = [e for e in sim.admin("GET", "/_sim/ledger")["entries"] if e["id"] == pod and e["kind"] == "pod"]
+        assert entries, f"the simulator never billed pod {pod}"
+        return not any(e["running"] for e in entries)
+
+    wait_for(meter_stopped, 30, what="the pod's billing stopped")

@@ -1,0 +1,395 @@
+"""Launches and terminations as bounded workers beside the tick, never inside it.
+
+It exists because the tick must stay short whatever a provider does: a launch can take tens of
+seconds (a slow API, a retry budget), and a tick that waits for it stalls observation, the
+agents' acknowledgements and `/healthz`. The tick hands work over and moves on:
+
+* a launch runs as one task per job (never two for one job), at most `launch_concurrency` at
+  once and `provider_concurrency` per provider, awaited to its end (no provider call outlives
+  its caller, so a slow answer can never create a machine nobody waits for);
+* it is write-ahead: the attempt row, with its deterministic name, is committed before the
+  provider is called, and a retry of a pending attempt re-issues the same name (adapters look
+  the name up before creating);
+* a volume is created only for the offer actually being launched; one created for a launch
+  that failed is deleted again, and the job's volume is pinned only where an attempt landed;
+* a termination returns the provider's final bill, which becomes the attempt's cost; a
+  duplicate machine's bill is added to the attempt that its name belongs to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from adapters.base import (
+    Adapter,
+    AdapterError,
+    NoCapacity,
+    PermanentError,
+    RetryLater,
+    VolumeSupport,
+)
+from orchestrator import metrics
+from orchestrator.config import Settings
+from orchestrator.models import (
+    AttemptStatus,
+    Bill,
+    CapacityType,
+    JobSpec,
+    LaunchRequest,
+    Offer,
+    ProviderVolume,
+    attempt_name,
+)
+from orchestrator.observation import Observer, describe
+from orchestrator.placement import PlacementSettings, RateStats, VolumeLocation, place
+from orchestrator.store import AttemptRow, Conflict, JobRow, Store, VolumeRow
+
+log = logging.getLogger("gpuhop.engine")
+
+RESTOP_SECONDS = 300.0
+
+
+@dataclass(frozen=True)
+class TerminateOrder:
+    """What to stop, and whose bill its cost belongs to."""
+
+    provider: str
+    instance_id: str
+    attempt_id: int | None = None  # the attempt whose machine (or duplicate) this is
+    duplicate: bool = False  # an extra machine carrying a live attempt's name
+    price_per_hour: float = 0.0  # for the estimate when the provider cannot tell the bill
+    started_at: float | None = None
+    last_bill: Bill | None = None  # the latest bill a listing showed for this instance
+
+
+class Workers:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        adapters: dict[str, Adapter],
+        observer: Observer,
+        placement: PlacementSettings,
+        token_for: Callable[[str], str],
+        on_change: Callable[[], None],
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.adapters = adapters
+        self.observer = observer
+        self.placement = placement
+        self.token_for = token_for
+        self.on_change = on_change
+        self.prefix = settings.server.instance_prefix
+        eng = settings.engine
+        self._launch_slots = asyncio.Semaphore(eng.launch_concurrency)
+        self._provider_slots = {name: asyncio.Semaphore(eng.provider_concurrency) for name in adapters}
+        self._launching: set[str] = set()  # job ids with a launch in flight
+        self._terminating: set[tuple[str, str]] = set()
+        self._terminated: dict[tuple[str, str], float] = {}  # confirmed stops, and when
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._backoff: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def launching(self, job_id: str) -> bool:
+        return job_id in self._launching
+
+    def terminating(self, provider: str, instance_id: str) -> bool:
+        return (provider, instance_id) in self._terminating
+
+    def stopping_or_stopped(self, provider: str, instance_id: str) -> bool:
+        """A stop is in flight, or the provider confirmed one recently: listings go on showing
+        a stopped machine for a while (EC2: an hour), and it must not be stopped again and
+        again. After `RESTOP_SECONDS` a machine still listed as not gone is stopped again."""
+        key = (provider, instance_id)
+        if key in self._terminating:
+            return True
+        done = self._terminated.get(key)
+        return done is not None and time.time() - done < RESTOP_SECONDS
+
+    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+        async def run() -> None:
+            try:
+                await coro
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug in one worker must not go unnoticed, nor kill the daemon
+                log.exception("worker %s failed", name)
+                metrics.TICK_ERRORS.inc()
+
+        task = asyncio.create_task(run(), name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self, grace: float | None = None) -> None:
+        """Wait for the launches and terminations in flight (they decide money: never abandon
+        them lightly). With `grace`, give up waiting after that many seconds."""
+        deadline = None if grace is None else time.monotonic() + grace
+        while self._tasks:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return
+            await asyncio.wait(list(self._tasks), timeout=left)
+
+    # ------------------------------------------------------------------ launches
+
+    def launch_soon(self, job: JobRow, spec: JobSpec, early: bool) -> None:
+        if job.id in self._launching:
+            return
+        if not early and job.next_try_at is not None and time.time() < job.next_try_at:
+            return
+        self._launching.add(job.id)
+        self._spawn(self._guarded(job.id, self._launch(job, spec, early)), f"launch-{job.id}")
+
+    def relaunch_soon(self, job: JobRow, spec: JobSpec, row: AttemptRow) -> None:
+        if job.id in self._launching:
+            return
+        self._launching.add(job.id)
+        self._spawn(self._guarded(job.id, self._relaunch_pending(job, spec, row)), f"relaunch-{row.name}")
+
+    async def _guarded(self, job_id: str, coro: Awaitable[None]) -> None:
+        try:
+            async with self._launch_slots:
+                await coro
+        finally:
+            self._launching.discard(job_id)
+            self.on_change()
+
+    async def _call_launch(self, adapter: Adapter, req: LaunchRequest) -> object:
+        async with self._provider_slots[req.offer.provider]:
+            return await adapter.launch(req)
+
+    def _request(self, job: JobRow, spec: JobSpec, number: int, offer: Offer,
+                 volume: ProviderVolume | None) -> LaunchRequest:
+        name = attempt_name(self.prefix, job.id, number)
+        env = dict(spec.env)
+        env.update(
+            GPUHOP_JOB_ID=job.id, GPUHOP_ATTEMPT=str(number), GPUHOP_ATTEMPT_NAME=name,
+            GPUHOP_CALLBACK_URL=f"{self.settings.server.agent_base_url()}/v1/agent/report",
+            GPUHOP_TOKEN=self.token_for(name), GPUHOP_HEARTBEAT=str(self.settings.engine.heartbeat_seconds),
+        )
+        return LaunchRequest(
+            name=name, idempotency_key=f"{name}-{hashlib.sha1(offer.offer_id.encode()).hexdigest()[:10]}"[-64:],
+            job_id=job.id, attempt=number, offer=offer, image=spec.image, command=list(spec.command), env=env,
+            disk_gb=spec.resources.disk_gb, volume=volume,
+            mount_path=spec.volume.mount_path if spec.volume else "/workspace",
+            bid_price_per_hour=offer.price_per_hour if offer.capacity == CapacityType.SPOT else None,
+        )
+
+    async def rate_stats(self) -> dict[tuple[str, CapacityType], RateStats]:
+        rows = await self.store.run(self.store.preemption_history)
+        out: dict[tuple[str, CapacityType], RateStats] = {}
+        for provider, capacity, n, hours in rows:
+            try:
+                out[(provider, CapacityType(capacity))] = RateStats(n, hours)
+            except ValueError:
+                continue
+        return out
+
+    async def _volume_for(self, spec: JobSpec, offer: Offer, pinned: VolumeRow | None
+                          ) -> tuple[ProviderVolume | None, bool]:
+        """The volume for a launch of `offer`, and whether it is new (not the job's pinned
+        volume, so it must be deleted again if the launch fails)."""
+        if spec.volume is None:
+            return None, False
+        adapter = self.adapters[offer.provider]
+        if not isinstance(adapter, VolumeSupport):
+            raise PermanentError(f"{offer.provider} does not support volumes", provider=offer.provider)
+        if (pinned is not None and pinned.provider_volume_id and pinned.provider == offer.provider
+                and pinned.region == offer.region):
+            return ProviderVolume(offer.provider, pinned.provider_volume_id, pinned.name, offer.region,
+                                  pinned.size_gb), False
+        async with self._provider_slots[offer.provider]:
+            vol = await adapter.ensure_volume(spec.volume.name, spec.volume.size_gb, offer.region)
+        return vol, True
+
+    async def _drop_volume(self, vol: ProviderVolume, job_id: str, why: str) -> None:
+        adapter = self.adapters.get(vol.provider)
+        if not isinstance(adapter, VolumeSupport):
+            return
+        try:
+            async with self._provider_slots[vol.provider]:
+                await adapter.delete_volume(vol.volume_id)
+        except Exception as exc:  # it holds nothing; a later launch there finds it by name
+            log.warning("could not delete unused %s volume %s: %s", vol.provider, vol.volume_id, describe(exc))
+            return
+        await self.store.run(self.store.add_event, job_id, "volume_deleted",
+                             f"deleted volume {vol.volume_id} in {vol.region}, created for a launch that failed: {why}")
+
+    async def _launch(self, job: JobRow, spec: JobSpec, early: bool) -> None:
+        """Place the job and start a new attempt, trying candidates best first."""
+        timeout = self.settings.engine.provider_timeout_seconds
+        offers_by_provider = await self.observer.offers(wait=timeout)
+        # a provider whose last listing failed may still launch (at 50% faults most calls work):
+        # its offers stay in play, and a launch that fails says so itself
+        offers = [o for name, lst in offers_by_provider.items() if self.observer.started(name) for o in lst]
+        pinned: VolumeRow | None = None
+        location: VolumeLocation | None = None
+        if spec.volume is not None:
+            pinned = await self.store.run(self.store.volume, spec.volume.name)
+            location = VolumeLocation(pinned.provider if pinned else None, pinned.region if pinned else None)
+        result = place(spec, offers, location, await self.rate_stats(), self.placement)
+        number = await self.store.run(self.store.next_attempt_number, job.id)
+        tried: list[str] = []
+        for cand in result.candidates[:8]:
+            offer = cand.offer
+            row = AttemptRow(
+                job_id=job.id, number=number, name=attempt_name(self.prefix, job.id, number),
+                provider=offer.provider, region=offer.region, offer_id=offer.offer_id,
+                capacity=offer.capacity.value, gpu=offer.gpu, gpu_count=offer.gpu_count,
+                price_per_hour=offer.price_per_hour, status=AttemptStatus.PENDING.value,
+                placement_reason=cand.reason[:1024], created_at=time.time(),
+            )
+            volume: ProviderVolume | None = None
+            new_volume = False
+            try:
+                volume, new_volume = await self._volume_for(spec, offer, pinned)
+                if volume is not None:
+                    row.volume_id = volume.volume_id
+                row = await self.store.run(self.store.add_attempt, row)  # write-ahead
+                req = self._request(job, spec, number, offer, volume)
+                inst = await self._call_launch(self.adapters[offer.provider], req)
+            except (NoCapacity, PermanentError) as exc:
+                tried.append(f"{offer.provider}/{offer.region} {offer.gpu or 'cpu'}: {describe(exc)}")
+                if row.id is not None:
+                    await self.store.run(self.store.delete_attempt, row.id)
+                if volume is not None and new_volume:
+                    await self._drop_volume(volume, job.id, describe(exc))
+                self.observer.invalidate_offers(offer.provider)
+                continue
+            except Conflict:  # this number was recorded meanwhile (never by this daemon's workers)
+                log.warning("attempt %s of job %s already recorded; placing again on the next tick", number, job.id)
+                return
+            except (RetryLater, AdapterError, OSError, TimeoutError) as exc:
+                # the launch may or may not have happened: keep the attempt pending (with its
+                # volume); the next observation adopts the instance, or the launch is re-issued
+                # under the same name, which the adapter looks up first
+                if row.id is not None:
+                    what = f"launch of attempt {number} on {offer.provider} unconfirmed: {describe(exc)}"
+                else:  # nothing was launched: the volume could not be had; try again next tick
+                    what = f"volume for attempt {number} on {offer.provider} {offer.region} unavailable: {describe(exc)}"
+                log.info("job %s: %s", job.id, what)
+                await self.store.run(self.store.add_event, job.id, "launch_retry", what, number)
+                return
+            await self._launched(job, row, inst, volume, f"attempt {number} launched"
+                                 f"{' ahead of a reclaim' if early else ''}: {cand.reason}")
+            self.observer.invalidate_offers(offer.provider)
+            metrics.LAUNCHES.labels(offer.provider, offer.capacity.value).inc()
+            return
+        # nothing could be launched: wait, with a growing pause
+        delay = min(self.settings.engine.retry_backoff_max_seconds, self._backoff.get(job.id, 1.0) * 2)
+        self._backoff[job.id] = delay
+        why = "; ".join(tried) if tried else result.summary()
+        await self.store.run(
+            self.store.apply, job.id,
+            {"next_try_at": time.time() + delay, "message": f"no capacity: {why}"[:1024]},
+            {}, [(None, "no_capacity", f"nothing launched, next try in {delay:.0f} s: {why}")],
+        )
+
+    async def _launched(self, job: JobRow, row: AttemptRow, inst: object, volume: ProviderVolume | None,
+                        message: str) -> None:
+        """Record a launch the provider confirmed. The job's status is the tick's to set; if the
+        attempt was ended meanwhile (a cancel), the new machine is stopped at once."""
+        instance_id = getattr(inst, "instance_id", "")
+        self._backoff.pop(job.id, None)
+        recorded = await self.store.run(self.store.record_launch, row.id or 0, instance_id,
+                                        row.launched_at or time.time())
+        if not recorded:
+            log.info("attempt %s ended while its launch was in flight; stopping %s", row.name, instance_id)
+            self.terminate_soon(TerminateOrder(row.provider, instance_id, attempt_id=row.id,
+                                               price_per_hour=row.price_per_hour, started_at=time.time()))
+            return
+        if volume is not None and job.volume_name:
+            await self.store.run(self.store.set_volume_location, job.volume_name, volume.provider,
+                                 volume.region, volume.volume_id)
+        await self.store.run(
+            self.store.apply, job.id,
+            {"next_try_at": None, "message": f"attempt {row.number} on {row.provider} {row.region}"},
+            {}, [(row.number, "launched", message)],
+        )
+
+    async def _relaunch_pending(self, job: JobRow, spec: JobSpec, row: AttemptRow) -> None:
+        """Re-issue a pending attempt's launch under its own name (idempotent)."""
+        offer = Offer(
+            provider=row.provider, offer_id=row.offer_id, region=row.region, gpu=row.gpu, gpu_count=row.gpu_count,
+            vram_gb=0, vcpu=0, memory_gb=0, disk_gb=0, capacity=CapacityType(row.capacity or "on-demand"),
+            price_per_hour=row.price_per_hour,
+        )
+        adapter = self.adapters.get(row.provider)
+        if adapter is None:
+            return
+        volume: ProviderVolume | None = None
+        pinned: VolumeRow | None = None
+        if spec.volume is not None and row.volume_id:
+            pinned = await self.store.run(self.store.volume, spec.volume.name)
+            volume = ProviderVolume(row.provider, row.volume_id, spec.volume.name, row.region, spec.volume.size_gb)
+        req = self._request(job, spec, row.number, offer, volume)
+        try:
+            inst = await self._call_launch(adapter, req)
+        except (NoCapacity, PermanentError) as exc:
+            await self.store.run(self.store.delete_attempt, row.id or 0)
+            await self.store.run(self.store.add_event, job.id, "launch_failed",
+                                 f"pending attempt {row.number} dropped: {describe(exc)}", row.number)
+            if volume is not None and (pinned is None or pinned.provider_volume_id != volume.volume_id):
+                await self._drop_volume(volume, job.id, describe(exc))
+            return
+        except Exception as exc:
+            log.info("relaunch of pending %s unconfirmed: %s", row.name, describe(exc))
+            return
+        await self._launched(job, row, inst, volume, f"attempt {row.number} launched (re-issued)")
+
+    # ------------------------------------------------------------------ terminations
+
+    def terminate_soon(self, order: TerminateOrder) -> None:
+        key = (order.provider, order.instance_id)
+        adapter = self.adapters.get(order.provider)
+        if adapter is None or not order.instance_id or key in self._terminating:
+            return
+        self._terminating.add(key)
+        self._spawn(self._terminate(adapter, order), f"terminate-{order.provider}-{order.instance_id}")
+
+    async def _terminate(self, adapter: Adapter, order: TerminateOrder) -> None:
+        key = (order.provider, order.instance_id)
+        try:
+            try:
+                async with self._provider_slots[order.provider]:
+                    bill = await adapter.terminate(order.instance_id)
+            except Exception as exc:  # the reaper will retry on a later tick
+                metrics.PROVIDER_ERRORS.labels(order.provider, "terminate").inc()
+                log.warning("terminate %s %s failed (will retry): %s", order.provider, order.instance_id,
+                            describe(exc))
+                return
+            log.info("terminated %s instance %s", order.provider, order.instance_id)
+            now = time.time()
+            self._terminated[key] = now
+            if len(self._terminated) > 10_000:  # forget the oldest: they are long gone
+                for old in sorted(self._terminated, key=self._terminated.__getitem__)[:5_000]:
+                    del self._terminated[old]
+            if order.attempt_id is not None:
+                await self._record_bill(order, bill, time.time())
+        finally:
+            self._terminating.discard(key)
+            self.on_change()
+
+    async def _record_bill(self, order: TerminateOrder, bill: Bill | None, confirmed_at: float) -> None:
+        """The attempt's cost from the provider's final bill (or, when it cannot tell, the last
+        bill a listing showed, or price x time until the termination was confirmed)."""
+        if bill is None and order.last_bill is not None and order.last_bill.ended_at is not None:
+            bill = order.last_bill
+        start: float | None
+        if bill is not None:
+            cost, start, end = bill.cost_usd, bill.started_at, bill.ended_at or confirmed_at
+        else:
+            start, end = order.started_at, confirmed_at
+            cost = max(0.0, end - start) * order.price_per_hour / 3600.0 if start is not None else 0.0
+        attempt_id = order.attempt_id or 0
+        if order.duplicate:
+            await self.store.run(self.store.add_duplicate_cost, attempt_id, round(cost, 6))
+            return
+        await self.store.run(self.store.finalize_cost, attempt_id, round(cost, 6), start, end)

@@ -1,0 +1,60 @@
+"""Starting the daemon (issue 7.8): a configuration mistake is one line naming the key, at
+`gpuhop check-config` and at start-up alike; a second daemon on one state dir refuses to start
+instead of running a second loop over the same database. Real `gpuhop` processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from simulators.harness import Daemon
+
+GPUHOP = [sys.executable, "-m", "orchestrator.cli"]
+
+
+def _run(args: list[str], env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*GPUHOP, *args], capture_output=True, text=True, timeout=timeout,
+                          env=env, stdin=subprocess.DEVNULL, check=False)
+
+
+def _env_without_runpod_key() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "RUNPOD_API_KEY"}
+
+
+@pytest.mark.parametrize("command", ["check-config", "serve"])
+def test_a_missing_runpod_key_is_one_line_naming_the_key(tmp_path: Path, command: str) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[server]\nlisten = "127.0.0.1:0"\n[providers.runpod]\napi_url = "http://127.0.0.1:9"\n')
+    args = [command, str(config)] if command == "check-config" else [command, "-c", str(config),
+                                                                     "--state-dir", str(tmp_path / "s")]
+    done = _run(args, _env_without_runpod_key())
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert any("providers.runpod" in line and "api_key" in line and "RUNPOD_API_KEY" in line for line in lines), done.stderr
+    assert "Traceback" not in done.stderr and len(lines) <= 3, done.stderr
+
+
+def test_a_second_daemon_on_one_state_dir_refuses_to_start(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    first = Daemon(state, '[server]\nlisten = "127.0.0.1:0"\n[providers.local]\ncpu_slots = 1\nisolation = "none"\n')
+    first.start()
+    try:
+        done = _run(["serve", "-c", str(first.config_path), "--state-dir", str(state)])
+        assert done.returncode != 0
+        assert "another gpuhop daemon" in done.stderr and str(first.proc.pid if first.proc else "") in done.stderr
+        assert "Traceback" not in done.stderr
+        assert first.proc is not None and first.proc.poll() is None  # the first one is untouched
+        first.client.jobs()  # and still answers
+    finally:
+        first.stop()
+    # the lock dies with its process, even a killed one: the next daemon starts
+    again = Daemon(state, first.config_path.read_text())
+    again.start()
+    again.kill9()
+    third = Daemon(state, first.config_path.read_text())
+    third.start()
+    third.stop()
