@@ -3,7 +3,10 @@ answers), and a check that no test leaves a child process behind."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,3 +49,39 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def _children() -> dict[int, str]:
+    """Live (not zombie) child processes of this pytest process: pid -> command line."""
+    me, out = str(os.getpid()), {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            state, ppid = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[:2]
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError):
+            continue
+        if ppid == me and state != "Z":
+            out[int(entry)] = cmd[:200]
+    return out
+
+
+@pytest.fixture(autouse=True)
+def no_child_left_behind() -> Iterator[None]:
+    """A test that starts a process (a daemon, a simulator) must stop it: anything it left is
+    given a generous deadline to exit, then killed and reported as this test's error."""
+    before = set(_children())
+    yield
+    deadline = time.monotonic() + 15
+    while True:
+        left = {pid: cmd for pid, cmd in _children().items() if pid not in before}
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    pytest.fail(f"the test left child processes behind: {left}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from typing import Any
 
@@ -104,16 +105,30 @@ def test_filters(spec_kw: dict[str, Any], offer_kw: dict[str, Any], volume: Volu
 
 
 @pytest.mark.parametrize(
-    ("offer_kw", "accepted"),
+    "offer_kw",
     [
-        ({"gpu": None, "gpu_count": 0, "vram_gb": 0}, True),
-        ({"gpu": "RTX-4090", "gpu_count": 1}, True),
-        ({"gpu": "H100-SXM", "gpu_count": 8}, True),
+        {"gpu": None, "gpu_count": 0, "vram_gb": 0},
+        {"gpu": "RTX-4090", "gpu_count": 1},
+        {"gpu": "H100-SXM", "gpu_count": 8},
     ],
 )
-def test_cpu_only_job_accepts_any_machine(offer_kw: dict[str, Any], accepted: bool) -> None:
-    result = place(spec({"gpu_count": 0}), [offer(**offer_kw)], None, NO_STATS, SETTINGS)
-    assert bool(result.candidates) is accepted
+def test_cpu_only_job_accepts_any_machine(offer_kw: dict[str, Any]) -> None:
+    o = offer(**offer_kw)
+    result = place(spec({"gpu_count": 0}), [o], None, NO_STATS, SETTINGS)
+    assert [c.offer for c in result.candidates] == [o]
+    assert result.rejected == ()
+
+
+def test_cpu_only_job_still_honours_its_other_limits() -> None:
+    """Any machine means any GPU, not any size or price: the other filters still apply."""
+    cpu = {"gpu": None, "gpu_count": 0, "vram_gb": 0}
+    small = offer(offer_id="small", vcpu=2, **cpu)
+    dear = offer(offer_id="dear", price_per_hour=5.0, **cpu)
+    fits = offer(offer_id="fits", vcpu=8, price_per_hour=0.2, **cpu)
+    s = spec({"gpu_count": 0, "min_vcpu": 4}, {"max_price_per_hour": 1.0})
+    result = place(s, [small, dear, fits], None, NO_STATS, SETTINGS)
+    assert [c.offer.offer_id for c in result.candidates] == ["fits"]
+    assert {r.offer.offer_id: r.kind for r in result.rejected} == {"small": "too few vCPUs", "dear": "over max price"}
 
 
 def test_cpu_only_job_prefers_fewer_gpus() -> None:
@@ -256,7 +271,61 @@ def test_summary_edges(offers: list[Offer], text: str) -> None:
     assert place(spec(), offers, None, NO_STATS, SETTINGS).summary() == text
 
 
-def test_place_is_pure() -> None:
-    offers = [offer(offer_id="a", capacity=SPOT), replace(offer(), offer_id="b")]
-    s = spec()
-    assert place(s, offers, None, NO_STATS, SETTINGS) == place(s, offers, None, NO_STATS, SETTINGS)
+def _forbidden(what: str) -> Any:
+    def refuse(*_: Any, **__: Any) -> Any:
+        raise AssertionError(f"place() used {what}: a placement decision must not")
+    return refuse
+
+
+def test_place_is_pure(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same inputs, same answer; inputs left as they were; no clock, no files, no network, no
+    randomness, no environment read while it decides."""
+    offers = [
+        offer(offer_id="z", capacity=SPOT, price_per_hour=0.30),
+        replace(offer(), offer_id="b", region="US-TX-3"),
+        offer(offer_id="a", gpu="H100-SXM", gpu_count=8, price_per_hour=4.0),
+        offer(offer_id="c", available=0),
+        offer(offer_id="d", provider="aws", region="us-east-1a", capacity=SPOT, price_per_hour=0.35),
+    ]
+    s = spec({"gpu": ["RTX-4090", "H100"]}, {"max_price_per_hour": 5})
+    volume = VolumeLocation("runpod", "EU-RO-1")
+    stats = {("runpod", SPOT): RateStats(preemptions=3, hours=10)}
+    settings = PlacementSettings(prior_rates={("aws", SPOT): 0.2}, restart_overhead_seconds={"runpod": 90})
+    exclude = frozenset({"runpod:b"})
+    args = (s, offers, volume, stats, settings, exclude)
+    before = copy.deepcopy(args)
+
+    import builtins
+    import io
+    import os
+    import random
+    import socket
+    import time
+
+    with monkeypatch.context() as m:
+        for module, names in (
+            (time, ("time", "monotonic", "perf_counter", "time_ns", "localtime", "gmtime", "sleep")),
+            (builtins, ("open", "input")),
+            (io, ("open",)),
+            (os, ("getenv", "listdir", "stat", "urandom")),
+            (random, ("random", "randint", "choice", "shuffle")),
+            (socket, ("socket", "create_connection", "getaddrinfo")),
+        ):
+            for name in names:
+                m.setattr(module, name, _forbidden(f"{module.__name__}.{name}"))
+        m.setattr(os, "environ", _ForbiddenEnviron())
+        first = place(*args)
+        second = place(*args)
+
+    assert first == second
+    assert args == before, "place() changed its inputs"
+    assert [o.offer_id for o in offers] == ["z", "b", "a", "c", "d"], "place() reordered the caller's list"
+    assert [c.offer.offer_id for c in first.candidates] == ["z", "a"]  # not vacuous: it did decide
+
+
+class _ForbiddenEnviron(dict[str, str]):
+    def __getitem__(self, key: str) -> str:
+        raise AssertionError(f"place() read the environment ({key})")
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        raise AssertionError(f"place() read the environment ({key})")

@@ -1,0 +1,158 @@
+"""The Engine driven tick by tick against an in-process fake provider (tests/fake_provider.py)
+and a real Store on SQLite: what it writes (job and attempt rows) and what it does at the
+provider (the fake's ledger of instances created and terminated, with their bills).
+
+Only behaviour is asserted, never the engine's internals, so these hold whether launches run
+inside the tick or in background workers: every step is `tick()` then `drain()`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adapters.base import NoCapacity, RetryLater
+from orchestrator.models import AttemptStatus, JobSpec
+from orchestrator.store import AttemptRow, JobRow
+from tests.fake_provider import FakeAdapter, Rig
+
+JOB = "j1"
+
+
+def spec(**extra: Any) -> JobSpec:
+    data: dict[str, Any] = {
+        "name": "train", "command": ["python3", "train.py"],
+        "resources": {"gpu": ["RTX-4090"], "gpu_count": 1},
+        "policy": {"max_relaunches": 3, "checkpoint_interval": 60},
+    }
+    for key, value in extra.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    return JobSpec.model_validate(data)
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    r = Rig.create(tmp_path, FakeAdapter.create(tmp_path, capacity={"r1": 4, "r2": 4}, prices={"r1": 0.5, "r2": 0.4}))
+    try:
+        yield r
+    finally:
+        await r.engine.drain()
+        r.close()
+
+
+def job(r: Rig, job_id: str = JOB) -> JobRow:
+    row = r.store.get_job(job_id)
+    assert row is not None
+    return row  # type: ignore[no-any-return]
+
+
+def attempts(r: Rig, job_id: str = JOB) -> list[AttemptRow]:
+    return list(r.store.attempts(job_id))
+
+
+def launched(r: Rig, job_id: str = JOB) -> list[AttemptRow]:
+    """Attempts the provider accepted (a pending row is a launch in flight, not yet a fact)."""
+    return [a for a in attempts(r, job_id) if a.status != AttemptStatus.PENDING.value]
+
+
+def running(r: Rig, number: int = 1, job_id: str = JOB) -> AttemptRow | None:
+    return next((a for a in attempts(r, job_id) if a.number == number and a.status == "running"), None)
+
+
+async def test_a_lost_launch_answer_is_adopted_not_paid_twice(rig: Rig) -> None:
+    """The provider made the instance but the answer never came back (a timeout after the
+    fact): the write-ahead attempt finds its instance by name; nothing is launched twice."""
+    rig.store.create_job(JOB, spec())
+    rig.fake.fail_next("launch", 1, RetryLater, after=True)
+    first = await rig.until(lambda: running(rig), "attempt 1 running")
+    (made,) = rig.fake.created()
+    assert first.instance_id == made.instance_id and first.name == made.name == f"gpuhop-{JOB}-1"
+    assert first.region == made.region == "r2"  # recorded as what it is: the cheaper offer's machine
+    assert [a.number for a in attempts(rig)] == [1]
+    assert rig.fake.terminated() == {}
+    assert job(rig).status == "running"
+
+
+async def test_a_pending_attempt_left_by_a_crash_adopts_its_instance(rig: Rig) -> None:
+    """A daemon crashed between recording attempt 1 (write-ahead) and recording the provider's
+    answer. The next daemon's first ticks adopt the instance that exists under its name."""
+    rig.store.create_job(JOB, spec())
+    rig.store.update_job(JOB, status="launching")
+    rig.store.add_attempt(AttemptRow(
+        job_id=JOB, number=1, name=f"gpuhop-{JOB}-1", provider="fake", region="r1", offer_id="r1-RTX-4090",
+        capacity="on-demand", gpu="RTX-4090", gpu_count=1, price_per_hour=0.5,
+        status=AttemptStatus.PENDING.value, created_at=time.time(),
+    ))
+    instance_id = rig.fake.add_instance(f"gpuhop-{JOB}-1", "r1")
+    first = await rig.until(lambda: running(rig), "attempt 1 running on the adopted instance")
+    assert first.instance_id == instance_id
+    assert [e.instance_id for e in rig.fake.created()] == [instance_id], "a second instance was launched"
+    assert rig.fake.terminated() == {}, "the adopted instance was stopped as an orphan"
+    assert [a.number for a in attempts(rig)] == [1]
+
+
+async def test_no_capacity_moves_on_to_the_next_offer(rig: Rig) -> None:
+    rig.store.create_job(JOB, spec())
+    rig.fake.fail_next("launch", 1, NoCapacity)  # r2, the cheaper, says no
+    await rig.until(lambda: launched(rig), "an attempt launched")
+    (a,) = launched(rig)
+    assert a.region == "r1" and a.status in ("launching", "running")
+    assert [e.region for e in rig.fake.created()] == ["r1"]
+    assert [x.number for x in attempts(rig)] == [a.number], "the refused try left an attempt behind"
+
+
+async def test_a_preempted_attempt_is_relaunched_where_its_volume_is(rig: Rig) -> None:
+    rig.store.create_job(JOB, spec(volume={"name": "ckpt", "size_gb": 10}))
+    first = await rig.until(lambda: running(rig), "attempt 1 running")
+    assert first.region == "r2"  # the cheaper region; the volume is made there
+    rig.fake.prices["r2"] = 5.0  # r1 is now far cheaper, but the volume lives in r2
+    rig.fake.preempt(first.instance_id or "")
+
+    second = await rig.until(lambda: running(rig, 2), "attempt 2 running")
+    ended = attempts(rig)[0]
+    assert (ended.status, ended.end_reason) == ("ended", "preempted")
+    assert job(rig).relaunches == 1 and job(rig).status == "running"
+    assert second.region == "r2" and second.volume_id == ended.volume_id is not None
+    req1, req2 = ([q for q in rig.fake.requests if q.attempt == n][-1] for n in (1, 2))
+    assert req1.volume is not None and req2.volume == req1.volume
+    assert req2.env["GPUHOP_ATTEMPT"] == "2" and req2.name == f"gpuhop-{JOB}-2"
+    # the preempted machine is stopped (a stopped pod still bills its disk), and only it
+    assert set(rig.fake.terminated()) == {first.instance_id}
+    assert len(rig.fake.created()) == 2
+
+
+async def test_budget_stops_the_attempt_and_the_job(tmp_path: Path) -> None:
+    fake = FakeAdapter.create(tmp_path, capacity={"r1": 4}, prices={"r1": 36_000.0})  # $10 a second
+    r = Rig.create(tmp_path, fake)
+    try:
+        r.store.create_job(JOB, spec(policy={"max_cost_usd": 1.0}))
+        await r.until(lambda: job(r).status == "failed", "the job stopped by its budget")
+        row = job(r)
+        assert row.end_reason is not None and row.end_reason.startswith("budget:"), row.end_reason
+        (a,) = attempts(r)
+        assert (a.status, a.end_reason) == ("ended", "budget")
+        assert a.cost_usd >= 1.0
+        (made,) = fake.created()  # no relaunch past the budget
+        bill = fake.terminated()[made.instance_id]
+        assert bill is not None and bill.ended_at is not None and bill.cost_usd >= 1.0
+        for _ in range(3):  # an ended job launches nothing more
+            await r.step()
+        assert len(fake.created()) == 1 and not fake.live()
+    finally:
+        await r.engine.drain()
+        r.close()
+
+
+async def test_a_succeeded_job_stops_its_machine(rig: Rig) -> None:
+    rig.store.create_job(JOB, spec())
+    first = await rig.until(lambda: running(rig), "attempt 1 running")
+    rig.fake.exit(first.instance_id or "", 0)
+    await rig.until(lambda: job(rig).status == "succeeded", "job succeeded")
+    await rig.until(lambda: first.instance_id in rig.fake.terminated(), "its machine terminated")
+    (a,) = attempts(rig)
+    assert (a.end_reason, a.exit_code) == ("succeeded", 0)
+    assert not rig.fake.live()
