@@ -48,7 +48,7 @@ class AwsSettings(BaseModel):
     """The AMI's snapshot sets a floor on the root volume (the Deep Learning AMI needs ~75 GB)."""
     volume_type: str = "gp3"
     offers_ttl: float = Field(default=30.0, ge=0)
-    request_timeout: float = Field(default=10.0, gt=0, le=120)
+    request_timeout: float = Field(default=30.0, gt=0, le=120)
     """botocore's read timeout per attempt (SQS long polls get 25 s more); connect: at most 5 s."""
     retry_attempts: int = Field(default=4, ge=1, le=10)
     """Attempts per call, botocore's standard retry mode (throttling, 5xx, network faults)."""
