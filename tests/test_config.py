@@ -27,6 +27,7 @@ def test_the_example_config_loads_as_is() -> None:
     ("[providers.local]\ncpu_slots = 'two'\n", "providers.local.cpu_slots: Input should be a valid integer"),
     ("[providers.local]\ncolour = 'red'\n", "providers.local.colour: unknown key"),
     ("[providers.nimbus]\n", "providers.nimbus: unknown provider 'nimbus'"),
+    ('[providers.local]\nregion = "eu\\n"\n', "providers.local.region: region must be"),  # a trailing newline
     ("[database]\nurl = 'mysql://x'\n", "database.url: expected a sqlite:// or postgresql:// URL"),
     ("[placement.spot_preemption_priors]\nrunpod = -1\n", "placement.spot_preemption_priors"),
     ("server = 3\n", "server: Input should be a valid dictionary"),

@@ -352,7 +352,7 @@ class LocalAdapter(Adapter, VolumeSupport, LogSupport):
         return inv
 
     def _inst_dir(self, name: str) -> Path:
-        if not _SAFE_NAME.match(name or ""):
+        if not _SAFE_NAME.fullmatch(name or ""):
             raise PermanentError(f"invalid local instance name {name[:80]!r}", provider=self.name)
         return self.instances_dir / name
 
@@ -543,7 +543,7 @@ class LocalAdapter(Adapter, VolumeSupport, LogSupport):
     def _volume_for(self, req: LaunchRequest) -> Path | None:
         if req.volume is None:
             return None
-        if not _SAFE_NAME.match(req.volume.volume_id or ""):
+        if not _SAFE_NAME.fullmatch(req.volume.volume_id or ""):
             raise PermanentError("invalid local volume id", provider=self.name)
         path = self._volume_path(req.volume.volume_id)
         if not path.is_dir():
@@ -793,7 +793,7 @@ class LocalAdapter(Adapter, VolumeSupport, LogSupport):
     async def _remove_container(self, runtime: str, name: str) -> None:
         """`<runtime> rm -f <name>`: a container outlives a killed CLI. Bounded; already gone
         is fine."""
-        if not _SAFE_NAME.match(name):
+        if not _SAFE_NAME.fullmatch(name):
             return
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -833,7 +833,7 @@ class LocalAdapter(Adapter, VolumeSupport, LogSupport):
     # ---------------------------------------------------------------- volumes and logs
 
     async def ensure_volume(self, name: str, size_gb: int, region: str) -> ProviderVolume:
-        if not _SAFE_NAME.match(name or ""):
+        if not _SAFE_NAME.fullmatch(name or ""):
             raise PermanentError(f"invalid volume name {name[:80]!r}", provider=self.name)
         if region and region != self.settings.region:
             raise PermanentError(
@@ -865,7 +865,7 @@ class LocalAdapter(Adapter, VolumeSupport, LogSupport):
         )
 
     async def delete_volume(self, volume_id: str) -> None:
-        if not _SAFE_NAME.match(volume_id or ""):
+        if not _SAFE_NAME.fullmatch(volume_id or ""):
             return
 
         def delete() -> None:
@@ -881,7 +881,7 @@ class LocalAdapter(Adapter, VolumeSupport, LogSupport):
         return self.volumes_dir / volume_id
 
     def log_path(self, instance_name: str) -> Path | None:
-        if not _SAFE_NAME.match(instance_name or ""):
+        if not _SAFE_NAME.fullmatch(instance_name or ""):
             return None
         path = self._log_file(instance_name)
         return path if path.exists() else None

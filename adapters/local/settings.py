@@ -96,7 +96,7 @@ class LocalSettings(BaseModel):
     @field_validator("region")
     @classmethod
     def _region(cls, value: str) -> str:
-        if not _REGION_RE.match(value):
+        if not _REGION_RE.fullmatch(value):
             raise ValueError("region must be 1-64 letters, digits, '.', '_' or '-'")
         return value
 
