@@ -76,7 +76,7 @@ class InstanceState(StrEnum):
     PENDING = "pending"  # accepted, booting, pulling the image
     RUNNING = "running"
     STOPPING = "stopping"  # on its way out (terminating, shutting-down)
-    PREEMPTED = "preempted"  # the provider took it (reclaimed, outbid, "Exited by Runpod")
+    PREEMPTED = "preempted"  # the provider took it (spot reclaim, "Outbid"; not "Exited by RunPod")
     EXITED = "exited"  # the job's process ended; exit code or signal may be known
     TERMINATED = "terminated"  # gone for good (deleted by us or by the provider)
 
