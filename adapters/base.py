@@ -111,6 +111,12 @@ class Adapter(abc.ABC):
         """Stop and delete the instance; billing stops. Already gone is success. Returns the
         final bill when the provider can still tell it."""
 
+    async def verify(self) -> str:
+        """One cheap read-only call that proves the credentials work (`gpuhop check-config`).
+        Returns a short description of what was read ("account ok, 12 GPU types"); raises
+        AuthError for refused credentials and AdapterError for anything else. Needs no start()."""
+        return "no credentials to check"
+
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Called once when the daemon starts (open sessions, create queues)."""
 

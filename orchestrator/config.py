@@ -118,6 +118,11 @@ class EngineSettings(_Section):
     provider_start_backoff_max_seconds: float = Field(
         default=300.0, gt=0, le=86400, description="longest pause between tries to start a failing provider"
     )
+    account_suspend_seconds: float = Field(
+        default=900.0, ge=0, le=7 * 86400,
+        description="how long a provider that stopped a machine for the account (insufficient balance) "
+        "gets no launches",
+    )
 
 
 class PlacementSettingsModel(_Section):

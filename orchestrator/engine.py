@@ -293,6 +293,8 @@ class Engine:
                 )
                 events.append((a.number, action.reason.value, f"attempt {a.number} {action.reason.value}: {action.detail}"))
                 metrics.ATTEMPTS_ENDED.labels(a.provider, action.reason.value).inc()
+                if action.reason == EndReason.NO_CAPACITY and a.offer_id:
+                    self.workers.avoid(job.id, f"{a.provider}:{a.offer_id}")
             elif isinstance(action, reconcile.Terminate):
                 a = by_id[action.attempt_id]
                 attempt_fields.setdefault(a.id or 0, {}).setdefault("stop_requested_at", a.stop_requested_at or now)
@@ -314,6 +316,12 @@ class Engine:
                 metrics.JOBS_FINISHED.labels(action.status.value).inc()
             elif isinstance(action, reconcile.Launch):
                 launch = action.early
+            elif isinstance(action, reconcile.SuspendProvider):
+                seconds = self.settings.engine.account_suspend_seconds
+                if self.observer.suspend(action.provider, action.reason, seconds):
+                    events.append((None, "provider_suspended",
+                                   f"{action.provider} stopped a machine for the account ({action.reason}); "
+                                   f"no launches there for {seconds:.0f} s (engine.account_suspend_seconds)"))
         if d.relaunches:
             job_fields["relaunches"] = job.relaunches + d.relaunches
         if d.retries:

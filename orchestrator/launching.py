@@ -94,6 +94,7 @@ class Workers:
         self._terminated: dict[tuple[str, str], float] = {}  # confirmed stops, and when
         self._tasks: set[asyncio.Task[None]] = set()
         self._backoff: dict[str, float] = {}
+        self._avoid: dict[str, set[str]] = {}  # job -> "provider:offer_id" to skip on its next placement
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -139,6 +140,10 @@ class Workers:
 
     # ------------------------------------------------------------------ launches
 
+    def avoid(self, job_id: str, offer_key: str) -> None:
+        """The job's next placement skips this offer (its launch was accepted, then failed)."""
+        self._avoid.setdefault(job_id, set()).add(offer_key)
+
     def launch_soon(self, job: JobRow, spec: JobSpec, early: bool) -> None:
         if job.id in self._launching:
             return
@@ -180,6 +185,7 @@ class Workers:
             disk_gb=spec.resources.disk_gb, volume=volume,
             mount_path=spec.volume.mount_path if spec.volume else "/workspace",
             bid_price_per_hour=offer.price_per_hour if offer.capacity == CapacityType.SPOT else None,
+            min_cuda=spec.resources.min_cuda,
         )
 
     async def rate_stats(self) -> dict[tuple[str, CapacityType], RateStats]:
@@ -228,13 +234,14 @@ class Workers:
         offers_by_provider = await self.observer.offers(wait=timeout)
         # a provider whose last listing failed may still launch (at 50% faults most calls work):
         # its offers stay in play, and a launch that fails says so itself
-        offers = [o for name, lst in offers_by_provider.items() if self.observer.started(name) for o in lst]
+        offers = [o for name, lst in offers_by_provider.items() if self.observer.launchable(name) for o in lst]
         pinned: VolumeRow | None = None
         location: VolumeLocation | None = None
         if spec.volume is not None:
             pinned = await self.store.run(self.store.volume, spec.volume.name)
             location = VolumeLocation(pinned.provider if pinned else None, pinned.region if pinned else None)
-        result = place(spec, offers, location, await self.rate_stats(), self.placement)
+        avoid = frozenset(self._avoid.pop(job.id, ()))  # offers whose launch just failed after acceptance
+        result = place(spec, offers, location, await self.rate_stats(), self.placement, exclude=avoid)
         number = await self.store.run(self.store.next_attempt_number, job.id)
         tried: list[str] = []
         for cand in result.candidates[:8]:
@@ -286,6 +293,10 @@ class Workers:
         delay = min(self.settings.engine.retry_backoff_max_seconds, self._backoff.get(job.id, 1.0) * 2)
         self._backoff[job.id] = delay
         why = "; ".join(tried) if tried else result.summary()
+        suspended = [f"{name} suspended for launches ({h.suspended_why})"
+                     for name, h in self.observer.health.items() if h.suspended_until and name in offers_by_provider]
+        if suspended:
+            why = "; ".join([why, *suspended])
         await self.store.run(
             self.store.apply, job.id,
             {"next_try_at": time.time() + delay, "message": f"no capacity: {why}"[:1024]},

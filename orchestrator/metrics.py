@@ -13,6 +13,14 @@ PROVIDER_UP = Gauge("gpuhop_provider_up", "1 if the provider's last listing succ
 PROVIDER_ERRORS = Counter(
     "gpuhop_provider_errors_total", "Failed provider calls", ["provider", "call"], registry=REGISTRY
 )
+PROVIDER_SUSPENSIONS = Counter(
+    "gpuhop_provider_suspensions_total",
+    "Times a provider was suspended for launches because it stopped a machine for the account "
+    "(insufficient balance)", ["provider"], registry=REGISTRY,
+)
+PROVIDER_SUSPENDED = Gauge(
+    "gpuhop_provider_suspended", "1 while the provider is suspended for launches", ["provider"], registry=REGISTRY
+)
 LAUNCHES = Counter("gpuhop_launches_total", "Attempts launched", ["provider", "capacity"], registry=REGISTRY)
 ATTEMPTS_ENDED = Counter(
     "gpuhop_attempts_ended_total", "Attempts ended, by why", ["provider", "reason"], registry=REGISTRY

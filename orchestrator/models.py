@@ -81,6 +81,15 @@ class InstanceState(StrEnum):
     TERMINATED = "terminated"  # gone for good (deleted by us or by the provider)
 
 
+class InstanceFault(StrEnum):
+    """Why the provider ended an instance when it was neither the job's exit nor a reclaim.
+    Adapters set it from the provider's own words; `reconcile` decides what each means."""
+
+    IMAGE = "image"  # the image cannot be pulled or run there (bad name, too large): the job fails
+    ACCOUNT = "account"  # stopped for the account (insufficient balance): the provider is suspended
+    LAUNCH_CAPACITY = "launch_capacity"  # ended before it ran, for want of capacity: a failed launch
+
+
 # --------------------------------------------------------------------------- the job spec
 
 # Every pattern is matched whole with fullmatch: `$` would also accept a trailing newline.
@@ -89,6 +98,7 @@ _ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 _REGION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _IMAGE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}")
 _MOUNT_RE = re.compile(r"[A-Za-z0-9/._-]+")
+_CUDA_RE = re.compile(r"[0-9]{1,2}\.[0-9]{1,2}")
 MAX_ENV_VALUE = 32 * 1024
 MAX_COMMAND_ARG = 64 * 1024
 RESERVED_ENV_PREFIX = "GPUHOP_"
@@ -150,6 +160,16 @@ class Resources(_Strict):
     min_vcpu: StrictInt = Field(default=0, ge=0, le=1024)
     min_memory_gb: StrictInt = Field(default=0, ge=0, le=16384)
     disk_gb: StrictInt = Field(default=20, ge=1, le=65536)
+    min_cuda: str | None = Field(
+        default=None, json_schema_extra={"pattern": r"^[0-9]{1,2}\.[0-9]{1,2}$"},
+        description="Oldest CUDA version the host's driver must support, e.g. '12.4'.")
+
+    @field_validator("min_cuda")
+    @classmethod
+    def _cuda(cls, value: str | None) -> str | None:
+        if value is not None and not _CUDA_RE.fullmatch(value):
+            raise ValueError(f"min_cuda must be a CUDA version such as '12.4', not {_shown(value)}")
+        return value
 
     @field_validator("gpu")
     @classmethod
@@ -323,6 +343,9 @@ class Offer:
     price_per_hour: float  # USD for the whole machine shape (all of gpu_count)
     available: int = 1  # how many more the provider says it can start (best effort)
     supports_volumes: bool = True
+    # newest CUDA the host's driver supports, when the provider says (None: unknown, or chosen
+    # at launch, as RunPod does with minCudaVersion)
+    max_cuda: str | None = None
 
 
 @dataclass(frozen=True)
@@ -352,6 +375,7 @@ class LaunchRequest:
     volume: ProviderVolume | None = None
     mount_path: str = "/workspace"
     bid_price_per_hour: float | None = None  # for spot markets that take a bid
+    min_cuda: str | None = None  # the job's [resources] min_cuda: adapters that can filter hosts send it
 
 
 @dataclass(frozen=True)
@@ -383,7 +407,13 @@ class Instance:
     reason: str = ""  # the provider's own words (StateReason, lastStatusChange, ...)
     interruption_at: datetime | None = None  # a pending reclaim notice, when known
     bill: Bill | None = None  # the provider's charge so far, when the adapter can tell it
+    fault: InstanceFault | None = None  # the provider ended it for this reason (see InstanceFault)
     extra: dict[str, str] = field(default_factory=dict)
+
+
+def cuda_tuple(version: str) -> tuple[int, ...]:
+    """'12.4' -> (12, 4), for comparing CUDA versions."""
+    return tuple(int(part) for part in version.split("."))
 
 
 def attempt_name(prefix: str, job_id: str, attempt: int) -> str:

@@ -33,6 +33,8 @@ class ProviderHealth:
     since: float = 0.0
     last_ok: float = 0.0
     started: bool = False  # start() succeeded; until then the provider is degraded
+    suspended_until: float = 0.0  # no launches before this (the account was refused)
+    suspended_why: str = ""
 
 
 @dataclass
@@ -119,6 +121,29 @@ class Observer:
 
     def started(self, name: str) -> bool:
         return self.health[name].started
+
+    def launchable(self, name: str, now: float | None = None) -> bool:
+        """Started, and not suspended for the account: its offers may be placed on."""
+        h = self.health[name]
+        if not h.started:
+            return False
+        if h.suspended_until and (now if now is not None else time.time()) >= h.suspended_until:
+            h.suspended_until, h.suspended_why = 0.0, ""
+            metrics.PROVIDER_SUSPENDED.labels(name).set(0)
+            log.info("provider %s: launch suspension over", name)
+        return not h.suspended_until
+
+    def suspend(self, name: str, why: str, seconds: float) -> bool:
+        """No launches on `name` for `seconds`. Returns False when it already was suspended."""
+        h = self.health[name]
+        fresh = not h.suspended_until
+        h.suspended_until = max(h.suspended_until, time.time() + seconds)
+        h.suspended_why = why
+        if fresh:
+            log.warning("provider %s suspended for launches for %.0f s: %s", name, seconds, why)
+            metrics.PROVIDER_SUSPENSIONS.labels(name).inc()
+            metrics.PROVIDER_SUSPENDED.labels(name).set(1)
+        return fresh
 
     async def close(self) -> None:
         tasks = [*self._start_tasks.values(), *self._listing_tasks.values(), *self._offer_tasks.values()]

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from orchestrator.gpus import canonical_gpu
-from orchestrator.models import CapacityPreference, CapacityType, JobSpec, Offer
+from orchestrator.models import CapacityPreference, CapacityType, JobSpec, Offer, cuda_tuple
 
 DEFAULT_SPOT_RATE = 0.05  # preemptions per hour for a spot market nobody configured
 DEFAULT_DISPLAY_CHECKPOINT_INTERVAL = 600.0  # seconds, for `gpuhop offers`
@@ -178,6 +178,9 @@ def _reject_reason(
             return "too few GPUs", f"{offer.gpu_count} GPU(s), the job needs {res.gpu_count}"
         if res.min_vram_gb is not None and _offer_vram(offer) < res.min_vram_gb:
             return "too little VRAM", f"{_offer_vram(offer)} GB VRAM per GPU, the job needs {res.min_vram_gb}"
+        if res.min_cuda is not None and offer.max_cuda is not None and (
+                cuda_tuple(offer.max_cuda) < cuda_tuple(res.min_cuda)):
+            return "host CUDA too old", f"the host's driver supports CUDA {offer.max_cuda}, the job needs {res.min_cuda}"
     if offer.vcpu and offer.vcpu < res.min_vcpu:
         return "too few vCPUs", f"{offer.vcpu} vCPUs, the job needs {res.min_vcpu}"
     if offer.memory_gb and offer.memory_gb < res.min_memory_gb:

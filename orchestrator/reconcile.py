@@ -16,7 +16,12 @@ The rules, in order of precedence for each live attempt:
    (`Settings.silence_since`): an agent that could not report while the daemon was down is not
    lost, and after a restart of any length every agent gets a full timeout to report again.
    A listing taken before an attempt was launched says nothing about it (`observed_at`).
-6. An attempt under a reclaim notice is handed over (ended `preempted`, its machine stopped so
+6. A provider's fault that is not the job's doing (`Instance.fault`, unless the agent reported
+   the exit first): an image that cannot run fails the job at once, whatever its retry
+   policy (another attempt would fail the same way); an account stop (insufficient balance)
+   suspends that provider for launches and re-places the job elsewhere; a launch that
+   ended before it ran for want of capacity is re-placed. Neither counts as a relaunch.
+7. An attempt under a reclaim notice is handed over (ended `preempted`, its machine stopped so
    the job checkpoints and the volume is free) as soon as its early replacement is up.
 Then the job: `launching` once a provider confirmed a machine (a launch still in flight leaves
 it `queued` or `recovering`); cancelled when asked; out of budget when its cost reaches `max_cost_usd`; a new
@@ -26,9 +31,18 @@ reclaim notice arrives.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from orchestrator.models import AttemptStatus, EndReason, Instance, InstanceState, JobStatus, Policy
+from orchestrator.models import (
+    AttemptStatus,
+    EndReason,
+    Instance,
+    InstanceFault,
+    InstanceState,
+    JobStatus,
+    Policy,
+)
 
 
 @dataclass(frozen=True)
@@ -141,7 +155,16 @@ class Finish:
     end_reason: str
 
 
-Action = Adopt | RetryLaunch | MarkRunning | EndAttempt | Terminate | Launch | SetStatus | Finish
+@dataclass(frozen=True)
+class SuspendProvider:
+    """The provider refuses to run anything for this account (insufficient balance): stop
+    placing jobs there for a while instead of relaunching into the same refusal."""
+
+    provider: str
+    reason: str
+
+
+Action = Adopt | RetryLaunch | MarkRunning | EndAttempt | Terminate | Launch | SetStatus | Finish | SuspendProvider
 
 
 @dataclass
@@ -149,6 +172,7 @@ class Decision:
     actions: list[Action] = field(default_factory=list)
     relaunches: int = 0  # increments to apply to the job's counters
     retries: int = 0
+    fatal: str = ""  # the job cannot succeed anywhere (an image that cannot run): why
 
     def add(self, action: Action) -> None:
         self.actions.append(action)
@@ -217,6 +241,8 @@ def _judge_attempt(a: AttemptView, inst: Instance | None, now: float, cfg: Setti
 
     if inst is not None and inst.state == InstanceState.PREEMPTED:
         return end(EndReason.PREEMPTED, inst.reason or "reclaimed by the provider")
+    if inst is not None and inst.fault is not None and a.agent_state != "exited":
+        return _fault(a, inst, inst.fault, d, end)
     outcome = _exit_outcome(a, inst)
     if outcome is not None:
         reason, detail, code, sig = outcome
@@ -241,6 +267,18 @@ def _judge_attempt(a: AttemptView, inst: Instance | None, now: float, cfg: Setti
         if now - last > cfg.heartbeat_timeout_seconds:
             return end(EndReason.LOST, f"no report from the agent for {int(now - last)} s")
     return None
+
+
+def _fault(a: AttemptView, inst: Instance, fault: InstanceFault, d: Decision,
+           end: Callable[[EndReason, str], EndReason]) -> EndReason:
+    words = inst.reason or fault.value
+    if fault == InstanceFault.IMAGE:
+        d.fatal = f"{a.provider} cannot run the job's image: {words}"
+        return end(EndReason.FAILED, d.fatal)
+    if fault == InstanceFault.ACCOUNT:
+        d.add(SuspendProvider(a.provider, words))
+        return end(EndReason.NO_CAPACITY, f"{a.provider} stopped it for the account: {words}")
+    return end(EndReason.NO_CAPACITY, f"the launch on {a.provider} failed before it ran: {words}")
 
 
 def decide(
@@ -305,6 +343,10 @@ def decide(
             if a.instance_id:
                 d.add(Terminate(a.id, a.instance_id))
         d.add(Finish(JobStatus.SUCCEEDED, "succeeded"))
+        return d
+
+    if d.fatal and not still_live:
+        d.add(Finish(JobStatus.FAILED, d.fatal))
         return d
 
     if budget is not None and spent >= budget:

@@ -18,7 +18,7 @@ so that the engine cannot tell it from a real provider:
 
 Knobs: `capacity` and `prices` per region, `fail_next(verb, n, error, after=...)`,
 `delays[verb]`, `add_instance` (an instance no launch of this daemon made), `preempt`,
-`exit`, `boot`, `list_foreign` (the listing also shows machines that are not ours).
+`exit`, `fail` (a provider's fault: bad image, account, capacity), `boot`, `list_foreign` (the listing also shows machines that are not ours).
 Observations: `ledger` (created / terminated, with bills), `requests` (every launch request),
 `calls` (a count per verb).
 """
@@ -48,6 +48,7 @@ from orchestrator.models import (
     Bill,
     CapacityType,
     Instance,
+    InstanceFault,
     InstanceState,
     LaunchRequest,
     Offer,
@@ -77,6 +78,7 @@ class FakeInstance:
     stopped_by_us: bool = False
     reason: str = ""
     volume_id: str | None = None
+    fault: InstanceFault | None = None
 
     @property
     def live(self) -> bool:
@@ -159,6 +161,12 @@ class FakeAdapter(Adapter, VolumeSupport):
         """The job's process ended (the machine itself keeps billing until terminated)."""
         inst = self.instances[instance_id]
         inst.state, inst.exit_code, inst.exit_signal = InstanceState.EXITED, code, signal
+
+    def fail(self, instance_id: str, fault: InstanceFault, reason: str,
+             state: InstanceState = InstanceState.EXITED) -> None:
+        """The provider ended the instance for a reason of its own (see InstanceFault)."""
+        inst = self.instances[instance_id]
+        inst.state, inst.fault, inst.reason = state, fault, reason
 
     def boot(self, instance_id: str) -> None:
         inst = self.instances[instance_id]
@@ -303,7 +311,7 @@ class FakeAdapter(Adapter, VolumeSupport):
             provider=self.name, instance_id=inst.instance_id, name=inst.name, state=inst.state,
             region=inst.region, price_per_hour=inst.price_per_hour, exit_code=inst.exit_code,
             exit_signal=inst.exit_signal, stopped_by_us=inst.stopped_by_us, reason=inst.reason,
-            bill=self.bill(inst.instance_id), extra={"offer_id": inst.offer_id},
+            bill=self.bill(inst.instance_id), extra={"offer_id": inst.offer_id}, fault=inst.fault,
         )
 
 

@@ -65,6 +65,10 @@ FILTERS = [
     ({"resources": {"min_vram_gb": 40}}, {}, None, (), "too little VRAM"),
     ({"resources": {"min_vram_gb": 24}}, {}, None, (), None),
     ({"resources": {"min_vram_gb": 40}}, {"gpu": "H100-SXM", "vram_gb": 0}, None, (), None),
+    ({"resources": {"min_cuda": "12.4"}}, {"max_cuda": "12.2"}, None, (), "host CUDA too old"),
+    ({"resources": {"min_cuda": "12.4"}}, {"max_cuda": "12.10"}, None, (), None),  # 12.10 > 12.4
+    ({"resources": {"min_cuda": "12.4"}}, {"max_cuda": "12.4"}, None, (), None),
+    ({"resources": {"min_cuda": "12.4"}}, {}, None, (), None),  # unknown: the adapter filters at launch
     ({"resources": {"min_vcpu": 16}}, {}, None, (), "too few vCPUs"),
     ({"resources": {"min_vcpu": 16}}, {"vcpu": 0}, None, (), None),
     ({"resources": {"min_memory_gb": 64}}, {}, None, (), "too little memory"),

@@ -59,7 +59,8 @@ def _job_id(request: web.Request) -> str:
 
 def _health(request: web.Request) -> dict[str, ProviderHealth]:
     engine = request.app[CTX].engine
-    return {n: ProviderHealth(ok=h.ok, error=h.error) for n, h in engine.health.items()}
+    return {n: ProviderHealth(ok=h.ok, error=h.error, suspended_until=h.suspended_until or None,
+                              suspended_why=h.suspended_why or None) for n, h in engine.health.items()}
 
 
 async def healthz(request: web.Request) -> web.Response:

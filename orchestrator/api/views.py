@@ -107,6 +107,9 @@ class JobList(_Out):
 class ProviderHealth(_Out):
     ok: bool
     error: str | None
+    suspended_until: float | None = Field(
+        default=None, description="no launches on this provider before this UNIX time (the account was refused)")
+    suspended_why: str | None = None
 
 
 class Health(_Out):
