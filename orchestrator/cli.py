@@ -269,16 +269,33 @@ def gpus() -> None:
 
 
 @app.command("check-config")
-def check_config(config: Annotated[Path, typer.Argument(help="TOML configuration")]) -> None:
-    """Validate a configuration file without starting anything."""
-    from orchestrator.daemon import load_config
+def check_config(
+    config: Annotated[Path, typer.Argument(help="TOML configuration")],
+    offline: Annotated[bool, typer.Option("--offline", help="check the file only; call no provider")] = False,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for each provider")] = 30.0,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Validate a configuration file, then check each provider's credentials with one cheap
+    read-only call (nothing is launched). Exits 1 when the file or any provider fails."""
+    from orchestrator.daemon import check_providers, load_config
 
     try:
         settings = load_config(config)
     except ConfigError as exc:
         fail(str(exc))
         return
-    console.print(f"{config}: ok (providers: {', '.join(settings.providers)}; state dir {settings.state_dir})")
+    results = [] if offline else asyncio.run(check_providers(settings, timeout))
+    if as_json:
+        print(json.dumps({"config": str(config), "ok": all(ok for _, ok, _ in results),
+                          "providers": [{"name": n, "ok": ok, "detail": text} for n, ok, text in results]}))
+    else:
+        console.print(f"{escape(str(config))}: ok (providers: {', '.join(settings.providers)}; "
+                      f"state dir {escape(str(settings.state_dir))})")
+        for name, ok, text in results:
+            mark = "[green]ok[/]" if ok else "[red]failed[/]"
+            console.print(f"  {name}: {mark}: {escape(text)}")
+    if not all(ok for _, ok, _ in results):
+        raise typer.Exit(1)
 
 
 def _plugins() -> None:

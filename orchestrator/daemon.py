@@ -23,12 +23,13 @@ import logging
 import os
 import signal
 import socket
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from adapters.base import Adapter, AdapterContext, AdapterError
+from adapters.base import Adapter, AdapterContext, AdapterError, AuthError
 from adapters.registry import create_adapter, validate_settings
 from orchestrator import auth, systemd
 from orchestrator.api.app import ApiContext, make_app
@@ -102,6 +103,44 @@ def build_adapters(settings: Settings, logs_dir: Path) -> dict[str, Adapter]:
         except AdapterError as exc:
             raise ConfigError(f"providers.{name}: {exc}") from None
     return adapters
+
+
+async def check_providers(settings: Settings, per_provider_seconds: float = 30.0) -> list[tuple[str, bool, str]]:
+    """(provider, ok, one line) for each configured provider, from one cheap read-only call
+    each (`Adapter.verify`), run side by side in a scratch state dir (nothing is written to the
+    real one, nothing is launched). Credentials never appear in the lines."""
+    secrets = [s for s in configured_secrets(settings) if s]
+
+    def clean(text: str) -> str:
+        for secret in secrets:
+            text = text.replace(secret, "***")
+        return " ".join(text.split())[:300]
+
+    with tempfile.TemporaryDirectory(prefix="gpuhop-check-") as scratch:
+        ctx = AdapterContext(
+            prefix=settings.server.instance_prefix, state_dir=Path(scratch), logs_dir=Path(scratch) / "logs",
+            public_url=settings.server.agent_base_url(),
+        )
+
+        async def one(name: str, table: dict[str, Any]) -> tuple[str, bool, str]:
+            try:
+                adapter = create_adapter(name, table, ctx)
+            except AdapterError as exc:
+                return name, False, clean(f"not usable: {exc}")
+            try:  # a read-only call in a command that exits next: a bound here is harmless
+                text = await asyncio.wait_for(adapter.verify(), per_provider_seconds)
+            except TimeoutError:
+                return name, False, f"no answer within {per_provider_seconds:.0f} s"
+            except AuthError as exc:
+                return name, False, clean(f"credentials refused: {exc}")
+            except Exception as exc:
+                return name, False, clean(f"{type(exc).__name__}: {exc}")
+            finally:
+                with contextlib.suppress(Exception):
+                    await adapter.close()
+            return name, True, clean(text)
+
+        return list(await asyncio.gather(*(one(n, t) for n, t in settings.providers.items())))
 
 
 class StateDirBusy(OSError):

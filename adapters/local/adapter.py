@@ -54,6 +54,7 @@ from typing import Any, TypeVar
 from adapters.base import (
     Adapter,
     AdapterContext,
+    AdapterError,
     LogSupport,
     NoCapacity,
     PermanentError,
@@ -303,6 +304,16 @@ class LocalAdapter(Adapter, VolumeSupport, LogSupport):
                     "local: the state dir %s was %04o; made it 0700 so local jobs cannot read it",
                     self.state_dir, mode,
                 )
+
+    async def verify(self) -> str:
+        """No credentials here: say how local jobs would run (the isolation check is the one a
+        configuration can fail)."""
+        choice = await self.isolation()
+        if choice.error:
+            raise AdapterError(choice.error, provider=self.name)
+        if choice.mode == "none":
+            return f"local jobs NOT isolated ({choice.reason})"
+        return f"local jobs isolated: {choice.mode} ({choice.reason})"
 
     async def start(self) -> None:
         choice = await self.isolation()
