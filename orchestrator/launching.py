@@ -52,6 +52,7 @@ from orchestrator.store import AttemptRow, Conflict, JobRow, Store, VolumeRow
 log = logging.getLogger("gpuhop.engine")
 
 RESTOP_SECONDS = 300.0
+TRIED_PER_PLACEMENT = 8  # candidates a launch tries, best first, before it waits for capacity
 
 
 @dataclass(frozen=True)
@@ -234,17 +235,18 @@ class Workers:
         offers_by_provider = await self.observer.offers(wait=timeout)
         # a provider whose last listing failed may still launch (at 50% faults most calls work):
         # its offers stay in play, and a launch that fails says so itself
-        offers = [o for name, lst in offers_by_provider.items() if self.observer.launchable(name) for o in lst]
+        index = await self.observer.offer_index([name for name in offers_by_provider if self.observer.launchable(name)])
         pinned: VolumeRow | None = None
         location: VolumeLocation | None = None
         if spec.volume is not None:
             pinned = await self.store.run(self.store.volume, spec.volume.name)
             location = VolumeLocation(pinned.provider if pinned else None, pinned.region if pinned else None)
         avoid = frozenset(self._avoid.pop(job.id, ()))  # offers whose launch just failed after acceptance
-        result = place(spec, offers, location, await self.rate_stats(), self.placement, exclude=avoid)
+        result = place(spec, index, location, await self.rate_stats(), self.placement, exclude=avoid,
+                       limit=TRIED_PER_PLACEMENT)
         number = await self.store.run(self.store.next_attempt_number, job.id)
         tried: list[str] = []
-        for cand in result.candidates[:8]:
+        for cand in result.candidates:
             offer = cand.offer
             row = AttemptRow(
                 job_id=job.id, number=number, name=attempt_name(self.prefix, job.id, number),

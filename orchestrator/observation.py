@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from adapters.base import Adapter
 from orchestrator import metrics
 from orchestrator.models import Instance, InstanceState, Offer
+from orchestrator.offer_index import OfferIndex
 
 log = logging.getLogger("gpuhop.engine")
 
@@ -77,6 +78,10 @@ class Observer:
         self._offer_tasks: dict[str, asyncio.Task[None]] = {}
         self._start_tasks: dict[str, asyncio.Task[None]] = {}
         self._tried: set[str] = set()  # providers whose start was tried at least once
+        self._index: OfferIndex | None = None
+        self._index_key: tuple[tuple[str, int], ...] = ()
+        self._index_lists: list[list[Offer]] = []
+        self._index_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ provider start-up
 
@@ -229,6 +234,19 @@ class Observer:
             return
         self._offers[name] = offers
         self._offers_at[name] = time.time()
+
+    async def offer_index(self, names: list[str]) -> OfferIndex:
+        """The current offers of `names` as one OfferIndex, rebuilt only when one of their
+        offer lists was refreshed since (a 100k-offer catalogue takes a fraction of a second
+        of CPU to index: that is done in a thread, once per refresh, not once per launch)."""
+        key = tuple((name, id(self._offers.get(name))) for name in sorted(names))
+        async with self._index_lock:
+            if self._index is None or key != self._index_key:
+                lists = [self._offers.get(name, []) for name, _ in key]
+                flat = [offer for offers in lists for offer in offers]
+                self._index = await asyncio.to_thread(OfferIndex.build, flat)
+                self._index_key, self._index_lists = key, lists  # the lists are kept: ids stay theirs
+            return self._index
 
     def invalidate_offers(self, name: str) -> None:
         self._offers_at[name] = 0.0

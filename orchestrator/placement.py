@@ -10,16 +10,21 @@ candidate carries a human reason, so a decision can always be explained afterwar
 
 Everything here is a pure function of its arguments: no I/O, no clock, no globals read at call
 time. The engine gathers offers, volume location and history, and records what this returns.
+
+A whole catalogue is filtered and ranked as columns (orchestrator/offer_index.py): each filter
+is one vector operation, the best few candidates are found by a partial sort, and a sentence is
+written only for what someone reads (the candidates returned, a rejection listed).
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from orchestrator.gpus import canonical_gpu
-from orchestrator.models import CapacityPreference, CapacityType, JobSpec, Offer, cuda_tuple
+import numpy as np
+
+from orchestrator.models import CapacityPreference, CapacityType, JobSpec, Offer
+from orchestrator.offer_index import OfferIndex, cuda_code, offer_vram
 
 DEFAULT_SPOT_RATE = 0.05  # preemptions per hour for a spot market nobody configured
 DEFAULT_DISPLAY_CHECKPOINT_INTERVAL = 600.0  # seconds, for `gpuhop offers`
@@ -80,26 +85,6 @@ class Rejection:
     kind: str = ""  # a short label shared by similar rejections, for summaries
 
 
-@dataclass(frozen=True)
-class PlacementResult:
-    candidates: tuple[Candidate, ...]  # best first
-    rejected: tuple[Rejection, ...]
-
-    @property
-    def best(self) -> Candidate | None:
-        return self.candidates[0] if self.candidates else None
-
-    def summary(self) -> str:
-        """E.g. "12 offers: 3 suitable; rejected 5 wrong GPU, 2 over max price"."""
-        total = len(self.candidates) + len(self.rejected)
-        text = f"{total} offer{'' if total == 1 else 's'}: {len(self.candidates)} suitable"
-        if not self.rejected:
-            return text
-        counts = Counter(r.kind or r.reason for r in self.rejected)  # keeps first-seen order
-        groups = sorted(counts.items(), key=lambda kv: -kv[1])  # stable: ties stay first-seen
-        return text + "; rejected " + ", ".join(f"{n} {kind}" for kind, n in groups)
-
-
 def preemption_rate(prior_per_hour: float, prior_weight_hours: float, stats: RateStats | None) -> float:
     """Gamma-Poisson posterior mean: the prior counts as `prior_weight_hours` of observation."""
     weight = max(prior_weight_hours, 0.0)
@@ -146,93 +131,234 @@ def _region_allowed(region: str, allowed: Sequence[str]) -> bool:
     return any(low.startswith(a.lower()) for a in allowed)
 
 
-def _offer_vram(offer: Offer) -> int:
-    if offer.vram_gb > 0 or offer.gpu is None:
-        return offer.vram_gb
-    gpu = canonical_gpu(offer.gpu)
-    return gpu.vram_gb if gpu else 0
+def _where(volume: VolumeLocation | None) -> str:
+    return f"{volume.provider}/{volume.region}" if volume is not None else ""
 
 
-def _reject_reason(
-    spec: JobSpec, offer: Offer, volume: VolumeLocation | None, exclude: frozenset[str]
-) -> tuple[str, str] | None:
-    """(kind, sentence) for the first filter the offer fails, or None when it is suitable."""
+_Sentence = Callable[[Offer, JobSpec, "VolumeLocation | None"], str]
+
+# The filters in the order they are tried: an offer is rejected by the first one it fails, with
+# that filter's label (summaries count by it) and sentence (written only when it is read).
+_FILTERS: tuple[tuple[str, _Sentence], ...] = (
+    ("provider not allowed", lambda o, s, v: f"provider {o.provider} is not in {s.placement.providers}"),
+    ("region not allowed", lambda o, s, v: f"region {o.region} does not match {s.placement.regions}"),
+    ("wrong capacity type",
+     lambda o, s, v: f"{o.capacity.value} capacity, the job asks for {s.placement.capacity.value}"),
+    ("wrong GPU", lambda o, s, v: "a CPU-only offer, the job needs a GPU"),
+    ("wrong GPU", lambda o, s, v: f"GPU {o.gpu} is not one of {s.resources.gpu}"),
+    ("too few GPUs", lambda o, s, v: f"{o.gpu_count} GPU(s), the job needs {s.resources.gpu_count}"),
+    ("too little VRAM",
+     lambda o, s, v: f"{offer_vram(o)} GB VRAM per GPU, the job needs {s.resources.min_vram_gb}"),
+    ("host CUDA too old",
+     lambda o, s, v: f"the host's driver supports CUDA {o.max_cuda}, the job needs {s.resources.min_cuda}"),
+    ("too few vCPUs", lambda o, s, v: f"{o.vcpu} vCPUs, the job needs {s.resources.min_vcpu}"),
+    ("too little memory", lambda o, s, v: f"{o.memory_gb} GB memory, the job needs {s.resources.min_memory_gb}"),
+    ("too little disk", lambda o, s, v: f"{o.disk_gb} GB disk, the job needs {s.resources.disk_gb}"),
+    ("over max price", lambda o, s, v: (
+        f"${o.price_per_hour:.2f}/h is over the maximum ${s.placement.max_price_per_hour or 0:.2f}/h")),
+    ("no volume support", lambda o, s, v: "the offer cannot attach a volume and the job has one"),
+    ("away from the volume", lambda o, s, v: f"the job's volume lives in {_where(v)}"),
+    ("unavailable", lambda o, s, v: "the provider reports no capacity left"),
+    ("just failed: no capacity", lambda o, s, v: "just failed: no capacity"),
+)
+_WANTED = {
+    CapacityPreference.SPOT: {CapacityType.SPOT},
+    CapacityPreference.ON_DEMAND: {CapacityType.ON_DEMAND},
+    CapacityPreference.AUTO: {CapacityType.SPOT, CapacityType.ON_DEMAND},
+}
+
+
+def _failures(spec: JobSpec, idx: OfferIndex, volume: VolumeLocation | None,
+              exclude: frozenset[str]) -> list[np.ndarray | None]:
+    """One boolean column per filter of _FILTERS (None: the filter does not apply to this job):
+    which offers fail it."""
     res, pl = spec.resources, spec.placement
-    if pl.providers is not None and offer.provider not in pl.providers:
-        return "provider not allowed", f"provider {offer.provider} is not in {pl.providers}"
-    if pl.regions is not None and not _region_allowed(offer.region, pl.regions):
-        return "region not allowed", f"region {offer.region} does not match {pl.regions}"
-    wanted = {
-        CapacityPreference.SPOT: {CapacityType.SPOT},
-        CapacityPreference.ON_DEMAND: {CapacityType.ON_DEMAND},
-        CapacityPreference.AUTO: {CapacityType.SPOT, CapacityType.ON_DEMAND},
-    }[pl.capacity]
-    if offer.capacity not in wanted:
-        return "wrong capacity type", f"{offer.capacity.value} capacity, the job asks for {pl.capacity.value}"
+    fails: list[np.ndarray | None] = [None] * len(_FILTERS)
+    if pl.providers is not None:
+        fails[0] = ~idx.rows_where(idx.provider, idx.provider_names, set(pl.providers).__contains__)
+    if pl.regions is not None:
+        regions = pl.regions
+        fails[1] = ~idx.rows_where(idx.region, idx.region_names, lambda r: _region_allowed(r, regions))
+    wanted = _WANTED[pl.capacity]
+    if CapacityType.SPOT not in wanted:
+        fails[2] = idx.spot
+    elif CapacityType.ON_DEMAND not in wanted:
+        fails[2] = ~idx.spot
     if res.gpu_count > 0:
-        if offer.gpu is None or offer.gpu_count <= 0:
-            return "wrong GPU", "a CPU-only offer, the job needs a GPU"
-        if res.gpu is not None and offer.gpu not in res.gpu:
-            return "wrong GPU", f"GPU {offer.gpu} is not one of {res.gpu}"
-        if offer.gpu_count < res.gpu_count:
-            return "too few GPUs", f"{offer.gpu_count} GPU(s), the job needs {res.gpu_count}"
-        if res.min_vram_gb is not None and _offer_vram(offer) < res.min_vram_gb:
-            return "too little VRAM", f"{_offer_vram(offer)} GB VRAM per GPU, the job needs {res.min_vram_gb}"
-        if res.min_cuda is not None and offer.max_cuda is not None and (
-                cuda_tuple(offer.max_cuda) < cuda_tuple(res.min_cuda)):
-            return "host CUDA too old", f"the host's driver supports CUDA {offer.max_cuda}, the job needs {res.min_cuda}"
-    if offer.vcpu and offer.vcpu < res.min_vcpu:
-        return "too few vCPUs", f"{offer.vcpu} vCPUs, the job needs {res.min_vcpu}"
-    if offer.memory_gb and offer.memory_gb < res.min_memory_gb:
-        return "too little memory", f"{offer.memory_gb} GB memory, the job needs {res.min_memory_gb}"
-    if offer.disk_gb and offer.disk_gb < res.disk_gb:
-        return "too little disk", f"{offer.disk_gb} GB disk, the job needs {res.disk_gb}"
-    if pl.max_price_per_hour is not None and offer.price_per_hour > pl.max_price_per_hour:
-        return "over max price", (
-            f"${offer.price_per_hour:.2f}/h is over the maximum ${pl.max_price_per_hour:.2f}/h"
-        )
+        fails[3] = (idx.gpu < 0) | (idx.gpu_count <= 0)
+        if res.gpu is not None:
+            fails[4] = ~idx.rows_where(idx.gpu, idx.gpu_names, set(res.gpu).__contains__)
+        fails[5] = idx.gpu_count < res.gpu_count
+        if res.min_vram_gb is not None:
+            fails[6] = idx.vram < res.min_vram_gb
+        if res.min_cuda is not None:
+            fails[7] = (idx.cuda >= 0) & (idx.cuda < cuda_code(res.min_cuda))
+    if res.min_vcpu:
+        fails[8] = (idx.vcpu > 0) & (idx.vcpu < res.min_vcpu)
+    if res.min_memory_gb:
+        fails[9] = (idx.memory > 0) & (idx.memory < res.min_memory_gb)
+    fails[10] = (idx.disk > 0) & (idx.disk < res.disk_gb)
+    if pl.max_price_per_hour is not None:
+        fails[11] = idx.price > pl.max_price_per_hour
     if volume is not None:
-        if not offer.supports_volumes:
-            return "no volume support", "the offer cannot attach a volume and the job has one"
-        if volume.exists and (
-            offer.provider != volume.provider
-            or (volume.region is not None and offer.region != volume.region)
-        ):
-            where = f"{volume.provider}/{volume.region}"
-            return f"away from the volume in {where}", f"the job's volume lives in {where}"
-    if offer.available <= 0:
-        return "unavailable", "the provider reports no capacity left"
-    if f"{offer.provider}:{offer.offer_id}" in exclude:
-        return "just failed: no capacity", "just failed: no capacity"
-    return None
+        fails[12] = ~idx.volumes
+        if volume.exists:
+            away = ~idx.rows_where(idx.provider, idx.provider_names, lambda p: p == volume.provider)
+            if volume.region is not None:
+                away |= ~idx.rows_where(idx.region, idx.region_names, lambda r: r == volume.region)
+            fails[13] = away
+    fails[14] = ~idx.has_capacity
+    if exclude:
+        excluded = np.zeros(len(idx), dtype=bool)
+        for key in exclude:
+            excluded[idx.positions.get(key, [])] = True
+        fails[15] = excluded
+    return fails
+
+
+def _first_failure(fails: list[np.ndarray | None], n: int) -> np.ndarray:
+    """Per offer: 0 when it passes every filter, else 1 + the index of the first it fails."""
+    codes = np.zeros(n, dtype=np.int8)
+    for i in range(len(fails) - 1, -1, -1):  # the earliest failing filter is written last: it wins
+        mask = fails[i]
+        if mask is not None:
+            codes[mask] = i + 1
+    return codes
+
+
+class _Rejections:
+    """One placement's rejected offers. Sentences are written on first read only: a catalogue
+    of 100,000 offers rejects most of them, and nobody reads most of those sentences."""
+
+    def __init__(self, idx: OfferIndex, codes: np.ndarray, spec: JobSpec, volume: VolumeLocation | None) -> None:
+        self._idx, self._codes, self._spec, self._volume = idx, codes, spec, volume
+        self._built: tuple[Rejection, ...] | None = None
+
+    def _label(self, code: int) -> str:
+        label = _FILTERS[code - 1][0]
+        return f"{label} in {_where(self._volume)}" if label == "away from the volume" else label
+
+    def counts(self) -> tuple[tuple[str, int], ...]:
+        """(label, how many), labels in the order the offers first meet them."""
+        codes = self._codes[self._codes > 0]
+        if not len(codes):
+            return ()
+        values, first, counts = np.unique(codes, return_index=True, return_counts=True)
+        merged: dict[str, list[int]] = {}
+        for value, pos, count in zip(values.tolist(), first.tolist(), counts.tolist(), strict=True):
+            entry = merged.setdefault(self._label(value), [pos, 0])
+            entry[0], entry[1] = min(entry[0], pos), entry[1] + count
+        return tuple((label, n) for label, (_, n) in sorted(merged.items(), key=lambda kv: kv[1][0]))
+
+    def all(self) -> tuple[Rejection, ...]:
+        if self._built is None:
+            out = []
+            for pos in np.flatnonzero(self._codes).tolist():
+                code = int(self._codes[pos])
+                offer = self._idx.offers[pos]
+                sentence = _FILTERS[code - 1][1](offer, self._spec, self._volume)
+                out.append(Rejection(offer, f"{_describe(offer)}: {sentence}", self._label(code)))
+            self._built = tuple(out)
+        return self._built
+
+
+@dataclass(frozen=True)
+class PlacementResult:
+    candidates: tuple[Candidate, ...]  # best first (only the best `limit` when place() had one)
+    suitable: int = 0  # how many offers passed every filter
+    rejected_counts: tuple[tuple[str, int], ...] = ()  # (label, how many), in first-met order
+    _rejections: _Rejections | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def rejected(self) -> tuple[Rejection, ...]:
+        """Every rejected offer with its sentence, in the order the offers were given."""
+        return self._rejections.all() if self._rejections is not None else ()
+
+    @property
+    def best(self) -> Candidate | None:
+        return self.candidates[0] if self.candidates else None
+
+    def summary(self) -> str:
+        """E.g. "12 offers: 3 suitable; rejected 5 wrong GPU, 2 over max price"."""
+        total = self.suitable + sum(n for _, n in self.rejected_counts)
+        text = f"{total} offer{'' if total == 1 else 's'}: {self.suitable} suitable"
+        if not self.rejected_counts:
+            return text
+        groups = sorted(self.rejected_counts, key=lambda kv: -kv[1])  # stable: ties stay first-met
+        return text + "; rejected " + ", ".join(f"{n} {kind}" for kind, n in groups)
+
+
+def _rate_tables(idx: OfferIndex, settings: PlacementSettings,
+                 stats: Mapping[tuple[str, CapacityType], RateStats]) -> tuple[np.ndarray, np.ndarray]:
+    """Preemption rate per (provider code, spot) and restart overhead in hours per provider code:
+    worked out once per provider, not once per offer."""
+    rate = np.zeros((len(idx.provider_names), 2), dtype=np.float64)
+    restart_h = np.zeros(len(idx.provider_names), dtype=np.float64)
+    for code, name in enumerate(idx.provider_names):
+        for col, capacity in ((0, CapacityType.ON_DEMAND), (1, CapacityType.SPOT)):
+            key = (name, capacity)
+            rate[code, col] = preemption_rate(settings.prior_rate(*key), settings.prior_weight_hours, stats.get(key))
+        restart_h[code] = settings.restart_overhead(name) / 3600
+    return rate, restart_h
+
+
+def _shortlist(keys: list[np.ndarray], limit: int) -> np.ndarray:
+    """Positions of the best `limit` rows by the numeric keys (lexicographic), plus every row
+    tied with the last of them on all keys: the string tie-breaks are settled afterwards by a
+    full sort of these few. Linear time: one partition per key, never a sort of the whole."""
+    n = len(keys[0]) if keys else 0
+    if n <= limit or not keys:
+        return np.arange(n)
+    first = keys[0]
+    threshold = np.partition(first, limit - 1)[limit - 1]
+    less = np.flatnonzero(first < threshold)
+    equal = np.flatnonzero(first == threshold)
+    need = limit - len(less)
+    chosen = equal[_shortlist([k[equal] for k in keys[1:]], need)] if keys[1:] else equal
+    return np.concatenate((less, chosen))
 
 
 def place(
     spec: JobSpec,
-    offers: Sequence[Offer],
+    offers: Sequence[Offer] | OfferIndex,
     volume: VolumeLocation | None,
     stats: Mapping[tuple[str, CapacityType], RateStats],
     settings: PlacementSettings,
     exclude: frozenset[str] = frozenset(),
+    limit: int | None = None,
 ) -> PlacementResult:
-    """Every offer either becomes a ranked Candidate (best first) or a Rejection with its reason.
+    """Every offer either passes every filter (a ranked Candidate, best first) or is rejected
+    with the reason of the first filter it fails.
 
-    `volume` is None when the job has no volume. `exclude` holds "provider:offer_id" keys of
-    offers that just failed for lack of capacity.
+    `offers` is a list, or an OfferIndex built from one (the engine keeps one per offer
+    refresh). `volume` is None when the job has no volume. `exclude` holds "provider:offer_id"
+    keys of offers that just failed for lack of capacity. With `limit`, only the best `limit`
+    candidates are returned, found by a partial sort (the engine tries 8).
     """
+    idx = offers if isinstance(offers, OfferIndex) else OfferIndex.build(offers)
+    codes = _first_failure(_failures(spec, idx, volume, exclude), len(idx))
+    rejections = _Rejections(idx, codes, spec, volume)
+    ok = np.flatnonzero(codes == 0)
+    if limit is not None and limit <= 0:
+        return PlacementResult((), len(ok), rejections.counts(), rejections)
     cpu_only = spec.resources.gpu_count == 0
-    ranked: list[tuple[tuple[float | int | str, ...], Candidate]] = []
-    rejected: list[Rejection] = []
-    for offer in offers:
-        why = _reject_reason(spec, offer, volume, exclude)
-        if why is not None:
-            kind, sentence = why
-            rejected.append(Rejection(offer, f"{_describe(offer)}: {sentence}", kind))
-            continue
-        cost, rate, reason = _expected(offer, settings, stats, spec.policy.checkpoint_interval)
-        ranked.append((_sort_key(offer, cost, cpu_only), Candidate(offer, cost, rate, reason)))
+    if limit is not None and len(ok) > 4 * limit:
+        rate, restart_h = _rate_tables(idx, settings, stats)
+        half_h = spec.policy.checkpoint_interval / 2 / 3600
+        prov, spot = idx.provider[ok], idx.spot[ok]
+        # the same arithmetic as _expected, in the same order, on every suitable offer at once
+        cost = np.round(idx.price[ok] * (1 + rate[prov, spot.astype(np.int64)] * (restart_h[prov] + half_h)), 9)
+        gpus = idx.gpu_count[ok]
+        keys = [gpus, cost] if cpu_only else [cost, gpus]
+        ok = np.sort(ok[_shortlist([*keys, spot.astype(np.int64)], limit)])
+    ranked = []
+    for pos in ok.tolist():
+        offer = idx.offers[pos]
+        cost_h, rate_h, reason = _expected(offer, settings, stats, spec.policy.checkpoint_interval)
+        ranked.append((_sort_key(offer, cost_h, cpu_only), Candidate(offer, cost_h, rate_h, reason)))
     ranked.sort(key=lambda pair: pair[0])
-    return PlacementResult(tuple(c for _, c in ranked), tuple(rejected))
+    best = tuple(c for _, c in ranked)[:limit]
+    return PlacementResult(best, int(np.count_nonzero(codes == 0)), rejections.counts(), rejections)
 
 
 def rank_offers_for_display(

@@ -333,3 +333,50 @@ class _ForbiddenEnviron(dict[str, str]):
 
     def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
         raise AssertionError(f"place() read the environment ({key})")
+
+
+# --------------------------------------------------------------------------- catalogue scale
+
+
+def _random_catalogue(seed: int, n: int) -> list[Offer]:
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):  # few distinct values, so that ties on every numeric key are common
+        gpu = rng.choice(["RTX-4090", "H100-SXM", None])
+        out.append(offer(
+            provider=rng.choice(["runpod", "aws", "vast"]), offer_id=f"o{rng.randrange(n)}",
+            region=rng.choice(["EU-RO-1", "US-TX-3", "us-east-1a"]), gpu=gpu,
+            gpu_count=0 if gpu is None else rng.choice([1, 2, 8]), vram_gb=0 if gpu is None else 24,
+            capacity=rng.choice([SPOT, OD]), price_per_hour=rng.choice([0.3, 0.5, 0.5, 1.0]),
+            available=rng.choice([0, 1, 3]), max_cuda=rng.choice([None, "11.8", "12.4"]),
+        ))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("limit", [1, 3, 8])
+def test_the_best_few_of_a_catalogue_are_the_head_of_its_full_ranking(seed: int, limit: int) -> None:
+    """The engine asks for the best 8 of a catalogue (a partial sort with its own tie rules);
+    they must be exactly the first 8 of the whole ranking, ties and string tie-breaks included."""
+    offers = _random_catalogue(seed, 300)
+    settings = PlacementSettings(prior_rates={("aws", SPOT): 0.2}, restart_overhead_seconds={"vast": 600})
+    stats = {("runpod", SPOT): RateStats(preemptions=4, hours=10)}
+    for s in (spec(), spec({"gpu_count": 0}), spec({"min_cuda": "12.0"}, {"max_price_per_hour": 0.9})):
+        whole = place(s, offers, None, stats, settings)
+        few = place(s, offers, None, stats, settings, limit=limit)
+        assert len(whole.candidates) > 4 * limit, "the partial sort was not exercised"
+        assert few.candidates == whole.candidates[:limit]
+        assert few.summary() == whole.summary()
+        assert len(few.rejected) == len(whole.rejected) and few.rejected == whole.rejected
+
+
+def test_an_index_built_once_serves_every_placement() -> None:
+    from orchestrator.offer_index import OfferIndex
+
+    offers = _random_catalogue(1, 200)
+    index = OfferIndex.build(offers)
+    for s in (spec(), spec({"gpu": ["H100"]}), spec(placement={"regions": ["EU"]})):
+        for volume in (None, VolumeLocation("aws", "us-east-1a")):
+            assert place(s, index, volume, NO_STATS, SETTINGS) == place(s, offers, volume, NO_STATS, SETTINGS)
