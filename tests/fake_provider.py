@@ -327,7 +327,8 @@ class Rig:
     fake: FakeAdapter
 
     @classmethod
-    def create(cls, root: Path, fake: FakeAdapter | None = None, **engine_settings: Any) -> Rig:
+    def create(cls, root: Path, fake: FakeAdapter | None = None, store_url: str | None = None,
+               **engine_settings: Any) -> Rig:
         from orchestrator.config import EngineSettings, ServerSettings, Settings
         from orchestrator.engine import Engine
         from orchestrator.store import Store
@@ -340,7 +341,7 @@ class Rig:
         knobs.update(engine_settings)
         settings = Settings(server=ServerSettings(state_dir=root / "state", instance_prefix=fake.ctx.prefix),
                             engine=EngineSettings(**knobs), providers={fake.name: {}})
-        store = Store(f"sqlite:///{root / 'gpuhop.db'}")
+        store = Store(store_url or f"sqlite:///{root / 'gpuhop.db'}")
         store.migrate()
         engine = Engine(settings, store, {fake.name: fake}, lambda name: f"token-for-{name}")
         return cls(engine, store, fake)
