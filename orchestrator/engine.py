@@ -39,6 +39,9 @@ from orchestrator.store import AttemptRow, JobRow, Store
 
 log = logging.getLogger("gpuhop.engine")
 
+HINT_GAP_SECONDS = 0.2  # a tick woken by a hint starts at least this long after the last one ended
+YIELD_EVERY_SECONDS = 0.005  # the tick's per-job loop hands the event loop over at least this often
+
 __all__ = ["Engine", "ProviderHealth", "attempt_view", "job_view", "placement_settings"]
 
 PRUNE_EVERY_SECONDS = 3600.0
@@ -147,6 +150,11 @@ class Engine:
                 )
                 waiter.cancel()
                 stopper.cancel()
+                if self._wake.is_set() and not stop.is_set():
+                    # woken early: let a burst of hints (a thousand submits a second) gather into
+                    # one tick instead of starting a tick for each
+                    gap = min(HINT_GAP_SECONDS, self.settings.engine.tick_seconds)
+                    await asyncio.sleep(max(0.0, self.last_tick_at + gap - time.time()))
         finally:
             for task in pollers:
                 task.cancel()
@@ -191,6 +199,7 @@ class Engine:
         while self._pending_events:
             job_id, number, message = self._pending_events.pop()
             await self.store.run(self.store.add_event, job_id, "duplicate", message, number)
+        yield_at = time.perf_counter() + YIELD_EVERY_SECONDS
         for job in jobs:
             spec = self._spec(job)
             rows = attempts.get(job.id, [])
@@ -204,7 +213,9 @@ class Engine:
             for action in decision.actions:
                 if isinstance(action, reconcile.RetryLaunch):
                     self.workers.relaunch_soon(job, spec, by_id[action.attempt_id])
-            await asyncio.sleep(0)  # let the API and agents in between jobs
+            if time.perf_counter() >= yield_at:  # let the API and agents in every few ms, not once per
+                await asyncio.sleep(0)          # job: an idle pass of the loop costs a poll each time
+                yield_at = time.perf_counter() + YIELD_EVERY_SECONDS
         active = {j.id for j in jobs}
         for job_id in [k for k in self._specs if k not in active]:
             del self._specs[job_id]
