@@ -24,6 +24,7 @@ from orchestrator.api.openapi import openapi_document
 from orchestrator.config import load_settings
 from orchestrator.daemon import build_adapters
 from orchestrator.engine import Engine
+from orchestrator.models import JobSpec as JobSpecModel
 from orchestrator.store import Store
 
 TOKEN = "test-token-0123456789"
@@ -209,6 +210,35 @@ async def test_submit_list_show_and_filters(api: Api) -> None:
     assert offers[0]["provider"] == "local"
     metrics = await (await client.get("/metrics", headers=H)).text()
     assert 'gpuhop_jobs{status="queued"} 1.0' in metrics
+
+
+async def test_pages_by_cursor_see_every_job_once_while_jobs_arrive(api: Api) -> None:
+    """Keyset pages: newest first, each job on exactly one page, even when jobs are submitted
+    between pages and several share one creation time."""
+    client, engine, _ = api
+    now = time.time()
+    for i in range(23):  # a burst of jobs with one creation time: the id breaks the tie
+        engine.store.create_job(f"a{i:07d}", JobSpecModel.model_validate({**SPEC, "name": f"p{i}"}), now)
+    for i in range(4):
+        engine.store.create_job(f"b{i:07d}", JobSpecModel.model_validate({**SPEC, "name": f"q{i}"}), now - 10 - i)
+    expected = [j.id for j in engine.store.list_jobs(limit=100)]
+    assert len(expected) == 27
+    seen: list[str] = []
+    url = "/v1/jobs?limit=5"
+    while True:
+        page = await (await client.get(url, headers=H)).json()
+        seen += [j["id"] for j in page["jobs"]]
+        if len(seen) == 10:  # a newer job arrives meanwhile: it belongs before page 1, not in a later page
+            engine.store.create_job("c0000000", JobSpecModel.model_validate({**SPEC, "name": "late"}), now + 5)
+        if page["next_cursor"] is None:
+            break
+        url = f"/v1/jobs?limit=5&cursor={page['next_cursor']}"
+    assert seen == expected, "a job was skipped or shown twice across pages"
+    for bad in ("cursor=", "cursor=zz", "cursor=7ff0000000000000.abc", "cursor=" + "0" * 16 + ".ABC",
+                "cursor=" + "0" * 16 + ".a%0A"):
+        resp = await client.get(f"/v1/jobs?{bad}", headers=H)
+        assert resp.status == 400, bad
+        assert "cursor" in (await resp.json())["error"]["message"]
 
 
 async def test_wrong_method_is_405_with_allow(api: Api) -> None:

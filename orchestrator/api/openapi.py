@@ -14,6 +14,7 @@ from pydantic.json_schema import models_json_schema
 
 from orchestrator.api import views
 from orchestrator.api.agent_routes import ATTEMPT_HEADER, AgentReport
+from orchestrator.api.cursor import CURSOR_PATTERN
 from orchestrator.models import JobSpec, JobStatus
 
 REF = "#/components/schemas/{model}"
@@ -99,6 +100,9 @@ def openapi_document(providers: tuple[str, ...] = ()) -> dict[str, Any]:
                              "schema": {"type": "string", "pattern": STATUS_PATTERN},
                              "description": "comma-separated statuses: " + ", ".join(s.value for s in JobStatus)},
                             {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+                            {"name": "cursor", "in": "query",
+                             "schema": {"type": "string", "pattern": CURSOR_PATTERN, "maxLength": 200},
+                             "description": "the previous page's next_cursor: the page after it"},
                         ],
                         "responses": {"200": _resp("Jobs", ref(views.JobList)), **errors(400, 401)}},
             },

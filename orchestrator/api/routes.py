@@ -17,6 +17,7 @@ from orchestrator import metrics
 from orchestrator.api import follow
 from orchestrator.api.app import CTX, bearer, error
 from orchestrator.api.body import read_json, validation_message
+from orchestrator.api.cursor import decode_cursor, encode_cursor
 from orchestrator.api.openapi import openapi_document
 from orchestrator.api.views import Health, JobList, OfferOut, Offers, ProviderHealth, job_out, wire
 from orchestrator.models import JobSpec, JobStatus
@@ -108,9 +109,19 @@ async def list_jobs(request: web.Request) -> web.Response:
         shown = bad[0][:40].encode("unicode_escape").decode("ascii")
         return error(400, "invalid_query", f"status: '{shown}' is not one of {', '.join(sorted(STATUS_VALUES))}")
     limit = query_int(request, "limit", 200, 1, 1000) or 200
-    jobs = await ctx.store.run(ctx.store.list_jobs, statuses or None, limit)
+    raw_cursor = request.query.get("cursor")
+    before = None
+    if raw_cursor is not None:
+        before = decode_cursor(raw_cursor)
+        if before is None:
+            return error(400, "invalid_query", "cursor: not a cursor this API gave out (use next_cursor as it is)")
+    jobs = await ctx.store.run(ctx.store.list_jobs, statuses or None, limit + 1, before)
+    more = len(jobs) > limit
+    jobs = jobs[:limit]
     attempts = await ctx.store.run(ctx.store.attempts_for, [j.id for j in jobs])
-    return web.json_response(wire(JobList(jobs=[job_out(j, attempts.get(j.id, [])) for j in jobs])))
+    next_cursor = encode_cursor(jobs[-1].created_at, jobs[-1].id) if more and jobs else None
+    return web.json_response(wire(JobList(jobs=[job_out(j, attempts.get(j.id, [])) for j in jobs],
+                                          next_cursor=next_cursor)))
 
 
 async def get_job(request: web.Request) -> web.Response:

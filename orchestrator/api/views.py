@@ -102,6 +102,8 @@ class Job(_Out):
 
 class JobList(_Out):
     jobs: list[Job]
+    next_cursor: str | None = Field(
+        default=None, description="pass as ?cursor= for the next page (older jobs); null on the last page")
 
 
 class ProviderHealth(_Out):

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ParamSpec, TypeVar, cast
 
-from sqlalchemy import CursorResult, delete, func, update
+from sqlalchemy import CursorResult, and_, delete, func, or_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
@@ -195,11 +195,19 @@ class Store:
         with self._session() as s:
             return s.get(JobRow, job_id)
 
-    def list_jobs(self, statuses: Sequence[str] | None = None, limit: int = 200) -> list[JobRow]:
+    def list_jobs(self, statuses: Sequence[str] | None = None, limit: int = 200,
+                  before: tuple[float, str] | None = None) -> list[JobRow]:
+        """Newest first (created_at, then id, both descending); `before` = the (created_at, id)
+        of the last job of the previous page: the page after it, however many jobs arrive
+        meanwhile (keyset pagination, no OFFSET)."""
         with self._session() as s:
-            q = select(JobRow).order_by(col(JobRow.created_at).desc()).limit(limit)
+            q = select(JobRow).order_by(col(JobRow.created_at).desc(), col(JobRow.id).desc()).limit(limit)
             if statuses:
                 q = q.where(col(JobRow.status).in_(list(statuses)))
+            if before is not None:
+                at, job_id = before
+                q = q.where(or_(col(JobRow.created_at) < at,
+                                and_(col(JobRow.created_at) == at, col(JobRow.id) < job_id)))
             return list(s.exec(q))
 
     def active_jobs(self) -> list[JobRow]:
