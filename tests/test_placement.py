@@ -343,7 +343,7 @@ def _random_catalogue(seed: int, n: int) -> list[Offer]:
 
     rng = random.Random(seed)
     out = []
-    for i in range(n):  # few distinct values, so that ties on every numeric key are common
+    for _ in range(n):  # few distinct values, so that ties on every numeric key are common
         gpu = rng.choice(["RTX-4090", "H100-SXM", None])
         out.append(offer(
             provider=rng.choice(["runpod", "aws", "vast"]), offer_id=f"o{rng.randrange(n)}",
