@@ -31,6 +31,7 @@ reclaim notice arrives.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -206,10 +207,13 @@ def _exit_outcome(a: AttemptView, inst: Instance | None) -> tuple[EndReason, str
             return EndReason.CANCELLED, "stopped by gpuhop", code, sig
     else:
         return None
+    if sigterm and sig in (None, signal.SIGTERM, signal.SIGKILL):
+        # the provider's SIGTERM (forwarded by the agent) and, past its notice, SIGKILL: the job
+        # ended because the machine was being taken, however it ended
+        how = f"killed by signal {sig}" if sig is not None else f"exited with code {code}"
+        return EndReason.PREEMPTED, f"{how} after the provider's SIGTERM", code, sig
     if sig is not None:
         return EndReason.LOST, f"killed by signal {sig} that gpuhop did not send", code, sig
-    if sigterm:
-        return EndReason.PREEMPTED, f"exited with code {code} after the provider's SIGTERM", code, sig
     if code == 0:
         return EndReason.SUCCEEDED, "exit code 0", code, sig
     return EndReason.FAILED, f"exit code {code}", code, sig
