@@ -18,6 +18,7 @@ from runpod.api.graphql import run_graphql_query
 from runpod.error import AuthenticationError, QueryError
 
 from simulators.runpod import NO_CAPACITY, NO_CAPACITY_SPOT, RunPodSimulator
+from simulators.runpod.world import INTERRUPTIBLE_GONE
 from tests.runpod_fixtures import (
     API_KEY,
     NOTICE,
@@ -117,22 +118,25 @@ async def test_variables_and_offer_queries(runpod_sim: RunPodSimulator) -> None:
     )
     assert status == 200, body
     [h100] = body["data"]["gpuTypes"]
-    assert h100["lowestPrice"] == {
-        "minimumBidPrice": 2.79, "uninterruptablePrice": 2.99, "stockStatus": "High",
+    assert h100["lowestPrice"] == {  # no bid price: RunPod has no spot since September 2026
+        "minimumBidPrice": None, "uninterruptablePrice": 2.99, "stockStatus": "High",
         "maxUnreservedGpuCount": 8, "availableGpuCounts": [1, 2, 3, 4, 5, 6, 7, 8],
     }
     dcs = {d["id"]: d for d in body["data"]["dataCenters"]}
     assert {"US-TX-3", "EU-RO-1", "CA-MTL-1"} <= set(dcs)
-    status, body = await gql(
-        runpod_sim,
-        "mutation Deploy($input: PodFindAndDeployOnDemandInput!) { podFindAndDeployOnDemand(input: $input) "
-        "{ id desiredStatus podType machine { location } } }",
-        {"input": {"name": "cli", "imageName": "x", "gpuTypeId": GPU, "cloudType": "COMMUNITY",
-                   "gpuCount": 1, "dataCenterId": "EU-RO-1", "env": [{"key": "A", "value": "b"}]}},
-    )
+    deploy = ("mutation Deploy($input: PodFindAndDeployOnDemandInput!) { podFindAndDeployOnDemand(input: $input) "
+              "{ id desiredStatus podType machine { location dataCenterId } } }")
+    community = {"name": "cli", "imageName": "x", "gpuTypeId": GPU, "cloudType": "COMMUNITY",
+                 "gpuCount": 1, "env": [{"key": "A", "value": "b"}]}
+    # Community Cloud cannot be pinned to a data center: RunPod finds nothing
+    status, body = await gql(runpod_sim, deploy, {"input": {**community, "dataCenterId": "EU-RO-1"}})
+    assert status == 200 and body["errors"][0]["message"] == NO_CAPACITY, body
+    # it is chosen by country code
+    status, body = await gql(runpod_sim, deploy, {"input": {**community, "countryCode": "RO"}})
     assert status == 200, body
     pod = body["data"]["podFindAndDeployOnDemand"]
-    assert pod["desiredStatus"] == "RUNNING" and pod["machine"]["location"] == "EU-RO-1"
+    assert pod["desiredStatus"] == "RUNNING" and pod["machine"] == {"location": "RO", "dataCenterId": None}
+    assert runpod_sim.world.pods[pod["id"]].data_center == "EU-RO-1"
     # a malformed query is a GraphQL error, not a crash
     status, body = await gql(runpod_sim, "query { gpuTypes { id nonsenseField } }")
     assert status == 400 and "nonsenseField" in body["errors"][0]["message"]
@@ -153,10 +157,16 @@ async def test_no_capacity(runpod_sim: RunPodSimulator) -> None:
     assert str(info.value) == NO_CAPACITY
     gpu = await sdk(runpod.get_gpu, GPU)
     assert gpu["lowestPrice"]["uninterruptablePrice"] is None
-    # spot: no bid market for the 4090 at all, and an empty A6000 market
-    await admin(runpod_sim, "POST", "/_sim/capacity", {"gpu_type": "NVIDIA RTX A6000", "count": 0})
+    # spot is gone (September 2026): podRentInterruptable is refused whatever the market
     spot = ('mutation { podRentInterruptable(input: {bidPerGpu: 0.3, name: "s", imageName: "i", '
             'gpuTypeId: "NVIDIA RTX A6000", cloudType: SECURE, gpuCount: 1}) { id } }')
+    with pytest.raises(QueryError) as info:
+        await sdk(run_graphql_query, spot)
+    assert str(info.value) == INTERRUPTIBLE_GONE
+    # opted back in (the past, for the interruptible setting): an empty A6000 market
+    await admin(runpod_sim, "POST", "/_sim/settings", {"interruptible": True})
+    await admin(runpod_sim, "POST", "/_sim/prices", {"gpu_type": "NVIDIA RTX A6000", "secure_spot": 0.232})
+    await admin(runpod_sim, "POST", "/_sim/capacity", {"gpu_type": "NVIDIA RTX A6000", "count": 0})
     with pytest.raises(QueryError) as info:
         await sdk(run_graphql_query, spot)
     assert str(info.value) == NO_CAPACITY_SPOT
@@ -215,7 +225,8 @@ async def test_preempt_sigterm_then_sigkill(runpod_sim: RunPodSimulator) -> None
 
     got = await sdk(runpod.get_pod, pod_id)
     assert got["desiredStatus"] == "EXITED" and got["runtime"] is None
-    assert got["lastStatusChange"].startswith("Outbid: ")  # the reclaim RunPod records
+    # an on-demand pod is not outbid: its host went away (inferred words, see world.py)
+    assert got["lastStatusChange"].startswith("Machine offline: ")
     assert runpod_sim.world.catalog.free("CA-MTL-1", "NVIDIA RTX A6000", "SECURE") == free + 1
     ledger = await admin(runpod_sim, "GET", "/_sim/ledger")
     [entry] = [e for e in ledger["entries"] if e["id"] == pod_id]
@@ -280,7 +291,7 @@ async def test_ledger_bills_pods_and_volumes(runpod_sim: RunPodSimulator) -> Non
     assert pod_entry["cost_usd"] > 0
     # terminating a stopped pod bills nothing more
     assert (await admin(runpod_sim, "GET", "/_sim/ledger"))["entries"][0]["cost_usd"] == pod_entry["cost_usd"]
-    assert vol_entry["running"] and vol_entry["price_per_hour"] == pytest.approx(100 * 0.05 / 730)
+    assert vol_entry["running"] and vol_entry["price_per_hour"] == pytest.approx(100 * 0.07 / 730)
     assert ledger["total_usd"] >= pod_entry["cost_usd"]
 
 
@@ -355,7 +366,10 @@ async def test_faults(runpod_sim: RunPodSimulator) -> None:
 async def test_prices_and_admin_pods(runpod_sim: RunPodSimulator) -> None:
     await admin(runpod_sim, "POST", "/_sim/prices", {"gpu_type": GPU, "community": 0.29, "community_spot": 0.15})
     gpu = await sdk(runpod.get_gpu, GPU)
-    assert gpu["communityPrice"] == 0.29 and gpu["lowestPrice"]["minimumBidPrice"] == 0.15
+    assert gpu["communityPrice"] == 0.29 and gpu["lowestPrice"]["minimumBidPrice"] is None  # no spot
+    await admin(runpod_sim, "POST", "/_sim/settings", {"interruptible": True})
+    gpu = await sdk(runpod.get_gpu, GPU)
+    assert gpu["lowestPrice"]["minimumBidPrice"] == 0.15 and gpu["communitySpotPrice"] == 0.15
     pod = await sdk(runpod.create_pod, "env", "img", GPU, env={"HF_TOKEN": "s3cret", "PLAIN": "ok"},
                     docker_args="exec sleep 60")
     [row] = await sim_pods(runpod_sim)

@@ -3,6 +3,11 @@
 Kept apart from the server so tests and the demo can load, inspect and change a catalogue
 (prices per GPU type and cloud type, free GPUs per data center, GPU type and cloud type) without
 running anything. The default lives in `simulators/catalogs/runpod.toml`.
+
+Each pool (data center, GPU type, cloud type) holds GPUs on two kinds of host: ones whose NVIDIA
+driver supports CUDA up to `cuda`, and `old` ones that stop at `old_cuda` (RunPod's fleet has
+both; `minCudaVersion` keeps a pod off the old ones). Community pools sit in a data center but
+are rented by the data center's country.
 """
 
 from __future__ import annotations
@@ -20,6 +25,11 @@ class DataCenter:
     id: str
     name: str
     location: str
+    country: str = ""
+
+
+def cuda_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split("."))
 
 
 @dataclass
@@ -47,18 +57,55 @@ class Catalog:
     # the same keys -> GPUs rented now; free = capacity - in use, never below 0, so shrinking
     # the capacity below what is rented (a data center running out) holds after pods end
     in_use: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    # the same keys -> how many of the pool's GPUs sit on old-driver hosts (CUDA <= old_cuda)
+    old: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    old_in_use: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    cuda: str = "12.8"
+    old_cuda: str = "11.8"
 
-    def free(self, dc: str, gpu: str, cloud: str) -> int:
-        key = (dc, gpu, cloud)
-        return max(0, self.capacity.get(key, 0) - self.in_use.get(key, 0))
+    def _pools(self, key: tuple[str, str, str]) -> tuple[int, int]:
+        """(free GPUs on new-driver hosts, free GPUs on old-driver hosts) of one pool."""
+        total = self.capacity.get(key, 0)
+        old_total = min(self.old.get(key, 0), total)
+        old_free = max(0, old_total - self.old_in_use.get(key, 0))
+        new_free = max(0, total - old_total - self.in_use.get(key, 0))
+        return new_free, old_free
 
-    def take(self, dc: str, gpu: str, cloud: str, count: int) -> None:
-        key = (dc, gpu, cloud)
-        self.in_use[key] = self.in_use.get(key, 0) + count
+    def free(self, dc: str, gpu: str, cloud: str, min_cuda: str | None = None) -> int:
+        new_free, old_free = self._pools((dc, gpu, cloud))
+        if min_cuda is None:
+            return new_free + old_free
+        if cuda_tuple(min_cuda) > cuda_tuple(self.cuda):
+            return 0
+        return new_free + (old_free if cuda_tuple(min_cuda) <= cuda_tuple(self.old_cuda) else 0)
 
-    def give_back(self, dc: str, gpu: str, cloud: str, count: int) -> None:
+    def host_for(self, dc: str, gpu: str, cloud: str, count: int, min_cuda: str | None) -> str | None:
+        """The driver CUDA of the host a pod of `count` GPUs gets, or None if none fits. Old
+        hosts go first (they are what is left free on a real fleet), unless min_cuda rules them out."""
+        new_free, old_free = self._pools((dc, gpu, cloud))
+        old_ok = min_cuda is None or cuda_tuple(min_cuda) <= cuda_tuple(self.old_cuda)
+        new_ok = min_cuda is None or cuda_tuple(min_cuda) <= cuda_tuple(self.cuda)
+        if old_ok and old_free >= count:
+            return self.old_cuda
+        if new_ok and new_free >= count:
+            return self.cuda
+        return None
+
+    def take(self, dc: str, gpu: str, cloud: str, count: int, host_cuda: str | None = None) -> None:
         key = (dc, gpu, cloud)
-        self.in_use[key] = max(0, self.in_use.get(key, 0) - count)
+        pool = self.old_in_use if host_cuda is not None and host_cuda == self.old_cuda != self.cuda else self.in_use
+        pool[key] = pool.get(key, 0) + count
+
+    def give_back(self, dc: str, gpu: str, cloud: str, count: int, host_cuda: str | None = None) -> None:
+        key = (dc, gpu, cloud)
+        pool = self.old_in_use if host_cuda is not None and host_cuda == self.old_cuda != self.cuda else self.in_use
+        pool[key] = max(0, pool.get(key, 0) - count)
+
+    def countries(self) -> list[str]:
+        return sorted({d.country for d in self.data_centers.values() if d.country})
+
+    def in_country(self, country: str) -> list[str]:
+        return [d.id for d in self.data_centers.values() if d.country == country]
 
     def set_capacity(
         self, count: int, dc: str | None = None, gpu: str | None = None, cloud: str | None = None
@@ -85,7 +132,7 @@ _PRICE_KEYS = {
 def load_catalog(path: Path | None = None) -> Catalog:
     raw = tomllib.loads(Path(path or DEFAULT_CATALOG).read_text())
     dcs = {
-        d["id"]: DataCenter(d["id"], d.get("name", d["id"]), d.get("location", ""))
+        d["id"]: DataCenter(d["id"], d.get("name", d["id"]), d.get("location", ""), d.get("country", ""))
         for d in raw.get("data_centers", [])
     }
     gpus: dict[str, GpuType] = {}
@@ -102,6 +149,7 @@ def load_catalog(path: Path | None = None) -> Catalog:
             prices=prices,
         )
     capacity: dict[tuple[str, str, str], int] = {}
+    old: dict[tuple[str, str, str], int] = {}
     for c in raw.get("capacity", []):
         dc, gpu = c["data_center"], c["gpu_type"]
         if dc not in dcs or gpu not in gpus:
@@ -109,4 +157,7 @@ def load_catalog(path: Path | None = None) -> Catalog:
         for cloud in CLOUD_TYPES:
             if c.get(cloud.lower()) is not None:
                 capacity[(dc, gpu, cloud)] = int(c[cloud.lower()])
-    return Catalog(dcs, gpus, capacity)
+            if (c.get("old") or {}).get(cloud.lower()) is not None:
+                old[(dc, gpu, cloud)] = int(c["old"][cloud.lower()])
+    return Catalog(dcs, gpus, capacity, old=old, cuda=str(raw.get("cuda", "12.8")),
+                   old_cuda=str(raw.get("old_cuda", "11.8")))

@@ -43,7 +43,7 @@ input GpuLowestPriceInput {
   gpuCount: Int, minDisk: Int, minMemoryInGb: Int, minVcpuCount: Int, secureCloud: Boolean,
   compliance: [String], dataCenterId: String, globalNetwork: Boolean, countryCode: String,
   minDownload: Int, minUpload: Int, supportPublicIp: Boolean, includeAiApi: Boolean,
-  allowedCudaVersions: [String]
+  allowedCudaVersions: [String], minCudaVersion: String
 }
 
 type GpuType {
@@ -94,6 +94,7 @@ type DataCenter {
   id: String
   name: String
   location: String
+  countryCode: String
   storageSupport: Boolean
   listed: Boolean
   gpuAvailability: [GpuAvailability]
@@ -192,6 +193,7 @@ input PodFindAndDeployOnDemandInput {
   countryCode: String, cudaVersion: String, dataCenterId: String, deployCost: Float,
   dockerArgs: String, env: [EnvironmentVariableInput], gpuCount: Int, gpuTypeId: String,
   gpuTypeIdList: [String], imageName: String, instanceId: String, minDisk: Int,
+  minCudaVersion: String,
   minDownload: Int, minMemoryInGb: Int, minUpload: Int, minVcpuCount: Int, name: String,
   networkVolumeId: String, port: Int, ports: String, startJupyter: Boolean,
   startSsh: Boolean, stopAfter: String, supportPublicIp: Boolean, templateId: String,
@@ -204,6 +206,7 @@ input PodRentInterruptableInput {
   countryCode: String, cudaVersion: String, dataCenterId: String, deployCost: Float,
   dockerArgs: String, env: [EnvironmentVariableInput], gpuCount: Int, gpuTypeId: String,
   gpuTypeIdList: [String], imageName: String, instanceId: String, minDisk: Int,
+  minCudaVersion: String,
   minDownload: Int, minMemoryInGb: Int, minUpload: Int, minVcpuCount: Int, name: String,
   networkVolumeId: String, port: Int, ports: String, startJupyter: Boolean,
   startSsh: Boolean, stopAfter: String, supportPublicIp: Boolean, templateId: String,

@@ -23,6 +23,12 @@ def lowest_price(w: World, gpu: GpuType, inp: dict[str, Any] | None) -> dict[str
     secure = inp.get("secureCloud")
     clouds = [c for c in CLOUD_TYPES if secure is None or (c == "SECURE") == bool(secure)]
     dcs = [inp["dataCenterId"]] if inp.get("dataCenterId") else list(w.catalog.data_centers)
+    if inp.get("dataCenterId"):
+        clouds = [c for c in clouds if c == "SECURE"]  # Community Cloud is not pinned to a data center
+    if inp.get("countryCode"):
+        dcs = [d for d in dcs if d in w.catalog.in_country(str(inp["countryCode"]))]
+    min_cuda = inp.get("minCudaVersion")
+    spot_ok = w.settings.interruptible
     fits = gpu.vcpu_per_gpu * count >= int(inp.get("minVcpuCount") or 0) and (
         gpu.memory_per_gpu_gb * count >= int(inp.get("minMemoryInGb") or 0)
     )
@@ -30,9 +36,9 @@ def lowest_price(w: World, gpu: GpuType, inp: dict[str, Any] | None) -> dict[str
     for dc in dcs:
         for cloud in clouds:
             if gpu.price(cloud) is not None or gpu.price(cloud, spot=True) is not None:
-                frees.append((cloud, w.catalog.free(dc, gpu.id, cloud) if fits else 0))
+                frees.append((cloud, w.catalog.free(dc, gpu.id, cloud, min_cuda) if fits else 0))
     on_demand = [gpu.price(c) for c, f in frees if f >= count and gpu.price(c) is not None]
-    spot = [gpu.price(c, True) for c, f in frees if f >= count and gpu.price(c, True) is not None]
+    spot = [gpu.price(c, True) for c, f in frees if f >= count and spot_ok and gpu.price(c, True) is not None]
     most = max((f for _, f in frees), default=0)
     counts = [n for n in range(1, gpu.max_gpu_count + 1) if n <= most]
     return {
@@ -50,6 +56,7 @@ def lowest_price(w: World, gpu: GpuType, inp: dict[str, Any] | None) -> dict[str
     }
 
 def gpu_type_view(w: World, gpu: GpuType) -> dict[str, Any]:
+    spot = w.settings.interruptible
     return {
         "id": gpu.id,
         "displayName": gpu.display_name,
@@ -59,8 +66,8 @@ def gpu_type_view(w: World, gpu: GpuType) -> dict[str, Any]:
         "communityCloud": gpu.price("COMMUNITY") is not None,
         "securePrice": gpu.price("SECURE"),
         "communityPrice": gpu.price("COMMUNITY"),
-        "secureSpotPrice": gpu.price("SECURE", True),
-        "communitySpotPrice": gpu.price("COMMUNITY", True),
+        "secureSpotPrice": gpu.price("SECURE", True) if spot else None,
+        "communitySpotPrice": gpu.price("COMMUNITY", True) if spot else None,
         "maxGpuCount": gpu.max_gpu_count,
         "maxGpuCountSecureCloud": gpu.max_gpu_count if gpu.price("SECURE") else 0,
         "maxGpuCountCommunityCloud": gpu.max_gpu_count if gpu.price("COMMUNITY") else 0,
@@ -78,7 +85,7 @@ def data_center_view(w: World, dc_id: str) -> dict[str, Any]:
             "displayName": gpu.display_name, "stockStatus": _stock(free), "available": free > 0,
         })
     return {
-        "id": dc.id, "name": dc.name, "location": dc.location,
+        "id": dc.id, "name": dc.name, "location": dc.location, "countryCode": dc.country,
         "storageSupport": True, "listed": True, "gpuAvailability": avail,
     }
 
@@ -132,8 +139,8 @@ def pod_view(w: World, pod: Pod) -> dict[str, Any]:
             "podHostId": f"{pod.id}-{pod.machine_id[:8]}",
             "gpuDisplayName": pod.gpu.display_name,
             "gpuTypeId": pod.gpu.id,
-            "location": pod.data_center,
-            "dataCenterId": pod.data_center,
+            "location": pod.location,
+            "dataCenterId": pod.data_center if pod.cloud == "SECURE" else None,
             "secureCloud": pod.cloud == "SECURE",
             "maxDownloadSpeedMbps": 1000,
             "maxUploadSpeedMbps": 1000,
@@ -154,6 +161,11 @@ def admin_view(w: World, pod: Pod, terminated: bool = False) -> dict[str, Any]:
         "gpuCount": pod.gpu_count,
         "cloudType": pod.cloud,
         "dataCenterId": pod.data_center,
+        "countryCode": pod.country,
+        "hostCuda": pod.host_cuda,
+        "image": pod.image,
+        "entrypoint": pod.entrypoint,
+        "cmd": pod.cmd,
         "interruptible": pod.interruptible,
         "costPerHr": pod.cost_per_hr,
         "networkVolumeId": pod.network_volume,
