@@ -1,16 +1,26 @@
-"""The RunPod simulator's HTTP side: `POST /graphql` as RunPod serves it, plus an admin API.
+"""The RunPod simulator's HTTP side: `POST /graphql` and REST v2 (`/v2/...`, see rest.py) as
+RunPod serves them, over one world, plus an admin API.
 
 `/graphql` checks the bearer key (HTTP 401 otherwise), executes the query against the real
 schema in `schema.py` (inline arguments or `$variables`), and returns errors the way RunPod does:
 HTTP 200 with `{"errors": [{"message": ...}]}`. Injected faults (500, 429, a GraphQL error, a
-hang that never executes the query) hit `/graphql` only; with `"echo": true` a fault's answer
+hang that never executes the query) hit `/graphql` and `/v2/` alike (over REST as problem+json;
+a "graphql" fault is a 400 problem there, or a 500 when its message says "went wrong"); with
+`"echo": true` a fault's answer
 repeats the request's URL and Authorization header, as a careless error page could, so that
 redaction can be tested. Injected latency delays an operation (by its root field, e.g.
-`gpuTypes`, `podFindAndDeployOnDemand`, or `*` for all) and then carries it out even when the
+`gpuTypes`, `podFindAndDeployOnDemand`, a REST operation such as `createPod` / `listPods` /
+`catalogGpus` (rest.operation), or `*` for all) and then carries it out even when the
 client has given up and gone, as the real service does. `/_sim/*` is the simulator's own admin
 API (no auth):
 
-    POST   /_sim/pods/{id}/preempt   {"notice_seconds"?, "wait"?, "cause"?: outbid|runpod}
+    POST   /_sim/pods/{id}/preempt   {"notice_seconds"?, "wait"?, "cause"?: host|outbid|runpod}
+                                      (default: outbid for an interruptible pod, else host:
+                                      "Machine offline", the host went away)
+    POST   /_sim/settings            {"interruptible"?: bool}  (spot: off, as RunPod since 2026-09)
+    POST   /_sim/images              {"image", "pull"?: ok|missing|too_large, "entrypoint"?, "cmd"?}
+    POST   /_sim/account             {"balance"}: at or below 0 RunPod stops every pod
+                                      ("Exited by RunPod: Insufficient balance") and refuses launches
     GET    /_sim/pods                every pod ever (terminated ones too) and the volumes
     POST   /_sim/capacity            {"count", "data_center"?, "gpu_type"?, "cloud_type"?}
     POST   /_sim/prices              {"gpu_type", "secure"?, "community"?, "secure_spot"?, ...}
@@ -45,10 +55,10 @@ from graphql import (
     validate,
 )
 
-from simulators.runpod import views
-from simulators.runpod.catalog import CLOUD_TYPES, load_catalog
+from simulators.runpod import rest, views
+from simulators.runpod.catalog import CLOUD_TYPES, cuda_tuple, load_catalog
 from simulators.runpod.schema import schema
-from simulators.runpod.world import SimError, World
+from simulators.runpod.world import DeployRequest, Image, SimError, World
 from simulators.runtime import Runtime
 
 FAULT_KINDS = ("500", "429", "graphql", "timeout")
@@ -90,6 +100,10 @@ class RunPodSimulator:
         self.app = web.Application(client_max_size=8 * 1024 * 1024)
         self.app.add_routes([
             web.post("/graphql", self._graphql),
+            web.route("*", "/v2/{tail:.*}", self._rest),
+            web.post("/_sim/settings", self._admin_settings),
+            web.post("/_sim/images", self._admin_images),
+            web.post("/_sim/account", self._admin_account),
             web.post("/_sim/pods/{pod_id}/preempt", self._admin_preempt),
             web.get("/_sim/pods", self._admin_pods),
             web.post("/_sim/capacity", self._admin_capacity),
@@ -204,6 +218,58 @@ class RunPodSimulator:
             out["errors"] = [e.formatted for e in result.errors]
         return web.json_response(out)
 
+    # ------------------------------------------------------------------ /v2 (REST)
+
+    async def _rest(self, request: web.Request) -> web.StreamResponse:
+        self.calls += 1
+        if not self._authorized(request):
+            return rest.problem(401, "The API key is missing or invalid.", "unauthorized")
+        fault = self._next_fault()
+        if fault is not None:
+            echo = ""
+            if fault.echo:
+                echo = (f" (request: {request.method} {request.url}, "
+                        f"Authorization: {request.headers.get('Authorization', '')})")
+            if fault.kind == "500":
+                return rest.problem(500, "Internal server error." + echo)
+            if fault.kind == "429":
+                return rest.rate_limited(1, "Too many requests." + echo)
+            if fault.kind == "graphql":
+                status = 500 if "went wrong" in fault.message.lower() else 400
+                return rest.problem(status, fault.message + echo)
+            await asyncio.sleep(fault.seconds)
+            return rest.problem(504, "Gateway timeout." + echo)
+        body: Any = None
+        if request.can_read_body:
+            try:
+                body = json.loads(await request.read() or b"null")
+            except ValueError:
+                return rest.problem(400, "The body must be JSON.", "invalid-body")
+        op = rest.operation(request.method, request.path)
+        delay = max(self.latency.get(op, 0.0), self.latency.get("*", 0.0))
+        method, path, query = request.method, request.path, dict(request.query)
+
+        async def execute() -> web.Response:
+            if delay > 0:
+                await asyncio.sleep(delay)
+            self.executed.append(op)
+            try:
+                status, out = rest.run(self.world, method, path, query, body)
+            except rest.BadRequest as exc:
+                return rest.problem(400, str(exc), "invalid-request")
+            except SimError as exc:
+                return rest.problem(exc.status, str(exc))
+            except web.HTTPNotFound:
+                return rest.problem(404, f"No such resource: {method} {path}", "not-found")
+            if out is None:
+                return web.Response(status=status)
+            return web.json_response(out, status=status)
+
+        task = asyncio.get_running_loop().create_task(execute())
+        self._delayed.add(task)
+        task.add_done_callback(self._delayed.discard)
+        return await asyncio.shield(task)
+
     def _root(self, document: Any) -> dict[str, Any]:
         w = self.world
 
@@ -226,7 +292,7 @@ class RunPodSimulator:
                 "id": "user_sim",
                 "pubKey": "",
                 "email": "sim@example.invalid",
-                "clientBalance": 1000.0,
+                "clientBalance": w.settings.balance,
                 "currentSpendPerHr": round(
                     sum(p.cost_per_hr for p in w.pods.values() if p.desired == "RUNNING"), 6
                 ),
@@ -239,10 +305,10 @@ class RunPodSimulator:
             return views.pod_view(w, found) if found else None
 
         def deploy(input: dict[str, Any] | None = None) -> dict[str, Any]:
-            return views.pod_view(w, w.deploy(input or {}, interruptible=False))
+            return views.pod_view(w, w.deploy(graphql_deploy(input or {}, interruptible=False)))
 
         def rent(input: dict[str, Any]) -> dict[str, Any]:
-            return views.pod_view(w, w.deploy(input, interruptible=True))
+            return views.pod_view(w, w.deploy(graphql_deploy(input, interruptible=True)))
 
         def stop(input: dict[str, Any]) -> dict[str, Any]:
             return views.pod_view(w, w.stop(input["podId"]))
@@ -302,16 +368,41 @@ class RunPodSimulator:
         if pod is None or pod.desired != "RUNNING" or pod.preempting:
             return web.json_response({"error": f"pod {pod_id} is not running"}, status=409)
         notice = body.get("notice_seconds")
-        causes = {"outbid": "Outbid", "runpod": "Exited by Runpod"}
-        cause = causes.get(str(body.get("cause", "outbid")))
-        if cause is None:
-            raise web.HTTPBadRequest(text="cause must be outbid (a reclaim) or runpod (image, balance)")
+        causes: dict[str, str | None] = {"": None, "outbid": "Outbid", "host": "Machine offline",
+                                         "runpod": "Exited by Runpod"}
+        if str(body.get("cause") or "") not in causes:
+            raise web.HTTPBadRequest(text="cause must be host (the host went away), outbid or runpod")
+        cause = causes[str(body.get("cause") or "")]
         coro = self.world.preempt(pod_id, None if notice is None else float(notice), cause)
         if body.get("wait"):
             await coro
         else:
             self.world._spawn(coro)
         return web.json_response({"ok": True, "pod": views.admin_view(self.world, pod)})
+
+    async def _admin_settings(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        if "interruptible" in body:
+            self.world.settings.interruptible = bool(body["interruptible"])
+        return web.json_response({"ok": True, "interruptible": self.world.settings.interruptible})
+
+    async def _admin_images(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        name = body.get("image")
+        pull = str(body.get("pull", "ok"))
+        if not isinstance(name, str) or not name or pull not in ("ok", "missing", "too_large"):
+            raise web.HTTPBadRequest(text="image (a name) is required; pull is ok, missing or too_large")
+        self.world.settings.images[name] = Image(
+            entrypoint=list(body.get("entrypoint") or []), cmd=list(body.get("cmd") or []), pull=pull)
+        return web.json_response({"ok": True})
+
+    async def _admin_account(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        try:
+            balance = float(body["balance"])
+        except (KeyError, TypeError, ValueError):
+            raise web.HTTPBadRequest(text="balance (a number) is required") from None
+        return web.json_response({"ok": True, "stopped": self.world.set_balance(balance)})
 
     async def _admin_pods(self, _request: web.Request) -> web.Response:
         w = self.world
@@ -396,6 +487,32 @@ class RunPodSimulator:
 
     async def _admin_ledger(self, _request: web.Request) -> web.Response:
         return web.json_response(self.runtime.ledger.as_json())
+
+
+def graphql_deploy(inp: dict[str, Any], interruptible: bool) -> DeployRequest:
+    """podFindAndDeployOnDemand / podRentInterruptable input -> the world's DeployRequest. The
+    CUDA filter is minCudaVersion (what dstack sends) or the oldest of allowedCudaVersions."""
+    ids = [inp["gpuTypeId"]] if inp.get("gpuTypeId") else list(inp.get("gpuTypeIdList") or [])
+    cudas = [v for v in inp.get("allowedCudaVersions") or [] if isinstance(v, str)]
+    min_cuda = inp.get("minCudaVersion") or (min(cudas, key=cuda_tuple) if cudas else None)
+    return DeployRequest(
+        name=inp.get("name") or "",
+        image=inp.get("imageName") or "",
+        gpu_type_ids=ids,
+        gpu_count=int(inp.get("gpuCount") or 1),
+        cloud=inp.get("cloudType") or "ALL",
+        data_centers=[inp["dataCenterId"]] if inp.get("dataCenterId") else None,
+        countries=[inp["countryCode"]] if inp.get("countryCode") else None,
+        network_volume=inp.get("networkVolumeId") or None,
+        mount_path=inp.get("volumeMountPath") or "/workspace",
+        container_disk_gb=int(inp.get("containerDiskInGb") or 10),
+        volume_gb=int(inp.get("volumeInGb") or 0),
+        env=[(e["key"], e.get("value") or "") for e in (inp.get("env") or [])],
+        docker_args=inp.get("dockerArgs") or "",
+        min_cuda=min_cuda,
+        interruptible=interruptible,
+        bid=inp.get("bidPerGpu"),
+    )
 
 
 def root_fields(document: DocumentNode, operation: str | None) -> list[str]:
