@@ -1,32 +1,30 @@
-"""The one door to RunPod: the GraphQL the `runpod` SDK speaks, sent with native async HTTP.
+"""The HTTP under both RunPod transports (REST v2 in rest.py, GraphQL in graphql.py): one aiohttp
+session per adapter, real timeouts, a retry budget, and the key kept out of every message.
 
-Why not the SDK itself: it is synchronous (`requests`), so it could only run in a thread, and a
+Why not the `runpod` SDK: it is synchronous (`requests`), so it could only run in a thread, and a
 thread cannot be cancelled. A create that timed out in `asyncio.wait_for` kept running in its
 abandoned thread and still made its pod, next to the one the retry made. Here every request is an
-aiohttp request on the adapter's own session with a real `ClientTimeout`, so when a call gives up
-nothing of it is left running. The wire format stays the SDK's: `POST {api_url}/graphql`, body
-`{"query": ...}`, `Authorization: Bearer <key>` and the SDK's User-Agent, and the mutation texts
-come from the SDK's own generators where it has them (see adapter.py), every string escaped with
-`gql_string`.
+aiohttp request with a real `ClientTimeout`, so when a call gives up nothing of it is left running.
 
-Every failure becomes one of adapters.base's errors: the no-capacity message -> NoCapacity, HTTP
-401 -> AuthError, throttling / 5xx / timeouts / connection errors -> RetryLater (retried here with
-backoff, inside a bounded budget that also bounds each request's timeout), other GraphQL errors ->
-PermanentError. The API key (and any bearer token or api_key parameter an error page echoes) is
-scrubbed from every message. The surface is small on purpose, `query(what, text)` and
-`retrying(what, attempt)`, so that RunPod's REST API can replace GraphQL behind it later.
+Timeouts follow RunPod's: the SDK allows 30 s per request and its create_pod makes two requests,
+so one request gets `request_timeout_seconds` (20 s) and one call with its retries, such as a
+launch (a lookup, then the create), gets `retry_budget_seconds` (45 s) in all; every request in
+it gets at most what is left of that budget, so no call outlives its caller's budget.
+
+`send` maps transport failures (timeouts, connection errors) to RetryLater; each transport maps
+its answers (GraphQL errors, REST problem+json) with the shared message classes below. The API
+key (and any bearer token or api_key parameter an error page echoes) is scrubbed from every message.
 """
 
 from __future__ import annotations
 
 import contextvars
-import json
 import logging
 import os
 import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import aiohttp
 from runpod.user_agent import USER_AGENT
@@ -39,19 +37,19 @@ from tenacity import (
     wait_exponential,
 )
 
-from adapters.base import AuthError, NoCapacity, PermanentError, RetryLater
+from adapters.base import AuthError, PermanentError, RetryLater
 from adapters.runpod.settings import RunPodSettings
 
 log = logging.getLogger("gpuhop.adapters.runpod")
 T = TypeVar("T")
 PROVIDER = "runpod"
 
-_NO_CAPACITY = re.compile(
+NO_CAPACITY = re.compile(
     r"no longer any instances available|not enough free gpus|no instances? available"
     r"|below the minimum bid|bid price is (too )?low",
     re.IGNORECASE,
 )
-_TRANSIENT = re.compile(
+TRANSIENT = re.compile(
     r"something went wrong|internal server error|too many requests|rate limit|timed? ?out"
     r"|temporarily unavailable",
     re.IGNORECASE,
@@ -151,55 +149,31 @@ class RunPodClient:
             timeout = min(timeout, left)
         return timeout
 
-    async def query(self, what: str, text: str) -> dict[str, Any]:
-        """Run GraphQL `text` once, as the SDK would send it; returns its `data` object."""
+    @property
+    def open(self) -> bool:
+        return self._session is not None and not self._session.closed
+
+    async def send(self, what: str, method: str, url: str, body: str | None = None,
+                   params: dict[str, str] | None = None) -> tuple[int, str, bytes]:
+        """One HTTP request within what is left of the budget: (status, Retry-After, body).
+        Timeouts and connection errors -> RetryLater."""
         timeout = self._timeout(what)
-        url = f"{self.settings.api_url}/graphql"
         try:
-            async with self._http().post(
-                url, data=json.dumps({"query": text}),
+            async with self._http().request(
+                method, url, data=body, params=params,
                 timeout=aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 5.0)),
             ) as resp:
-                status = resp.status
-                raw = await resp.read()
-                retry_after = resp.headers.get("Retry-After", "")
+                return resp.status, resp.headers.get("Retry-After", ""), await resp.read()
         except TimeoutError:
             raise RetryLater(f"RunPod {what}: no answer within {timeout:.3g} s",
                              provider=PROVIDER) from None
         except (aiohttp.ClientError, OSError) as exc:
             raise RetryLater(f"RunPod {what}: {type(exc).__name__}: {self.scrub(str(exc))}",
                              provider=PROVIDER) from None
-        return self._answer(what, status, raw, retry_after)
 
-    def _answer(self, what: str, status: int, raw: bytes, retry_after: str) -> dict[str, Any]:
-        """Map one HTTP answer to its data or to an adapter error (pure, apart from the key)."""
-        if status == 401:
-            raise AuthError(f"RunPod {what}: the API key was refused (HTTP 401)", provider=PROVIDER)
-        text = raw.decode("utf-8", "replace")
-        try:
-            body = json.loads(text)
-        except ValueError:
-            body = None
-        if status == 429 or status >= 500 or not isinstance(body, dict):
-            delay = float(retry_after) if retry_after.isdigit() else 5.0
-            snippet = " ".join(text.split())[:200]
-            raise RetryLater(f"RunPod {what}: HTTP {status} {self.scrub(snippet)}".rstrip(),
-                             provider=PROVIDER, delay=min(delay, 60.0))
-        errors = body.get("errors")
-        if errors:
-            first = errors[0] if isinstance(errors, list) and errors else {}
-            message = self.scrub(str(first.get("message") if isinstance(first, dict) else first))
-            if _NO_CAPACITY.search(message):
-                raise NoCapacity(f"RunPod {what}: {message}", provider=PROVIDER)
-            if _TRANSIENT.search(message):
-                raise RetryLater(f"RunPod {what}: {message}", provider=PROVIDER)
-            raise PermanentError(f"RunPod {what}: {message}", provider=PROVIDER)
-        if status >= 400:
-            raise PermanentError(f"RunPod {what}: HTTP {status}", provider=PROVIDER)
-        data = body.get("data")
-        if not isinstance(data, dict):
-            raise RetryLater(f"RunPod {what}: response without data", provider=PROVIDER)
-        return data
+    @staticmethod
+    def delay(retry_after: str) -> float:
+        return min(float(retry_after), 60.0) if retry_after.isdigit() else 5.0
 
     async def retrying(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
         """Run `attempt` until it does not raise RetryLater, a few times, within the budget.

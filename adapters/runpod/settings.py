@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 CloudType = Literal["secure", "community"]
+Api = Literal["rest", "graphql"]
 
 
 def _all_clouds() -> list[CloudType]:
@@ -18,12 +19,24 @@ class RunPodSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     api_key: SecretStr | None = Field(default=None, description="falls back to $RUNPOD_API_KEY")
-    api_url: str = Field(default="https://api.runpod.io", description="GraphQL is at {api_url}/graphql")
+    api: Api = Field(
+        default="rest",
+        description="REST v2 ({api_url}/v2/...), RunPod's current API; or the deprecated GraphQL "
+        "({api_url}/graphql), until RunPod retires it (announced for early 2027)",
+    )
+    api_url: str = Field(default="https://api.runpod.io", description="REST v2 and GraphQL both live here")
     cloud_types: list[CloudType] = Field(default_factory=_all_clouds)
-    interruptible: bool = Field(default=True, description="offer spot pods where RunPod takes bids")
-    data_centers: list[str] | None = Field(default=None, description="only these data centers")
+    interruptible: bool = Field(
+        default=False,
+        description="spot pods, which RunPod stopped offering in September 2026: only with "
+        'api = "graphql", where RunPod still shows a bid price',
+    )
+    data_centers: list[str] | None = Field(default=None, description="only these Secure Cloud data centers")
+    countries: list[str] | None = Field(
+        default=None, description="only these Community Cloud countries (ISO codes, e.g. US)")
     offer_ttl_seconds: float = Field(default=30.0, ge=0, le=3600)
-    # generous: calls run beside the reconcile tick, and RunPod's API takes 10 s at times
+    # RunPod's SDK allows 30 s per request and its create makes two; calls run beside the
+    # reconcile tick, and RunPod's API takes 10 s at times: 20 s per request, 45 s per call
     request_timeout_seconds: float = Field(default=20.0, gt=0, le=120)
     retry_attempts: int = Field(default=3, ge=1, le=10)
     retry_base_delay_seconds: float = Field(default=0.5, ge=0, le=10)
