@@ -1,6 +1,7 @@
-"""The RunPod adapter against the RunPod simulator (the SDK's GraphQL over the adapter's own
-aiohttp session): offers, idempotent launches also when RunPod is slow, hostile strings, state
-normalization, bills that match the simulator's ledger, volumes and error mapping."""
+"""The RunPod adapter against the RunPod simulator, over both transports (REST v2, the default,
+and the SDK's GraphQL, each on the adapter's own aiohttp session): offers, idempotent launches
+also when RunPod is slow, hostile strings, state normalization, bills that match the simulator's
+ledger, volumes and error mapping."""
 
 from __future__ import annotations
 
@@ -41,9 +42,9 @@ async def sim(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[
         yield s
 
 
-@pytest.fixture
-async def adapter(sim: RunPodSimulator, tmp_path: Path) -> AsyncIterator[RunPodAdapter]:
-    a = adapter_for(sim, tmp_path)
+@pytest.fixture(params=["rest", "graphql"])
+async def adapter(request: pytest.FixtureRequest, sim: RunPodSimulator, tmp_path: Path) -> AsyncIterator[RunPodAdapter]:
+    a = adapter_for(sim, tmp_path, api=request.param)
     await a.start()
     try:
         yield a
@@ -108,15 +109,14 @@ async def test_offers_are_normalized_and_cached(sim: RunPodSimulator, adapter: R
     offers = await adapter.offers()
     assert offers and all(o.provider == "runpod" for o in offers)
     assert "RTX 6000 Ada" not in {o.gpu for o in offers} and None not in {o.gpu for o in offers}
-    assert {o.region for o in offers} == {"US-TX-3", "EU-RO-1", "CA-MTL-1"}
+    # Secure Cloud by data center, Community Cloud by country
+    assert {o.region for o in offers} == {"US-TX-3", "EU-RO-1", "CA-MTL-1", "US", "RO", "CA"}
     secure = pick(offers, "RTX-4090", "US-TX-3", count=2, volumes=True)
     assert secure.price_per_hour == pytest.approx(2 * 0.69) and secure.vram_gb == 24
-    community = pick(offers, "RTX-4090", "US-TX-3", count=2, volumes=False)
+    community = pick(offers, "RTX-4090", "US", count=2, volumes=False)
     assert community.price_per_hour == pytest.approx(2 * 0.34)
-    spot = pick(offers, "H100-SXM", "EU-RO-1", CapacityType.SPOT)
-    assert spot.price_per_hour == pytest.approx(2.79) and spot.supports_volumes
-    # spot only where RunPod takes bids
-    assert not [o for o in offers if o.gpu == "RTX-4090" and o.capacity == CapacityType.SPOT]
+    # no spot: RunPod ended it in September 2026
+    assert not [o for o in offers if o.capacity == CapacityType.SPOT]
     # counts follow availableGpuCounts: 4 secure H100 PCIe in EU-RO-1 -> up to x4, not x5
     pcie = [o for o in offers if o.gpu == "H100-PCIE" and o.supports_volumes]
     assert max(o.gpu_count for o in pcie) == 4
@@ -149,7 +149,7 @@ async def test_launch_is_idempotent_by_name(sim: RunPodSimulator, adapter: RunPo
 async def test_hostile_strings_arrive_byte_exact(sim: RunPodSimulator, adapter: RunPodAdapter) -> None:
     hostile = 'q"uote \\back\\slash\nnew"line\r\t"}){ injected: true } # ünïcødé 🚀 \x01\x1f\u2028 $HOME `x`'
     image = 'img"}) { id } mutation { podTerminate(input: {podId: "x"}) }'
-    offer = pick(await adapter.offers(), "RTX-4090", "US-TX-3", volumes=False)
+    offer = pick(await adapter.offers(), "RTX-4090", "US", volumes=False)
     inst = await adapter.launch(request(offer, script=DUMP_ENV, env={"HOSTILE": hostile, "PLAIN": "ok"},
                                         image=image))
     volume = sim.runtime.volume_dir(f"pod-{inst.instance_id}")
@@ -182,18 +182,29 @@ async def test_command_runs_with_the_volume(sim: RunPodSimulator, adapter: RunPo
     elsewhere = pick(await adapter.offers(), "L40S", "EU-RO-1", volumes=True)
     with pytest.raises(PermanentError):
         await adapter.launch(request(elsewhere, name="gpuhop-job2-1", volume=vol))
-    community = pick(await adapter.offers(), "RTX-A6000", "US-TX-3", volumes=False)
+    community = pick(await adapter.offers(), "RTX-A6000", "US", volumes=False)
     with pytest.raises(PermanentError):
         await adapter.launch(request(community, name="gpuhop-job3-1", volume=vol))
 
 
-async def test_spot_launch(sim: RunPodSimulator, adapter: RunPodAdapter) -> None:
+async def test_spot_launch_only_when_opted_in(sim: RunPodSimulator, make_adapter: Callable[..., RunPodAdapter]) -> None:
+    # the past, kept behind the opt-in while RunPod still answers podRentInterruptable
+    await admin(sim, "POST", "/_sim/settings", {"interruptible": True})
+    await admin(sim, "POST", "/_sim/prices", {"gpu_type": "NVIDIA H100 80GB HBM3", "secure_spot": 2.79})
+    adapter = make_adapter(api="graphql", interruptible=True)
     offer = pick(await adapter.offers(), "H100-SXM", "EU-RO-1", CapacityType.SPOT)
+    # the default adapter refuses a spot offer outright (RunPod has none)
+    with pytest.raises(PermanentError, match="interruptible"):
+        await make_adapter().launch(request(offer, name="gpuhop-nospot-1"))
     inst = await adapter.launch(request(offer))
     pod = sim.world.pods[inst.instance_id]
     assert pod.interruptible and pod.cost_per_hr == pytest.approx(2.79)
     [listed] = await adapter.list_instances()
     assert listed.extra["pod_type"] == "INTERRUPTABLE" and listed.region == "EU-RO-1"
+    await admin(sim, "POST", f"/_sim/pods/{inst.instance_id}/preempt", {"wait": True})
+    [taken] = await adapter.list_instances()
+    assert taken.state == InstanceState.PREEMPTED and taken.reason.startswith("Outbid: ")
+    await adapter.terminate(inst.instance_id)
 
 
 async def test_list_instances_normalizes_states(sim: RunPodSimulator, adapter: RunPodAdapter) -> None:
@@ -220,11 +231,11 @@ async def test_list_instances_normalizes_states(sim: RunPodSimulator, adapter: R
     await wait_until(lambda: sim.world.pods[c.instance_id].started_at)
     await admin(sim, "POST", f"/_sim/pods/{c.instance_id}/preempt", {"wait": True, "cause": "runpod"})
     by_name = {i.name: i for i in await adapter.list_instances()}
-    assert by_name["gpuhop-a-1"].state == InstanceState.PREEMPTED
-    assert by_name["gpuhop-a-1"].reason.startswith("Outbid: ")
+    assert by_name["gpuhop-a-1"].state == InstanceState.PREEMPTED  # its host went away
+    assert "Machine offline" in by_name["gpuhop-a-1"].reason
     assert by_name["gpuhop-b-1"].state == InstanceState.EXITED
     assert by_name["gpuhop-c-1"].state == InstanceState.EXITED  # e.g. insufficient balance
-    assert by_name["gpuhop-c-1"].reason.startswith("Exited by Runpod: ")
+    assert "Exited by Runpod" in by_name["gpuhop-c-1"].reason
     assert by_name["gpuhop-a-1"].region == "US-TX-3"
     assert by_name["gpuhop-a-1"].price_per_hour == pytest.approx(0.69)
 
@@ -268,7 +279,7 @@ async def test_no_capacity(sim: RunPodSimulator, adapter: RunPodAdapter) -> None
     with pytest.raises(NoCapacity):
         await adapter.launch(request(pick(offers, "L40S", "EU-RO-1", volumes=True)))
     with pytest.raises(NoCapacity):
-        await adapter.launch(request(pick(offers, "H100-SXM", "EU-RO-1", CapacityType.SPOT)))
+        await adapter.launch(request(pick(offers, "L40S", "RO", volumes=False), name="gpuhop-job1-2"))
     assert await sim_pods(sim) == []
 
 
@@ -324,13 +335,14 @@ async def test_timeouts_are_bounded_and_leave_nothing_running(
     assert await a.offers()
 
 
+@pytest.mark.parametrize(("api", "create_op"), [("rest", "createPod"), ("graphql", "podFindAndDeployOnDemand")])
 async def test_a_slow_create_makes_exactly_one_pod(
-    sim: RunPodSimulator, make_adapter: Callable[..., RunPodAdapter]
+    sim: RunPodSimulator, make_adapter: Callable[..., RunPodAdapter], api: str, create_op: str
 ) -> None:
-    a = make_adapter(request_timeout_seconds=0.5, retry_attempts=2, retry_budget_seconds=1.5)
+    a = make_adapter(api=api, request_timeout_seconds=0.5, retry_attempts=2, retry_budget_seconds=1.5)
     offer = pick(await a.offers(), "RTX-4090", "US-TX-3", volumes=True)
     # the create is answered after the adapter's request timeout, and still carried out
-    await admin(sim, "POST", "/_sim/latency", {"operation": "podFindAndDeployOnDemand", "seconds": 2.5})
+    await admin(sim, "POST", "/_sim/latency", {"operation": create_op, "seconds": 2.5})
     outcomes: list[str] = []
 
     async def launched() -> Any:
@@ -374,7 +386,7 @@ async def test_final_bill_is_the_ledgers_charge(sim: RunPodSimulator, adapter: R
     offers = await adapter.offers()
     running = await adapter.launch(request(pick(offers, "H100-SXM", "EU-RO-1", count=2),
                                            name="gpuhop-bill-1", script="import time; time.sleep(600)"))
-    taken = await adapter.launch(request(pick(offers, "H100-SXM", "EU-RO-1", CapacityType.SPOT),
+    taken = await adapter.launch(request(pick(offers, "RTX-4090", "RO", volumes=False),
                                          name="gpuhop-bill-2", script="import time; time.sleep(600)"))
 
     async def billed_for(seconds: float) -> bool:
@@ -387,7 +399,7 @@ async def test_final_bill_is_the_ledgers_charge(sim: RunPodSimulator, adapter: R
     assert live.bill is not None and live.bill.started_at == sim.world.pods[running.instance_id].last_started_at
     await admin(sim, "POST", f"/_sim/pods/{taken.instance_id}/preempt", {"wait": True})
     [gone] = [i for i in await adapter.list_instances() if i.instance_id == taken.instance_id]
-    assert gone.state == InstanceState.PREEMPTED and gone.reason.startswith("Outbid: ")
+    assert gone.state == InstanceState.PREEMPTED and gone.reason.startswith("Machine offline: ")
     assert gone.bill is not None and gone.bill.ended_at is not None
 
     bills = {i: await adapter.terminate(i) for i in (running.instance_id, taken.instance_id)}

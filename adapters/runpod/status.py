@@ -1,13 +1,16 @@
-"""How a RunPod pod becomes a gpuhop Instance: one explicit table from RunPod's
-(desiredStatus, qualifier) to InstanceState, where a pod's data center is found, and what the
-pod has cost (its `Bill`) by RunPod's own times.
+"""How a RunPod pod becomes a gpuhop Instance: one explicit table per wire from RunPod's status
+(GraphQL desiredStatus, REST v2 status) and a qualifier to InstanceState, the fault RunPod's words
+name, where a pod is, and what the pod has cost (its `Bill`) by RunPod's own times.
 
 RunPod has no "preempted" status: a reclaimed pod is EXITED with lastStatusChange "Outbid:
-<date>", the one involuntary stop with a recorded cause. "Exited by Runpod: <date>" (spelling
-varies, so matched case-insensitively) covers an unpullable image, an image too large and
-"Insufficient balance" (PROVIDERS.md, late-2026 corrections): RunPod stopped the pod, but did
-not take it back, so it is EXITED (the agent's report or the volume's exit marker says how the
-job ended; relaunching may not help). A RUNNING pod has `runtime: null` until its container is
+<date>", the one involuntary stop with a recorded cause, or, for an on-demand pod whose host went
+away, "Machine offline: <date>" (*inferred*: what the simulator writes; RunPod does not document
+the words). Both are PREEMPTED. "Exited by Runpod: ..." (spelled RunPod or Runpod, matched
+case-insensitively) covers an unpullable image, an image too large and "Insufficient balance"
+(PROVIDERS.md, late-2026 corrections): RunPod stopped the pod but did not take it back, so it is
+EXITED, and `fault` says why from RunPod's words (IMAGE or ACCOUNT; None when the words name
+neither). Over REST v2 an image RunPod cannot run is status ERROR and the words are in
+`statusMessage` (*inferred*; `lastStatusChange` is read as well). A RUNNING pod has `runtime: null` until its container is
 up. A pod whose job ended on its own is still RUNNING: the agent lingers (GPUHOP_LINGER=1), as
 RunPod would otherwise restart the container, so the listing cannot tell an exit code.
 
@@ -25,11 +28,15 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
-from orchestrator.models import Bill, Instance, InstanceState
+from orchestrator.models import Bill, Instance, InstanceFault, InstanceState
 
 PROVIDER = "runpod"
 _OUTBID = re.compile(r"^\s*outbid", re.IGNORECASE)
+_HOST_LOST = re.compile(r"^\s*(machine|host)\s+(offline|lost|went away|unavailable|down)", re.IGNORECASE)
 _BY_RUNPOD = re.compile(r"exited\s+by\s+run\s*pod", re.IGNORECASE)
+_ACCOUNT = re.compile(r"insufficient\s+(balance|funds)|out of (credits|funds)", re.IGNORECASE)
+_IMAGE = re.compile(r"\bpull|manifest|image\b.*\b(too large|not found|unauthori[sz]ed|denied)|too large",
+                    re.IGNORECASE)
 _STARTED = re.compile(r"^\s*(rented|resumed|started)\b", re.IGNORECASE)
 # JavaScript's Date.toString(): "Mon Jan 05 2026 12:00:00 GMT+0000 (Coordinated Universal Time)"
 _JS_DATE = re.compile(r"(\w{3} \d{1,2} \d{4} \d{1,2}:\d{2}:\d{2}) GMT([+-]\d{4})")
@@ -42,13 +49,46 @@ STATUS_TABLE: dict[tuple[str, str], InstanceState] = {
     ("RUNNING", "runtime"): InstanceState.RUNNING,
     ("RESTARTING", "*"): InstanceState.PENDING,
     ("EXITED", "outbid"): InstanceState.PREEMPTED,  # RunPod took the machine back
+    ("EXITED", "host-lost"): InstanceState.PREEMPTED,  # the host went away (Community, mostly)
     ("EXITED", "by-runpod"): InstanceState.EXITED,  # image, size or balance: not a reclaim
     ("EXITED", "other"): InstanceState.EXITED,  # stopped (by a user); the agent reports the exit code
     ("PAUSED", "*"): InstanceState.EXITED,
     ("DEAD", "*"): InstanceState.PREEMPTED,  # the host died under it
     ("TERMINATED", "*"): InstanceState.TERMINATED,
 }
+# REST v2: (status, qualifier) -> state
+REST_STATUS_TABLE: dict[tuple[str, str], InstanceState] = {
+    ("PROVISIONING", "*"): InstanceState.PENDING,
+    ("STARTING", "*"): InstanceState.PENDING,
+    ("RUNNING", "*"): InstanceState.RUNNING,
+    ("EXITED", "outbid"): InstanceState.PREEMPTED,
+    ("EXITED", "host-lost"): InstanceState.PREEMPTED,
+    ("EXITED", "by-runpod"): InstanceState.EXITED,
+    ("EXITED", "other"): InstanceState.EXITED,
+    ("ERROR", "*"): InstanceState.EXITED,  # RunPod could not run it (image): fault says why
+    ("TERMINATED", "*"): InstanceState.TERMINATED,
+}
 UNKNOWN_STATE = InstanceState.PENDING  # a status RunPod adds later: keep watching, do not act
+
+
+def stop_kind(words: str) -> str:
+    """What stopped an EXITED pod, from RunPod's words: outbid, host-lost, by-runpod or other."""
+    if _OUTBID.search(words):
+        return "outbid"
+    if _HOST_LOST.search(words):
+        return "host-lost"
+    return "by-runpod" if _BY_RUNPOD.search(words) else "other"
+
+
+def fault_of(words: str, by_runpod: bool) -> InstanceFault | None:
+    """The fault RunPod's own stop names (IMAGE, ACCOUNT); None for anything else."""
+    if not by_runpod:
+        return None
+    if _ACCOUNT.search(words):
+        return InstanceFault.ACCOUNT
+    if _IMAGE.search(words):
+        return InstanceFault.IMAGE
+    return None
 
 
 def qualifier(pod: dict[str, Any]) -> str:
@@ -56,8 +96,7 @@ def qualifier(pod: dict[str, Any]) -> str:
     if status == "RUNNING":
         return "runtime" if pod.get("runtime") else "no-runtime"
     if status == "EXITED":
-        change = str(pod.get("lastStatusChange") or "")
-        return "outbid" if _OUTBID.search(change) else "by-runpod" if _BY_RUNPOD.search(change) else "other"
+        return stop_kind(str(pod.get("lastStatusChange") or ""))
     return "*"
 
 
@@ -76,7 +115,9 @@ def pod_region(pod: dict[str, Any], known: dict[str, str], volume_dcs: dict[str,
 
 
 def to_instance(pod: dict[str, Any], region: str, now: float) -> Instance:
+    """A GraphQL pod as an Instance."""
     cost = pod.get("costPerHr")
+    change = str(pod.get("lastStatusChange") or "")
     return Instance(
         provider=PROVIDER,
         instance_id=str(pod["id"]),
@@ -84,7 +125,8 @@ def to_instance(pod: dict[str, Any], region: str, now: float) -> Instance:
         state=pod_state(pod),
         region=region,
         price_per_hour=float(cost) if isinstance(cost, int | float) else None,
-        reason=str(pod.get("lastStatusChange") or ""),
+        reason=change,
+        fault=fault_of(change, qualifier(pod) == "by-runpod"),
         bill=pod_bill(pod, now),
         extra={
             "desired_status": str(pod.get("desiredStatus") or ""),
@@ -143,3 +185,56 @@ def pod_bill(pod: dict[str, Any], now: float) -> Bill | None:
         return None  # not billing yet (CREATED) or a status RunPod adds later
     cost = max(0.0, until - started) * float(price) / 3600.0
     return Bill(started_at=started, ended_at=ended, cost_usd=round(cost, 6))
+
+
+def _price(value: Any) -> float | None:
+    """costPerHr: a number, or a decimal string as REST v1 answered it ("0.74")."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    try:
+        return float(str(value))
+    except ValueError:
+        return None
+
+
+def rest_instance(pod: dict[str, Any], known: dict[str, str], now: float) -> Instance:
+    """A REST v2 pod as an Instance. Where it is: its data center on Secure Cloud, its country on
+    Community (dataCenterId null); else the place we launched it in."""
+    status = str(pod.get("status") or "").upper()
+    message = str(pod.get("statusMessage") or "")
+    change = str(pod.get("lastStatusChange") or "")
+    words = message or change
+    kind = stop_kind(words) if status == "EXITED" else "*"
+    state = REST_STATUS_TABLE.get((status, kind), UNKNOWN_STATE)
+    by_runpod = status == "ERROR" or kind == "by-runpod"
+    price = _price(pod.get("costPerHr"))
+    # the GraphQL-shaped view of the same facts, for the one billing rule
+    billing = {
+        "costPerHr": price,
+        "desiredStatus": "RUNNING" if status in ("PROVISIONING", "STARTING", "RUNNING") else
+        "TERMINATED" if status == "TERMINATED" else "EXITED",
+        "lastStatusChange": change,
+        "lastStartedAt": pod.get("lastStartedAt"),
+    }
+    pod_id = str(pod["id"])
+    region = str(pod.get("dataCenterId") or pod.get("countryCode") or known.get(pod_id) or "")
+    gpu: dict[str, Any] = pod["gpu"] if isinstance(pod.get("gpu"), dict) else {}
+    return Instance(
+        provider=PROVIDER,
+        instance_id=pod_id,
+        name=str(pod.get("name") or ""),
+        state=state,
+        region=region,
+        price_per_hour=price,
+        reason=" ".join(w for w in (message, change) if w) if message and message not in change else change or message,
+        fault=fault_of(words + " " + change, by_runpod),
+        bill=pod_bill(billing, now),
+        extra={
+            "status": status,
+            "cloud_type": str(pod.get("cloudType") or ""),
+            "gpu": str(gpu.get("displayName") or ""),
+            "host_cuda": str(pod.get("hostCudaVersion") or ""),
+        },
+    )
