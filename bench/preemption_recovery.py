@@ -1,5 +1,8 @@
 """How long a job is down after RunPod takes its pod: from the preemption (the simulator's
-SIGTERM) to the replacement pod running the job again, over many preemptions.
+SIGTERM) to the replacement pod running the job again, over many preemptions. RunPod has no spot
+since September 2026, so the interruption is the realistic one: the host of an on-demand pod goes
+away ("Machine offline", the simulator's default for an on-demand pod; the job's network volume
+keeps it on Secure Cloud, where volumes live).
 
 Real processes throughout: the RunPod simulator (`gpuhop sim runpod`) and a `gpuhop serve`
 daemon, configured with the tick settings printed in the header. One long job is preempted
@@ -74,7 +77,7 @@ api_url = "{sim.url}"
             current = wait_for(running_attempt, 120, interval=0.05, what="job running")
             time.sleep(0.5)  # let it make some progress
             t0 = time.monotonic()
-            sim.admin("POST", f"/_sim/pods/{current['instance_id']}/preempt")
+            sim.admin("POST", f"/_sim/pods/{current['instance_id']}/preempt", {"cause": "host"})
             wait_for(lambda n=current["number"]: (a := running_attempt()) is not None and a["number"] > n,
                      120, interval=0.02, what="replacement running")
             samples.append(time.monotonic() - t0)

@@ -39,7 +39,7 @@ AWS_NOTICE = 8.0  # AWS gives 120 s; the demo is in a hurry
 class Disruption:
     """Take the job's machine away once it has done `after_steps` steps."""
 
-    kind: str  # "preempt" (RunPod reclaims it), "interrupt" (AWS spot warning) or "kill" (the machine dies)
+    kind: str  # "preempt" (RunPod's host goes away), "interrupt" (AWS spot warning) or "kill" (the machine dies)
     after_steps: int
     done: bool = False
 
@@ -71,7 +71,9 @@ def _job(name: str, steps: int, gpu: list[str] | None, disruption: Disruption | 
 def demo_jobs() -> list[DemoJob]:
     return [
         _job("llama-finetune", 24, ["RTX-4090"], Disruption("preempt", 8), providers=["runpod"]),
-        _job("sdxl-lora", 20, ["RTX-A6000", "L40S"], Disruption("preempt", 6), capacity="spot", providers=["runpod"]),
+        # RunPod has no spot since September 2026: its interruption is a host that goes away
+        _job("sdxl-lora", 20, ["RTX-A6000", "L40S"], Disruption("preempt", 6), capacity="on-demand",
+             providers=["runpod"]),
         _job("whisper-eval", 16, ["L40S"], None, providers=["runpod"]),
         _job("bert-pretrain", 24, ["A10G"], Disruption("interrupt", 6), capacity="spot", providers=["aws"]),
         _job("tokenize-corpus", 18, None, Disruption("kill", 5), providers=["local"]),
@@ -207,7 +209,7 @@ class Demo:
                 async with aiohttp.ClientSession() as s:
                     await s.post(f"{self.sim_url}/_sim/pods/{attempt['instance_id']}/preempt")
                 self.feed.append(f"{time.strftime('%H:%M:%S', time.gmtime())}  {d['name']:<16} "
-                                 f"!! RunPod reclaims pod {attempt['instance_id']} (SIGTERM, 2 s notice)")
+                                 f"!! the host of RunPod pod {attempt['instance_id']} goes away (SIGTERM, 2 s notice)")
             else:
                 job_pid = self.state / "local" / "instances" / attempt["name"] / "job.pid"
                 with contextlib.suppress(OSError, ValueError):

@@ -179,3 +179,20 @@ def test_cancel_terminates_the_pod(env: tuple[SimProcess, Daemon]) -> None:
         return not any(e["running"] for e in entries)
 
     wait_for(meter_stopped, 30, what="the pod's billing stopped")
+
+
+def test_a_community_pod_whose_host_goes_away_is_replaced(env: tuple[SimProcess, Daemon]) -> None:
+    # no volume: the cheapest RTX 4090 is Community Cloud, rented by country (RunPod has no spot
+    # since September 2026; a Community host going away is the interruption that remains)
+    sim, d = env
+    s = spec("rp-community", 25)
+    job = d.client.submit(s)
+    running = d.wait_status(job["id"], {"running"}, 60)
+    first = running["attempts"][0]
+    pod = next(p for p in sim.admin("GET", "/_sim/pods")["pods"] if p["id"] == first["instance_id"])
+    assert pod["cloudType"] == "COMMUNITY" and first["region"] == pod["countryCode"]
+    sim.admin("POST", f"/_sim/pods/{first['instance_id']}/preempt", {"cause": "host"})
+    done = d.wait_status(job["id"], {"succeeded", "failed"}, 90)
+    assert done["status"] == "succeeded", done
+    assert done["attempts"][0]["end_reason"] == "preempted", done["attempts"][0]
+    assert done["attempts"][-1]["end_reason"] == "succeeded"
