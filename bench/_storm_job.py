@@ -60,6 +60,7 @@ def main() -> int:
     def on_term(signum: int, frame: object) -> None:  # a notice: finish this step, checkpoint, leave
         nonlocal stopping
         stopping = True
+        append(activity, f"term {job} {attempt} {pid} {time.time():.3f} {step}\n")
 
     signal.signal(signal.SIGTERM, on_term)
     code = 0

@@ -14,8 +14,11 @@ Definitions (the README section and the printed table use the same words):
 * writers per volume: the most processes writing into one volume at the same time (each
   process's span runs from its `begin` line to its last step or `end` line).
 * healthy/finished attempts relaunched: attempts ended `lost` or `preempted` although the job's
-  process on that machine either exited 0, or (on a machine the benchmark did not take away) kept
-  committing steps more than 2 s after the daemon ended the attempt.
+  process on that machine either exited 0 without having received a SIGTERM, or (on a machine
+  the benchmark did not take away) kept committing steps more than 2 s after the daemon ended
+  the attempt. An exit 0 after the provider's SIGTERM is counted apart ("finished under a
+  notice"): gpuhop's rule calls it preempted, since a job that saved and left with 0 looks
+  the same, and the replacement then ends at once from the final checkpoint.
 * leaked machines: pods/instances billing at the end that no live attempt owns; leaked volumes:
   volumes billing that neither a job's volume record nor any attempt points at (gpuhop keeps a
   job's volume after the job on purpose; one it has no record of is never cleaned up).
@@ -45,6 +48,7 @@ class Runner:
     begin: float
     end: float
     exit_code: int | None = None
+    sigterm: bool = False  # the process received a SIGTERM (a preemption notice) while it ran
     step_times: list[float] = field(default_factory=list)
 
 
@@ -65,6 +69,7 @@ class Figures:
     machines_per_name: int = 0
     writers_per_volume: int = 0
     relaunched_healthy: int = 0
+    finished_under_notice: int = 0  # exit 0 after a SIGTERM: ended `preempted` by rule, not a miss
     leaked_machines: int = 0
     leaked_volumes: int = 0
     cost_error: float | None = None  # max over jobs, as a fraction; None = nothing to compare
@@ -94,6 +99,8 @@ def read_volumes(volumes_root: Path) -> list[VolumeRecord]:
             key = (job, attempt, pid)
             if kind == "begin":
                 runners.setdefault(key, Runner(job, attempt, pid, float(when), float(when)))
+            elif kind == "term" and key in runners:
+                runners[key].sigterm = True
             elif kind == "end" and key in runners:
                 runners[key].end = max(runners[key].end, float(when))
                 runners[key].exit_code = int(last)
@@ -205,9 +212,14 @@ def figures(
                 continue
             ended = iso_ts(a.get("ended_at"))
             rs = runners_of.get((j["id"], str(a["number"])), [])
-            finished = any(r.exit_code == 0 for r in rs)
+            finished = any(r.exit_code == 0 and not r.sigterm for r in rs)
             late = (ended is not None and a.get("instance_id") not in preempted
                     and any(t > ended + LATE_STEP_SECONDS for r in rs for t in r.step_times))
+            if a.get("end_reason") == "preempted" and any(r.exit_code == 0 and r.sigterm for r in rs):
+                # it finished as the notice came: gpuhop cannot tell that from a job that saved
+                # and left with 0, so the rule calls it preempted (the replacement ends at once)
+                f.finished_under_notice += 1
+                continue
             if finished or late:
                 f.relaunched_healthy += 1
                 f.details.append(f"job {j['id']} attempt {a['number']}: ended {a['end_reason']} but its "
