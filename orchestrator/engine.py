@@ -191,6 +191,7 @@ class Engine:
         eng = self.settings.engine
         snap = await self.observer.snapshot(self._prev_tick_at, min(eng.listing_wait_seconds, eng.tick_seconds))
         self._prev_tick_at = started
+        read_at = time.monotonic()  # launches that end after this are not in what we read
         jobs = await self.store.run(self.store.active_jobs)
         attempts = await self.store.run(self.store.attempts_for, [j.id for j in jobs])
         now = time.time()
@@ -206,6 +207,8 @@ class Engine:
             views = [attempt_view(r) for r in rows]
             decision = reconcile.decide(job_view(job, spec), views, observed, snap.readable, now, self.cfg,
                                         snap.asked_at)
+            if not self.workers.fresh(job.id, read_at):
+                continue  # a launch changed this job since it was read: the next tick decides it
             launch = await self._apply(job, rows, decision, observed, now)
             if launch is not None and self.observer.settled():
                 self.workers.launch_soon(job, spec, launch)
@@ -219,6 +222,7 @@ class Engine:
         active = {j.id for j in jobs}
         for job_id in [k for k in self._specs if k not in active]:
             del self._specs[job_id]
+        self.workers.forget(active)
         await self._record_bill_starts(observed, live)
         await self._reap(snap, live)
         await self._prune(now)

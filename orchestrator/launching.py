@@ -91,6 +91,9 @@ class Workers:
         self._launch_slots = asyncio.Semaphore(eng.launch_concurrency)
         self._provider_slots = {name: asyncio.Semaphore(eng.provider_concurrency) for name in adapters}
         self._launching: set[str] = set()  # job ids with a launch in flight
+        # job id -> when (monotonic) its last launch ended: a tick that read the store before
+        # that must not launch the job again (its view predates the attempt that launch wrote)
+        self._launch_ended: dict[str, float] = {}
         self._terminating: set[tuple[str, str]] = set()
         self._terminated: dict[tuple[str, str], float] = {}  # confirmed stops, and when
         self._tasks: set[asyncio.Task[None]] = set()
@@ -145,6 +148,16 @@ class Workers:
         """The job's next placement skips this offer (its launch was accepted, then failed)."""
         self._avoid.setdefault(job_id, set()).add(offer_key)
 
+    def fresh(self, job_id: str, read_at: float) -> bool:
+        """No launch of this job is in flight or ended after `read_at` (time.monotonic()): a
+        view of the job read at `read_at` is still the whole truth about its attempts."""
+        return job_id not in self._launching and self._launch_ended.get(job_id, float("-inf")) < read_at
+
+    def forget(self, active: set[str]) -> None:
+        """Drop what is kept about jobs that are no longer active."""
+        for job_id in [k for k in self._launch_ended if k not in active]:
+            del self._launch_ended[job_id]
+
     def launch_soon(self, job: JobRow, spec: JobSpec, early: bool) -> None:
         if job.id in self._launching:
             return
@@ -164,6 +177,7 @@ class Workers:
             async with self._launch_slots:
                 await coro
         finally:
+            self._launch_ended[job_id] = time.monotonic()
             self._launching.discard(job_id)
             self.on_change()
 
