@@ -286,8 +286,10 @@ class Workers:
                     await self._drop_volume(volume, job.id, describe(exc))
                 self.observer.invalidate_offers(offer.provider)
                 continue
-            except Conflict:  # this number was recorded meanwhile (never by this daemon's workers)
-                log.warning("attempt %s of job %s already recorded; placing again on the next tick", number, job.id)
+            except Conflict as exc:  # the store refused a second live attempt (or this number): never launch
+                log.warning("job %s: attempt %s not launched: %s", job.id, number, exc)
+                if volume is not None and new_volume:
+                    await self._drop_volume(volume, job.id, str(exc))
                 return
             except (RetryLater, AdapterError, OSError, TimeoutError) as exc:
                 # the launch may or may not have happened: keep the attempt pending (with its

@@ -55,18 +55,19 @@ def test_job_lifecycle_and_attempts(store: Store) -> None:
 
 def test_pending_attempt_can_be_dropped_but_not_a_launched_one(store: Store) -> None:
     store.create_job("j1", spec())
+    store.create_job("j2", spec())
     pending = store.add_attempt(AttemptRow(job_id="j1", number=1, name="p-j1-1", provider="local",
                                            status="pending", created_at=time.time()))
-    launched = store.add_attempt(AttemptRow(job_id="j1", number=2, name="p-j1-2", provider="local",
+    launched = store.add_attempt(AttemptRow(job_id="j2", number=1, name="p-j2-1", provider="local",
                                             status="launching", created_at=time.time()))
     store.delete_attempt(pending.id)
     store.delete_attempt(launched.id)
-    assert [a.number for a in store.attempts("j1")] == [2]
+    assert store.attempts("j1") == [] and [a.number for a in store.attempts("j2")] == [1]
 
 
 def test_attempt_names_are_unique(store: Store) -> None:
     store.create_job("j1", spec())
-    store.add_attempt(AttemptRow(job_id="j1", number=1, name="n-1", provider="local", status="pending",
+    store.add_attempt(AttemptRow(job_id="j1", number=1, name="n-1", provider="local", status="ended",
                                  created_at=time.time()))
     with pytest.raises(Conflict, match="attempt 'n-1' already exists"):
         store.add_attempt(AttemptRow(job_id="j1", number=1, name="n-1", provider="local", status="pending",

@@ -192,3 +192,34 @@ async def test_store_calls_do_not_wait_behind_the_default_executor(tmp_path: Pat
         release.set()
         await blocker
         store.close()
+
+
+def _attempt(job_id: str, number: int, **kw: Any) -> AttemptRow:
+    return AttemptRow(job_id=job_id, number=number, name=f"gpuhop-{job_id}-{number}", provider="fake", region="r1",
+                      offer_id="o", capacity="on-demand", gpu="RTX-4090", gpu_count=1, price_per_hour=1.0,
+                      status=AttemptStatus.PENDING.value, created_at=time.time(), **kw)
+
+
+def test_a_job_never_gets_a_second_live_attempt_even_from_racing_writers(store: Store) -> None:
+    """The engine's guard against stale ticks, kept again by the database: of many writers
+    recording a new attempt of one job at once, one wins; the rest are refused (Conflict)."""
+    store.create_job("j1", spec("v1"))
+    results = at_once(THREADS, lambda i: store.add_attempt(_attempt("j1", i + 1)))
+    won = [r for r in results if isinstance(r, AttemptRow)]
+    assert len(won) == 1, results
+    assert all(isinstance(r, Conflict) for r in results if not isinstance(r, AttemptRow)), results
+    assert [a.number for a in store.attempts("j1")] == [won[0].number]
+
+
+def test_an_early_replacement_may_start_beside_a_warned_attempt_only(store: Store) -> None:
+    store.create_job("j1", spec("v1"))
+    first = store.add_attempt(_attempt("j1", 1))
+    with pytest.raises(Conflict):
+        store.add_attempt(_attempt("j1", 2))
+    store.update_attempt(first.id or 0, interruption_at=time.time())  # a reclaim notice
+    store.add_attempt(_attempt("j1", 2))
+    with pytest.raises(Conflict):  # but not a third
+        store.add_attempt(_attempt("j1", 3))
+    store.update_attempt(first.id or 0, status=AttemptStatus.ENDED.value, end_reason=EndReason.PREEMPTED.value,
+                         ended_at=time.time())
+    assert [a.number for a in store.attempts("j1")] == [1, 2]

@@ -120,20 +120,20 @@ def assert_same_history(store: Store) -> None:
 
 def test_the_preemption_aggregate_equals_a_scan_of_every_attempt(store: Store) -> None:
     now = time.time()
-    store.create_job("j1", spec())
     made: list[AttemptRow] = []
     shapes = [("runpod", "spot", 5.0, 4.0), ("runpod", "spot", 3.0, None), ("aws", "spot", 2.0, 1.5),
               ("aws", "on-demand", 1.0, 0.5), ("local", "on-demand", None, None)]
-    for n, (provider, capacity, launched_h, running_h) in enumerate(shapes, 1):
+    for n, (provider, capacity, launched_h, running_h) in enumerate(shapes, 1):  # a job each: one live attempt per job
+        store.create_job(f"j{n}", spec())
         made.append(store.add_attempt(AttemptRow(
-            job_id="j1", number=n, name=f"g-j1-{n}", provider=provider, capacity=capacity, status="running",
+            job_id=f"j{n}", number=1, name=f"g-j{n}-1", provider=provider, capacity=capacity, status="running",
             created_at=now - 6 * 3600, launched_at=None if launched_h is None else now - launched_h * 3600,
             running_at=None if running_h is None else now - running_h * 3600,
         )))
     assert_same_history(store)  # all live
     a1, a2, a3, a4, a5 = made
-    store.apply("j1", {}, {a1.id: {"status": "ended", "end_reason": "preempted", "ended_at": now - 3600},
-                           a3.id: {"status": "ended", "end_reason": "lost", "ended_at": now}}, [])
+    store.apply("j1", {}, {a1.id: {"status": "ended", "end_reason": "preempted", "ended_at": now - 3600}}, [])
+    store.apply("j3", {}, {a3.id: {"status": "ended", "end_reason": "lost", "ended_at": now}}, [])
     store.update_attempt(a2.id, status="ended", end_reason="preempted", ended_at=now)
     store.update_attempt(a5.id, status="ended", end_reason="no_capacity", ended_at=now)  # never launched
     assert_same_history(store)

@@ -287,8 +287,16 @@ class Store:
 
     def add_attempt(self, row: AttemptRow) -> AttemptRow:
         """The write-ahead record of a launch, committed before the provider is called. Raises
-        Conflict when an attempt of that name exists (the name is the idempotency key)."""
+        Conflict when an attempt of that name exists (the name is the idempotency key), or when
+        the job already has a live attempt that is not under a reclaim notice (one job runs on
+        one machine at a time; only an early replacement may start beside a warned attempt)."""
         with self._write() as s:
+            s.get(JobRow, row.job_id, with_for_update=True)  # one writer of this job's attempts at a time
+            q = select(AttemptRow).where(AttemptRow.job_id == row.job_id, AttemptRow.status != ENDED,
+                                         col(AttemptRow.interruption_at).is_(None))
+            busy = s.exec(q).first()
+            if busy is not None:
+                raise Conflict(f"job {row.job_id} already runs attempt {busy.number} ({busy.status})")
             s.add(row)
             try:
                 s.commit()
