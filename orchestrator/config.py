@@ -47,6 +47,10 @@ class ServerSettings(_Section):
     max_log_followers: int = Field(
         default=32, ge=1, le=10_000, description="concurrent `logs?follow=true` streams per token (429 past it)"
     )
+    log_retention_days: float = Field(
+        default=30.0, gt=0, le=36500,
+        description="output files of attempts that are not live and unwritten this long are deleted",
+    )
 
     @field_validator("listen")
     @classmethod

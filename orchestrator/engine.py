@@ -35,6 +35,7 @@ from orchestrator.models import (
 )
 from orchestrator.observation import Observer, ProviderHealth, Snapshot, describe, pick_primary
 from orchestrator.placement import PlacementSettings, RateStats
+from orchestrator.retention import prune_logs
 from orchestrator.store import AttemptRow, JobRow, Store
 
 log = logging.getLogger("gpuhop.engine")
@@ -225,7 +226,7 @@ class Engine:
         self.workers.forget(active)
         await self._record_bill_starts(observed, live)
         await self._reap(snap, live)
-        await self._prune(now)
+        await self._prune(now, set(live))
         self.ticks += 1
         self.last_tick_at = time.time()
         metrics.TICK_SECONDS.observe(self.last_tick_at - started)
@@ -385,7 +386,7 @@ class Engine:
                 metrics.ORPHANS_REAPED.labels(inst.provider).inc()
             self.workers.terminate_soon(order)
 
-    async def _prune(self, now: float) -> None:
+    async def _prune(self, now: float, live_names: set[str]) -> None:
         if now - self._last_prune < PRUNE_EVERY_SECONDS:
             return
         self._last_prune = now
@@ -395,6 +396,15 @@ class Engine:
                 await self.store.run(prune, now)
             except Exception as exc:  # retention is housekeeping: never fail a tick for it
                 log.warning("pruning old events failed: %s", describe(exc))
+        cutoff = now - self.settings.server.log_retention_days * 86400
+        try:
+            removed = await asyncio.to_thread(prune_logs, self.settings.state_dir / "logs", live_names, cutoff)
+        except Exception as exc:
+            log.warning("pruning old output files failed: %s", describe(exc))
+            return
+        if removed:
+            log.info("deleted %d output file(s) of attempts ended over %g days ago", removed,
+                     self.settings.server.log_retention_days)
 
     # ------------------------------------------------------------------ offers
 

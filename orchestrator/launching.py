@@ -155,8 +155,9 @@ class Workers:
 
     def forget(self, active: set[str]) -> None:
         """Drop what is kept about jobs that are no longer active."""
-        for job_id in [k for k in self._launch_ended if k not in active]:
-            del self._launch_ended[job_id]
+        for table in (self._launch_ended, self._backoff, self._avoid):
+            for job_id in [k for k in table if k not in active]:
+                del table[job_id]
 
     def launch_soon(self, job: JobRow, spec: JobSpec, early: bool) -> None:
         if job.id in self._launching:
