@@ -31,12 +31,19 @@ def main(
     notice_seconds: float = 120.0,
     host: str = "127.0.0.1",
     boot_delay: float = 1.0,
+    require_imdsv2: bool = False,
+    default_vpc: bool = True,
 ) -> None:
-    """Run the simulator until SIGINT or SIGTERM, printing its endpoint URL."""
+    """Run the simulator until SIGINT or SIGTERM, printing its endpoint URL. `require_imdsv2`:
+    refuse launches that allow IMDSv1 (as an organisation's SCP does); `default_vpc=False`: an
+    account without default VPCs (both can also be set through `POST /_sim/policy`)."""
 
     async def serve() -> None:
         root = Path(state_dir) if state_dir else Path(tempfile.mkdtemp(prefix="gpuhop-sim-aws-"))
-        sim = AwsSimulator(root, catalog_path=catalog, notice_seconds=notice_seconds, boot_delay=boot_delay)
+        sim = AwsSimulator(
+            root, catalog_path=catalog, notice_seconds=notice_seconds, boot_delay=boot_delay,
+            require_imdsv2=require_imdsv2, default_vpc=default_vpc,
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -9,9 +9,15 @@ prices, fail calls) and the windows it looks through (instances, ledger, catalog
     POST   /_sim/capacity                       {"zone", "capacity", "instance_type"?, "market"?}
     POST   /_sim/prices                         {"instance_type", "zone", "spot_price"} or
                                                 {"instance_type", "region", "on_demand_price"}
-    POST   /_sim/quota                          {"region", "market", "vcpus": n | null}
+    POST   /_sim/instances/{id}/rebalance       a rebalance recommendation (EventBridge + IMDS)
+    POST   /_sim/quota                          {"region", "market", "family"?: "G"|"P", "vcpus": n | null}
+                                                (Service Quotas reports it; no family = both)
+    POST   /_sim/launch_failures                {"code": "Server.InsufficientInstanceCapacity" |
+                                                 "Server.InternalError", "count"?, "instance_type"?, "zone"?}
+    POST   /_sim/policy                         {"require_imdsv2"?: bool, "default_vpc"?: false}
     GET|POST|DELETE /_sim/faults                {"code", "count"?, "rate"?, "actions"?, "delay"?,
                                                  "services"?, "message"?, "echo_credentials"?}
+    PUT    /_sim/metadata/{id}/latest/api/token the IMDSv2 session token (TTL header required)
     GET    /_sim/metadata/{id}/latest/meta-data/...   the instance metadata service (IMDS)
 """
 
@@ -23,7 +29,7 @@ from typing import Any
 from aiohttp import web
 
 from simulators.aws.ec2 import Ec2Front
-from simulators.aws.fleet import Fleet
+from simulators.aws.fleet import LAUNCH_FAILURES, Fleet
 
 
 def routes(fleet: Fleet, ec2: Ec2Front) -> list[web.RouteDef]:
@@ -105,14 +111,49 @@ def routes(fleet: Fleet, ec2: Ec2Front) -> list[web.RouteDef]:
     async def quota(request: web.Request) -> web.Response:
         data = await body_of(request)
         try:
-            key = (str(data["region"]), str(data.get("market", "on-demand")))
-            if data.get("vcpus") is None:
-                ec2.vcpu_quota.pop(key, None)
-            else:
-                ec2.vcpu_quota[key] = int(data["vcpus"])
+            market = str(data.get("market", "on-demand"))
+            family = data.get("family")
+            if market not in ("spot", "on-demand") or family not in (None, "G", "P"):
+                raise ValueError("market: spot or on-demand; family: G or P")
+            vcpus = data.get("vcpus")
+            ec2.quotas.set(str(data["region"]), market, None if family is None else str(family), None if vcpus is None else int(vcpus))
         except (KeyError, ValueError, TypeError) as exc:
             return bad(exc)
         return web.json_response({"ok": True})
+
+    async def rebalance(request: web.Request) -> web.Response:
+        instance_id = request.match_info["instance_id"]
+        if instance_id not in fleet.instances:
+            return web.json_response({"error": f"unknown instance {instance_id}"}, status=404)
+        try:
+            result = fleet.recommend_rebalance(instance_id)
+        except ValueError as exc:
+            return web.json_response({"error": str(exc)}, status=409)
+        return web.json_response({"instance_id": instance_id, "rebalance": result})
+
+    async def launch_failures(request: web.Request) -> web.Response:
+        data = await body_of(request)
+        code = str(data.get("code", ""))
+        if code not in LAUNCH_FAILURES:
+            return bad(ValueError(f"code must be one of {sorted(LAUNCH_FAILURES)}"))
+        try:
+            rule = {"code": code, "count": int(data.get("count", 1))}
+        except (ValueError, TypeError) as exc:
+            return bad(exc)
+        for key in ("instance_type", "zone"):
+            if data.get(key) is not None:
+                rule[key] = str(data[key])
+        ec2.launch_failures.append(rule)
+        return web.json_response({"launch_failures": ec2.launch_failures})
+
+    async def policy(request: web.Request) -> web.Response:
+        data = await body_of(request)
+        if "require_imdsv2" in data:
+            ec2.require_imdsv2 = bool(data["require_imdsv2"])
+        if data.get("default_vpc") is False:
+            for region in catalog.regions:
+                fleet.remove_default_vpc(region)
+        return web.json_response({"require_imdsv2": ec2.require_imdsv2})
 
     async def faults(request: web.Request) -> web.Response:
         if request.method == "POST":
@@ -126,7 +167,13 @@ def routes(fleet: Fleet, ec2: Ec2Front) -> list[web.RouteDef]:
         return web.json_response({"faults": [r.as_json() for r in ec2.faults.rules]})
 
     async def metadata(request: web.Request) -> web.Response:
-        status, text = fleet.metadata(request.match_info["instance_id"], request.match_info["path"])
+        instance_id, path = request.match_info["instance_id"], request.match_info["path"]
+        if request.method == "PUT":
+            if path.strip("/") != "latest/api/token":
+                return web.Response(status=405, text="Method Not Allowed")
+            status, text = fleet.metadata_token(instance_id, request.headers.get("X-aws-ec2-metadata-token-ttl-seconds"))
+        else:
+            status, text = fleet.metadata(instance_id, path, request.headers.get("X-aws-ec2-metadata-token"))
         return web.Response(status=status, text=text)
 
     return [
@@ -136,7 +183,11 @@ def routes(fleet: Fleet, ec2: Ec2Front) -> list[web.RouteDef]:
         web.get("/_sim/catalog", get_catalog),
         web.post("/_sim/capacity", capacity),
         web.post("/_sim/prices", prices),
+        web.post("/_sim/instances/{instance_id}/rebalance", rebalance),
         web.post("/_sim/quota", quota),
+        web.post("/_sim/launch_failures", launch_failures),
+        web.post("/_sim/policy", policy),
         web.route("*", "/_sim/faults", faults),
         web.get("/_sim/metadata/{instance_id}/{path:.*}", metadata),
+        web.put("/_sim/metadata/{instance_id}/{path:.*}", metadata),
     ]

@@ -4,7 +4,15 @@ moto is right about records but knows nothing of markets: it never runs out of c
 ignores `MaxPrice`, returns a constant spot price, lets a volume attach across zones or twice,
 ignores `ClientToken`, and answers `GetConsoleOutput` with fixed text. Each handler here adds
 what EC2 does, with EC2's error codes, and passes everything else through to moto unchanged.
-`calls` counts the actions received, for tests that must prove a call was (not) repeated.
+`calls` counts the actions received, for tests that must prove a call was (not) repeated, and
+`run_params` keeps every RunInstances request's parameters, for tests of what was sent.
+
+What organisations add on top of EC2 is here too: `require_imdsv2` refuses a RunInstances that
+does not set `MetadataOptions.HttpTokens=required`, as a service control policy does
+(UnauthorizedOperation); a region without a default VPC refuses a launch without a subnet
+(VPCIdNotSpecified); vCPU quotas (quotas.py) refuse launches over them; and `launch_failures`
+makes the next matching launches go pending -> terminated with `Server.InsufficientInstanceCapacity`
+or `Server.InternalError`, as EC2 does when the capacity it promised is not there at boot.
 """
 
 from __future__ import annotations
@@ -22,11 +30,12 @@ from moto.ec2.exceptions import InvalidInstanceIdError
 from simulators.aws import ec2xml
 from simulators.aws.catalog import Catalog
 from simulators.aws.faults import Faults, error_message
-from simulators.aws.fleet import USER_SHUTDOWN, Fleet
+from simulators.aws.fleet import LAUNCH_FAILURES, USER_SHUTDOWN, Fleet
+from simulators.aws.quotas import Quotas
 from simulators.aws.userdata import UserDataError, decode_user_data, parse_job
 
 Reply = tuple[int, dict[str, str], bytes]
-Forward = Callable[[], Awaitable[Reply]]
+Forward = Callable[..., Awaitable[Reply]]  # forward() as received, forward(params) with others
 XML = {"Content-Type": "text/xml;charset=UTF-8"}
 
 
@@ -43,7 +52,10 @@ class Ec2Front:
         self.catalog = catalog
         self.fleet = fleet
         self.faults = faults
-        self.vcpu_quota: dict[tuple[str, str], int] = {}  # (region, market) -> vCPUs
+        self.quotas = Quotas()
+        self.require_imdsv2 = False  # an SCP denying RunInstances without HttpTokens=required
+        self.launch_failures: list[dict[str, Any]] = []  # {"code", "count", "instance_type"?, "zone"?}
+        self.run_params: list[dict[str, str]] = []
         self._tokens: dict[tuple[str, str], tuple[str, list[str]]] = {}
         self._launch_lock = asyncio.Lock()
         self.calls: Counter[str] = Counter()
@@ -67,12 +79,22 @@ class Ec2Front:
                 return answer
         if action == "RunInstances":
             return await self.run_instances(region, params, forward, describe)
+        if action == "DescribeInstances" and "client-token" in filters(params):
+            # moto lacks this filter: the instances a ClientToken made, in any state
+            ids = [i for t in filters(params)["client-token"] for i in self._tokens.get((region, t), ("", []))[1]]
+            return await describe(region, ids) if ids else reply(200, ec2xml.empty_describe_xml())
         if action == "DescribeSpotPriceHistory":
             return self.spot_price_history(region, params)
         if action == "AttachVolume":
             return await self.attach_volume(region, params, forward)
         if action == "TerminateInstances":
             return await self.terminate_instances(params, forward)
+        if action == "DetachVolume" and not params.get("InstanceId"):
+            # EC2 takes the volume alone (moto fails without the instance): name its attachment
+            volume = self.fleet.backend(region).volumes.get(params.get("VolumeId", ""))
+            attachment = getattr(volume, "attachment", None)
+            if attachment is not None:
+                return await forward({**params, "InstanceId": attachment.instance.id})
         result = await forward()
         if result[0] == 200 and action == "CreateVolume":
             volume_id = ec2xml.xml_values(result[2], "volumeId")[0]
@@ -89,6 +111,8 @@ class Ec2Front:
         self, region: str, params: dict[str, str], forward: Forward,
         describe: Callable[[str, list[str]], Awaitable[Reply]],
     ) -> Reply:
+        self.run_params.append(dict(params))
+        del self.run_params[:-200]  # the latest requests, for tests
         token = params.get("ClientToken", "")
         fingerprint = hashlib.sha256(repr(sorted(params.items())).encode()).hexdigest()
         async with self._launch_lock:
@@ -108,24 +132,52 @@ class Ec2Front:
             if status != 200:
                 return status, headers, body
             ids = ec2xml.xml_values(body, "instanceId")
+            failure = self._take_launch_failure(instance_type, zone)
             for instance_id in ids:
                 self.fleet.register(
                     instance_id, region, zone, instance_type, market, price, job,
                     name=tag(params, "Name", "instance"),
+                    http_tokens=params.get("MetadataOptions.HttpTokens") or "optional",
+                    hop_limit=int(params.get("MetadataOptions.HttpPutResponseHopLimit") or 1),
+                    launch_failure=failure,
                 )
             if token:
                 self._tokens[(region, token)] = (fingerprint, ids)
             return status, headers, ec2xml.pending_run_response(body)
 
+    def _take_launch_failure(self, instance_type: str, zone: str) -> tuple[str, str] | None:
+        for rule in list(self.launch_failures):
+            if rule.get("instance_type") not in (None, instance_type) or rule.get("zone") not in (None, zone):
+                continue
+            rule["count"] = int(rule.get("count", 1)) - 1
+            if rule["count"] <= 0:
+                self.launch_failures.remove(rule)
+            return LAUNCH_FAILURES[str(rule["code"])]
+        return None
+
     def _check_launch(self, region: str, params: dict[str, str]) -> tuple[Reply | None, Any, tuple[str, str, str, float]]:
         instance_type = params.get("InstanceType", "m1.small")
         zone = params.get("Placement.AvailabilityZone") or ""
-        if not zone and params.get("SubnetId"):
-            zone = self.fleet.backend(region).get_subnet(params["SubnetId"]).availability_zone
+        nothing = ("", "", "", 0.0)
+        if self.require_imdsv2 and params.get("MetadataOptions.HttpTokens") != "required":
+            return error("UnauthorizedOperation", (
+                "You are not authorized to perform this operation. User: arn:aws:iam::"
+                f"{self.fleet.account}:user/gpuhop is not authorized to perform: ec2:RunInstances on resource: "
+                f"arn:aws:ec2:{region}:{self.fleet.account}:instance/* with an explicit deny in a service control policy. "
+                "Encoded authorization failure message: c2ltdWxhdGVkIFNDUCBkZW5pYWw6IE1ldGFkYXRhSHR0cFRva2VucyE9cmVxdWlyZWQ"
+            )), None, nothing
+        if not params.get("SubnetId") and not self._default_vpc(region):
+            return error("VPCIdNotSpecified", "No default VPC for this user. GroupName is only supported for EC2-Classic and default VPC."), None, nothing
+        if params.get("SubnetId"):
+            subnet = _subnet(self.fleet.backend(region), params["SubnetId"])
+            if subnet is None:
+                return error("InvalidSubnetID.NotFound", f"The subnet ID '{params['SubnetId']}' does not exist"), None, nothing
+            if zone and zone != subnet.availability_zone:
+                return error("InvalidParameterValue", f"Value ({zone}) for parameter availabilityZone is invalid. Subnet '{params['SubnetId']}' is in the availability zone {subnet.availability_zone}"), None, nothing
+            zone = subnet.availability_zone
         zone = zone or f"{region}a"
         market = "spot" if params.get("InstanceMarketOptions.MarketType") == "spot" else "on-demand"
         count = max(1, int(params.get("MinCount") or 1))
-        nothing = ("", "", "", 0.0)
         try:
             job = parse_job(decode_user_data(params["UserData"])) if params.get("UserData") else None
         except UserDataError as exc:
@@ -135,9 +187,9 @@ class Ec2Front:
         offer = self.catalog.offer(instance_type, zone)
         if offer is None:
             return error("Unsupported", f"Your requested instance type ({instance_type}) is not supported in your requested Availability Zone ({zone})."), None, nothing
-        quota = self.vcpu_quota.get((region, market))
+        quota = self.quotas.limit(region, market, instance_type)
         vcpus = self.catalog.types[instance_type].vcpu * count
-        if quota is not None and self.fleet.vcpus_in_use(region, market) + vcpus > quota:
+        if quota is not None and self.fleet.vcpus_in_use(region, market, instance_type) + vcpus > quota:
             if market == "spot":
                 return error("MaxSpotInstanceCountExceeded", "Max spot instance count exceeded"), None, nothing
             return error("VcpuLimitExceeded", f"You have requested more vCPU capacity than your current vCPU limit of {quota} allows for the instance bucket that the specified instance type belongs to. Please visit http://aws.amazon.com/contact-us/ec2-request to request an adjustment to this limit."), None, nothing
@@ -156,6 +208,9 @@ class Ec2Front:
             if max_price < price:
                 return error("SpotMaxPriceTooLow", f"Your Spot request price of {max_price} is lower than the minimum required Spot request fulfillment price of {price}."), None, nothing
         return None, job, (instance_type, zone, market, price)
+
+    def _default_vpc(self, region: str) -> bool:
+        return any(getattr(vpc, "is_default", False) for vpc in self.fleet.backend(region).vpcs.values())
 
     # ------------------------------------------------------------------ prices
 
@@ -236,6 +291,23 @@ class Ec2Front:
             current = (rec.moto._state.code, rec.moto._state.name)
             changes.append((rec.instance_id, previous, current))
         return reply(200, ec2xml.terminate_xml(changes))
+
+
+def filters(params: dict[str, str]) -> dict[str, list[str]]:
+    """A request's `Filter.N.Name` / `Filter.N.Value.M` as name -> values."""
+    out: dict[str, list[str]] = {}
+    i = 1
+    while f"Filter.{i}.Name" in params:
+        out.setdefault(params[f"Filter.{i}.Name"], []).extend(ec2xml.indexed(params, f"Filter.{i}.Value"))
+        i += 1
+    return out
+
+
+def _subnet(backend: Any, subnet_id: str) -> Any:
+    try:
+        return backend.get_subnet(subnet_id)
+    except Exception:  # moto's InvalidSubnetIdError
+        return None
 
 
 def tag(params: dict[str, str], key: str, resource_type: str | None = None) -> str:

@@ -105,6 +105,13 @@ def console_output_xml(instance_id: str, output_b64: str) -> str:
     )
 
 
+def empty_describe_xml() -> str:
+    return (
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<DescribeInstancesResponse xmlns="{EC2_NS}">'
+        f"<requestId>{request_id()}</requestId><reservationSet/></DescribeInstancesResponse>"
+    )
+
+
 def run_instances_from_describe(describe_body: bytes) -> str | None:
     """Turn moto's DescribeInstances answer for one reservation into the RunInstances answer EC2
     repeats for a ClientToken it has seen before."""

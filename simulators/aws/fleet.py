@@ -11,6 +11,17 @@ pending; after an interruption notice the instance is reclaimed with
 `Server.SpotInstanceTermination` (the job got no signal from it: the agent reads the notice from
 the metadata URL; the reclaim itself is an OS shutdown, SIGTERM then SIGKILL).
 
+The instance metadata service (IMDS) is served per instance under the simulator's admin API,
+as EC2 serves it at 169.254.169.254: IMDSv2 session tokens (`PUT latest/api/token` with
+`X-aws-ec2-metadata-token-ttl-seconds`, 1-21600), and when the instance was launched with
+`HttpTokens=required` a read without a valid token is refused with 401, as EC2 does. It answers
+the spot notice (`spot/instance-action`) and the rebalance recommendation
+(`events/recommendations/rebalance`, `{"noticeTime": ...}`); both 404 until there is one.
+
+A launch can be told to fail after EC2 accepted it (`launch_failure`): the instance goes
+pending -> terminated at boot with `Server.InsufficientInstanceCapacity` or
+`Server.InternalError`, never runs and is never billed.
+
 What the instance prints is its serial console (boot lines, then the bootstrap's and the agent's
 output, as cloud-init passes user-data output to the console), served by GetConsoleOutput as EC2
 posts it: at boot and once the instance has ended, not while it shuts down. Billing follows
@@ -23,9 +34,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -37,6 +49,7 @@ from moto.events.models import events_backends
 from simulators.aws import billing
 from simulators.aws.catalog import Catalog
 from simulators.aws.ec2xml import iso
+from simulators.aws.quotas import family_of
 from simulators.aws.userdata import JobSpec
 from simulators.runtime import Runtime
 
@@ -48,6 +61,15 @@ USER_SHUTDOWN = ("Client.UserInitiatedShutdown", "Client.UserInitiatedShutdown: 
 OS_SHUTDOWN = ("Client.InstanceInitiatedShutdown", "Client.InstanceInitiatedShutdown: Instance initiated shutdown")
 STATE_CODES = {"pending": 0, "running": 16, "shutting-down": 32, "terminated": 48, "stopping": 64, "stopped": 80}
 INTERRUPTION_DETAIL_TYPE = "EC2 Spot Instance Interruption Warning"
+REBALANCE_DETAIL_TYPE = "EC2 Instance Rebalance Recommendation"
+LAUNCH_FAILURES = {  # what EC2 puts in StateReason when a launch fails after it was accepted
+    "Server.InsufficientInstanceCapacity": (
+        "Server.InsufficientInstanceCapacity",
+        "Server.InsufficientInstanceCapacity: Insufficient capacity to satisfy instance request",
+    ),
+    "Server.InternalError": ("Server.InternalError", "Server.InternalError: Internal error on launch"),
+}
+IMDS_TTL_MAX = 21600
 CONSOLE_LIMIT = 64 * 1024  # EC2 keeps the last 64 KB of console output
 BOOT_LINES = (
     "[    0.000000] Linux version 6.8.0-1021-aws (gpuhop simulated EC2) #23-Ubuntu SMP\n"
@@ -77,6 +99,12 @@ class SimInstance:
     billing_stopped: float | None = None  # whole seconds: left running (its StateTransitionReason)
     transition_reason: str = ""
     console: bytes = b""  # the console output as last posted (at boot, at the end)
+    http_tokens: str = "optional"  # MetadataOptions.HttpTokens: "required" = IMDSv2 only
+    hop_limit: int = 1
+    launch_failure: tuple[str, str] | None = None  # ends at boot with this StateReason
+    rebalance: dict[str, str] | None = None  # a rebalance recommendation, once made
+    imds_tokens: dict[str, float] = field(default_factory=dict)  # token -> expiry (unix)
+    imds_log: list[tuple[str, int]] = field(default_factory=list)  # (path, status) served
 
     def bill(self, catalog: Catalog, now: float) -> tuple[int, float]:
         """(billed seconds, USD) so far, by billing.py's rule."""
@@ -96,6 +124,7 @@ class SimInstance:
             "process_running": runtime.running(self.instance_id),
             "exit_code": runtime.exit_code(self.instance_id), "notice": self.notice,
             "volume_id": self.job.volume_id if self.job else None,
+            "http_tokens": self.http_tokens, "rebalance": self.rebalance,
         }
 
 
@@ -120,26 +149,42 @@ class Fleet:
     def backend(self, region: str) -> Any:
         return ec2_backends[self.account][region]
 
+    def remove_default_vpc(self, region: str) -> None:
+        """An account without a default VPC (deleted, or never made, as in many organisations):
+        the default VPC and its subnets stay, as an ordinary VPC with ordinary subnets."""
+        backend = self.backend(region)
+        for vpc in list(backend.vpcs.values()):
+            if getattr(vpc, "is_default", False):
+                vpc.is_default = False
+                for zone_subnets in backend.subnets.values():
+                    for subnet in zone_subnets.values():
+                        if subnet.vpc_id == vpc.id:
+                            subnet.default_for_az = False
+
     def in_use(self, instance_type: str, zone: str, market: str) -> int:
         return sum(
             1 for r in self.instances.values()
             if r.holds_capacity and (r.instance_type, r.zone, r.market) == (instance_type, zone, market)
         )
 
-    def vcpus_in_use(self, region: str, market: str) -> int:
+    def vcpus_in_use(self, region: str, market: str, instance_type: str) -> int:
+        """vCPUs counted against the quota `instance_type` draws from (its family's, per market)."""
+        family = family_of(instance_type)
         return sum(
             self.catalog.types[r.instance_type].vcpu for r in self.instances.values()
-            if r.holds_capacity and r.region == region and r.market == market
+            if r.holds_capacity and r.region == region and r.market == market and family_of(r.instance_type) == family
         )
 
     def register(
         self, instance_id: str, region: str, zone: str, instance_type: str, market: str,
-        price: float, job: JobSpec | None, name: str = "",
+        price: float, job: JobSpec | None, name: str = "", http_tokens: str = "optional", hop_limit: int = 1,
+        launch_failure: tuple[str, str] | None = None,
     ) -> SimInstance:
         moto = self.backend(region).get_instance(instance_id)
         moto._state = InstanceState("pending", 0)
         rec = SimInstance(
             instance_id, region, zone, instance_type, market, price, name=name, job=job, boot_at=time.time() + self.boot_delay, moto=moto,
+            http_tokens=http_tokens, hop_limit=hop_limit, launch_failure=launch_failure,
         )
         self.instances[instance_id] = rec
         return rec
@@ -167,6 +212,8 @@ class Fleet:
             elif rec.notice_deadline is not None and now >= rec.notice_deadline:
                 stop = bool(rec.notice and rec.notice.get("action") in ("stop", "hibernate"))
                 self.end(rec, SPOT_SHUTDOWN if stop else SPOT_TERMINATION, stop=stop)
+            elif state == "pending" and now >= rec.boot_at and rec.launch_failure is not None:
+                self.end(rec, rec.launch_failure, stop=False)  # never ran: never billed
             elif state == "pending" and now >= rec.boot_at:
                 rec.moto._state = InstanceState("running", 16)
                 self._start_billing(rec, now)
@@ -279,17 +326,63 @@ class Fleet:
         }])
         return rec.notice
 
-    def metadata(self, instance_id: str, path: str) -> tuple[int, str]:
+    def recommend_rebalance(self, instance_id: str) -> dict[str, str]:
+        """EC2's signal that a spot instance is at elevated risk of interruption: an EventBridge
+        event and the IMDS item; it may or may not be followed by an interruption."""
+        rec = self.instances[instance_id]
+        if rec.ending or rec.moto._state.name not in ("pending", "running"):
+            raise ValueError(f"{instance_id} is {rec.moto._state.name}")
+        if rec.market != "spot":
+            raise ValueError(f"{instance_id} is an on-demand instance; only spot gets rebalance recommendations")
+        if rec.rebalance is None:
+            rec.rebalance = {"noticeTime": iso(time.time()).replace(".000Z", "Z")}
+            events_backends[self.account][rec.region].put_events([{
+                "Source": "aws.ec2", "DetailType": REBALANCE_DETAIL_TYPE,
+                "Detail": json.dumps({"instance-id": instance_id}),
+                "Resources": [f"arn:aws:ec2:{rec.zone}:instance/{instance_id}"],
+            }])
+        return rec.rebalance
+
+    def metadata_token(self, instance_id: str, ttl_header: str | None) -> tuple[int, str]:
+        """PUT latest/api/token: a session token valid for the asked seconds (1-21600)."""
+        rec = self.instances.get(instance_id)
+        if rec is None:
+            return 404, "Not Found"
+        try:
+            ttl = int(ttl_header or "")
+        except ValueError:
+            return 400, "Bad Request"  # EC2: the TTL header is required and must be an integer
+        if not 1 <= ttl <= IMDS_TTL_MAX:
+            return 400, "Bad Request"
+        token = secrets.token_urlsafe(40)
+        now = time.time()
+        rec.imds_tokens = {t: exp for t, exp in rec.imds_tokens.items() if exp > now}
+        rec.imds_tokens[token] = now + ttl
+        return 200, token
+
+    def metadata(self, instance_id: str, path: str, token: str | None = None) -> tuple[int, str]:
         rec = self.instances.get(instance_id)
         if rec is None:
             return 404, "Not Found"
         path = path.strip("/")
+        status, text = self._metadata(rec, path, token)
+        rec.imds_log.append((path, status))
+        del rec.imds_log[:-200]
+        return status, text
+
+    def _metadata(self, rec: SimInstance, path: str, token: str | None) -> tuple[int, str]:
+        if token is not None:
+            if rec.imds_tokens.get(token, 0.0) <= time.time():
+                return 401, "Unauthorized"  # an expired or unknown token is refused, v1 or not
+        elif rec.http_tokens == "required":
+            return 401, "Unauthorized"
         answers: dict[str, str | None] = {
             "latest/meta-data/instance-id": rec.instance_id,
             "latest/meta-data/instance-type": rec.instance_type,
             "latest/meta-data/placement/availability-zone": rec.zone,
             "latest/meta-data/instance-life-cycle": "spot" if rec.market == "spot" else "on-demand",
             "latest/meta-data/spot/instance-action": json.dumps(rec.notice) if rec.notice else None,
+            "latest/meta-data/events/recommendations/rebalance": json.dumps(rec.rebalance) if rec.rebalance else None,
         }
         value = answers.get(path)
         return (200, value) if value is not None else (404, "Not Found")

@@ -1,6 +1,7 @@
-"""The AWS simulator: moto's server for the EC2, SQS and EventBridge wire protocols, behind a
-front server that adds what moto lacks (prices, capacity, zone checks, idempotency, spot
-interruptions, instances that run their job) and the `/_sim/` admin API.
+"""The AWS simulator: moto's server for the EC2, SQS, EventBridge and STS wire protocols, behind
+a front server that adds what moto lacks (prices, capacity, zone checks, idempotency, spot
+interruptions and rebalance recommendations, instances that run their job, IMDSv2, GPU vCPU
+quotas and the Service Quotas API that reports them) and the `/_sim/` admin API.
 
 boto3 talks to the front server's URL as its `endpoint_url`. The front server reads each
 request's SigV4 credential scope to learn the service and region; EC2 Query-API calls go
@@ -26,6 +27,7 @@ import random
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import urlencode
 
 import aiohttp
 from aiohttp import web
@@ -61,7 +63,11 @@ class AwsSimulator:
         boot_delay: float = 1.0,
         shutdown_grace: float = 5.0,
         account_id: str | None = None,
+        require_imdsv2: bool = False,
+        default_vpc: bool = True,
     ) -> None:
+        """`require_imdsv2`: refuse RunInstances without MetadataOptions.HttpTokens=required, as
+        an organisation's SCP does. `default_vpc=False`: an account without default VPCs."""
         self.account_id = account_id or "".join(random.choice("0123456789") for _ in range(12))
         self.catalog = Catalog.load(catalog_path)
         self.runtime = Runtime(Path(state_dir))
@@ -71,6 +77,8 @@ class AwsSimulator:
         )
         self.faults = Faults()
         self.ec2 = Ec2Front(self.catalog, self.fleet, self.faults)
+        self.ec2.require_imdsv2 = require_imdsv2
+        self._default_vpc = default_vpc
         self.url = ""
         self._moto: ThreadedMotoServer | None = None
         self._moto_url = ""
@@ -98,6 +106,9 @@ class AwsSimulator:
         bound = site._server.sockets[0].getsockname()  # type: ignore[union-attr]
         self.url = f"http://{host}:{bound[1]}"
         self.fleet.metadata_base = f"{self.url}/_sim/metadata"
+        if not self._default_vpc:
+            for region in self.catalog.regions:
+                self.fleet.remove_default_vpc(region)
         self._loop_task = asyncio.get_running_loop().create_task(self.fleet.run())
         return self.url
 
@@ -145,8 +156,10 @@ class AwsSimulator:
         service, region = _scope(headers.get("Authorization", ""))
         caller = _caller(headers)
 
-        async def forward() -> Reply:
-            return await self._forward(method, path_qs, headers, body)
+        async def forward(params: dict[str, str] | None = None) -> Reply:
+            """To moto, as received or (EC2) with `params` instead of the request's."""
+            data = urlencode(params).encode() if params is not None else body
+            return await self._forward(method, path_qs, headers, data)
 
         if service == "ec2":
             try:
@@ -164,6 +177,8 @@ class AwsSimulator:
                 if fault.code == "timeout":
                     return _json_error("InternalError", "An internal error has occurred")
                 return _json_error(fault.code, error_message(fault, caller))
+        if service == "servicequotas":  # moto serves it for VPC only
+            return self.ec2.quotas.handle(region, self.account_id, target, body)
         return await forward()
 
     async def _forward(self, method: str, path_qs: str, headers: Mapping[str, str], body: bytes) -> Reply:
