@@ -52,6 +52,7 @@ class StepClock:
 
 def run(notices: bool, args: argparse.Namespace, root: Path) -> tuple[list[float], list[float]]:
     sim = SimProcess("aws", root / "sim", "--notice-seconds", str(args.notice), "--boot-delay", str(args.boot))
+    sim.admin("POST", "/_sim/policy", {"require_imdsv2": True})  # IMDSv2 only, as organisations require
     daemon = Daemon(root / "state", f"""
 [engine]
 tick_seconds = {args.tick}

@@ -222,6 +222,51 @@ def _seconds_left(notice: dict[str, object]) -> float | None:
     return deadline.timestamp() - time.time()
 
 
+class MetadataReader:
+    """Reads one instance-metadata URL the IMDSv2 way, as instances launched with
+    HttpTokens=required demand (a tokenless read gets 401): a session token from
+    PUT <base>/latest/api/token (header X-aws-ec2-metadata-token-ttl-seconds), sent as
+    X-aws-ec2-metadata-token with every read and renewed before it expires; a 401 drops it.
+    Where no token can be had (a metadata service without IMDSv2) reads go without one."""
+
+    def __init__(self, url: str, ttl: int = 21600) -> None:
+        self.url = url
+        base, sep, _ = url.partition("/latest/")
+        self.token_url = f"{base}/latest/api/token" if sep else ""
+        self.ttl = max(1, min(21600, ttl))
+        self.token = ""
+        self.renew_at = 0.0
+
+    def _token(self) -> str:
+        if (self.token and time.monotonic() < self.renew_at) or not self.token_url:
+            return self.token
+        request = urllib.request.Request(
+            self.token_url, method="PUT", headers={"X-aws-ec2-metadata-token-ttl-seconds": str(self.ttl)}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=2) as resp:
+                self.token = resp.read().decode("ascii", "replace").strip()
+            self.renew_at = time.monotonic() + self.ttl - min(60.0, self.ttl / 2)
+        except (urllib.error.URLError, OSError, ValueError):
+            self.token = ""
+        return self.token
+
+    def read(self) -> bytes | None:
+        """The item's body, or None (none yet: 404; refused, unreachable)."""
+        token = self._token()
+        request = urllib.request.Request(self.url, headers={"X-aws-ec2-metadata-token": token} if token else {})
+        try:
+            with urllib.request.urlopen(request, timeout=2) as resp:
+                body: bytes = resp.read()
+                return body
+        except urllib.error.HTTPError as exc:
+            if exc.code == 401:
+                self.token = ""  # expired or unknown: a new one next time
+            return None
+        except (urllib.error.URLError, OSError, ValueError):
+            return None
+
+
 def _watch_metadata(url: str, reporter: Reporter, stop: threading.Event, on_notice: Callable[[], None]) -> None:
     """Poll the cloud's instance metadata for a spot interruption notice. Report it at once (the
     daemon starts the replacement), but let the job keep working: the daemon stops this machine
@@ -229,11 +274,12 @@ def _watch_metadata(url: str, reporter: Reporter, stop: threading.Event, on_noti
     is left does the agent tell the job to checkpoint (SIGTERM) itself."""
     poll = float(os.environ.get("GPUHOP_METADATA_POLL", "2"))
     margin = float(os.environ.get("GPUHOP_CHECKPOINT_MARGIN", "30"))
+    reader = MetadataReader(url, int(os.environ.get("GPUHOP_METADATA_TOKEN_TTL", "21600")))
     while not stop.wait(poll):
+        body = reader.read()
         try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                notice = json.loads(resp.read() or b"{}")
-        except (urllib.error.URLError, OSError, ValueError):
+            notice = json.loads(body or b"{}")
+        except ValueError:
             continue
         if isinstance(notice, dict) and notice.get("action"):
             reporter.post("interruption", notice=notice)

@@ -4,6 +4,7 @@ Each test must leave no instance, volume or process behind that it did not creat
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import traceback
@@ -15,6 +16,7 @@ import pytest
 
 from adapters.aws import AwsAdapter
 from adapters.base import AuthError, NoCapacity, PermanentError, RetryLater
+from orchestrator.agent import MetadataReader
 from orchestrator.models import (
     CapacityType,
     Instance,
@@ -128,8 +130,9 @@ async def test_preemption_notice_is_polled_once_and_instance_ends_preempted(aws:
     notices = await aws.poll_interruptions(3)
     assert [(n.instance_id, n.action) for n in notices] == [(launched.instance_id, "terminate")]
     assert await aws.poll_interruptions(0) == []
-    status, text = await http_get(metadata_url)
-    assert status == 200 and json.loads(text)["action"] == "terminate"
+    assert (await http_get(metadata_url))[0] == 401  # launched IMDSv2-only: no token, no answer
+    text = await asyncio.to_thread(MetadataReader(metadata_url).read)
+    assert text is not None and json.loads(text)["action"] == "terminate"
 
     seen = await observed(aws, launched.instance_id)
     assert seen is not None and seen.state is InstanceState.RUNNING and seen.interruption_at == notices[0].deadline
@@ -164,9 +167,11 @@ async def test_error_mapping(aws: AwsAdapter, sim: AwsSimulator) -> None:
     with pytest.raises(NoCapacity, match="InsufficientInstanceCapacity"):
         await aws.launch(request(spot, "job5", 1, SLEEPER))
     assert sim.ec2.calls["RunInstances"] == runs + 1  # an answer (EC2 sends it as a 500), not retried
-    cheap = offer_for(offers, "g5.xlarge", "us-east-1a", CapacityType.SPOT)
+    # no MaxPrice is sent (a bid is ignored): spot is capped at the on-demand price, EC2's default
+    await admin(sim, "POST", "/_sim/prices", {"instance_type": "g5.xlarge", "zone": "us-east-1a", "spot_price": 1.5})
+    dear = offer_for(offers, "g5.xlarge", "us-east-1a", CapacityType.SPOT)
     with pytest.raises(NoCapacity, match="SpotMaxPriceTooLow"):
-        await aws.launch(request(cheap, "job5", 2, SLEEPER, bid=0.01))
+        await aws.launch(request(dear, "job5", 2, SLEEPER, bid=0.01))
 
     await admin(sim, "POST", "/_sim/faults", {"code": "RequestLimitExceeded", "count": 2, "actions": ["DescribeInstances"]})
     assert await aws.list_instances() == []  # two throttled calls, retried with backoff

@@ -49,6 +49,9 @@ secret_access_key = "testing"
 
 def _env(tmp_path: Path, local: bool) -> Iterator[tuple[SimProcess, Daemon]]:
     sim = SimProcess("aws", tmp_path / "sim", "--notice-seconds", str(NOTICE))
+    # as organisations run AWS: RunInstances denied unless IMDSv2 is required (the agent then
+    # reads the spot notice with a session token)
+    sim.admin("POST", "/_sim/policy", {"require_imdsv2": True})
     daemon = Daemon(tmp_path / "state", config(sim, local))
     try:
         daemon.start()

@@ -14,14 +14,23 @@ without its exit reaching the daemon carries the exit the agent printed to the s
 (exits.py; GetConsoleOutput, asked once per ended instance, a few at a time). `terminate()`
 returns the final bill once EC2 says the instance left `running`.
 
+Launches follow what organisations require and AWS advises: IMDSv2 only (`HttpTokens=required`,
+hop limit 1: the job's container uses the host's network), no spot MaxPrice (spot is capped at
+the on-demand price), a subnet per zone where the account has no default VPC (network.py), and
+offers over the account's GPU vCPU quotas listed as unavailable (quotas.py). A retry whose
+parameters differ from the first try's under one ClientToken (EC2: IdempotentParameterMismatch)
+returns the instance that token made instead of failing.
+
 Start-up never takes the daemon down: `start()` raises one-line adapter errors only and may be
-called again after a failure (the plumbing for spot warnings is created idempotently, region by
-region); until it has succeeded, `poll_interruptions()` raises RetryLater.
+called again after a failure (the network is read and the plumbing for spot warnings created
+idempotently, region by region); until it has succeeded, `poll_interruptions()` raises
+RetryLater. `verify()` makes one read-only call (DescribeRegions) for `gpuhop check-config`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import time
@@ -34,10 +43,10 @@ from typing import Any, ClassVar, TypeVar
 from botocore.exceptions import ClientError
 from pydantic import BaseModel
 
-from adapters.aws import billing, interruptions
+from adapters.aws import billing, interruptions, network, quotas
 from adapters.aws import offers as offers_mod
 from adapters.aws.catalog import SHAPES
-from adapters.aws.client import AwsApi, error_code, one_line
+from adapters.aws.client import AwsApi, QuotaExceeded, error_code, one_line
 from adapters.aws.exits import ExitLine, parse_exit
 from adapters.aws.settings import AwsSettings
 from adapters.aws.status import (
@@ -47,6 +56,7 @@ from adapters.aws.status import (
     TAG_PRICE,
     TAG_VOLUME,
     attached_volumes,
+    fault_of,
     tags_of,
     to_instance,
 )
@@ -78,6 +88,9 @@ ROOT_DEVICE = "/dev/sda1"
 ZONE_MISMATCH = "InvalidVolume.ZoneMismatch"
 ATTACH_LATER = frozenset({"VolumeInUse", "IncorrectState", ZONE_MISMATCH})
 INSTANCE_NOT_FOUND = frozenset({"InvalidInstanceID.NotFound"})
+TOKEN_MISMATCH = frozenset({"IdempotentParameterMismatch"})
+# IMDSv2 only; hop limit 1 is enough because the job's container runs with the host's network
+METADATA_OPTIONS = {"HttpTokens": "required", "HttpEndpoint": "enabled", "HttpPutResponseHopLimit": 1}
 NOT_TERMINATED = ["pending", "running", "stopping", "stopped", "shutting-down"]
 FINAL_STATES = frozenset({"stopped", "terminated"})
 T = TypeVar("T")
@@ -113,19 +126,32 @@ class AwsAdapter(Adapter, VolumeSupport, InterruptionSupport):
         self._bills: dict[str, Bill] = {}  # instance id -> final bill
         self._ended_seen: dict[str, float] = {}  # instance id -> when first seen ended without a time
         self._spot_rows: dict[str, _SpotRows] = {}  # region -> spot price history read for bills
+        self._networks: dict[str, network.RegionNetwork] = {}  # region -> subnets, default VPC
+        self._quotas: dict[quotas.Bucket, float] = {}  # GPU vCPU quotas as last read
+        self._quotas_read: float | None = None  # monotonic time of the last reading
+        self._quota_full: dict[quotas.Bucket, float] = {}  # bucket -> monotonic time it may have room
+        self._said: set[str] = set()  # offer-listing notes logged once
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Set up spot warnings (queue, rule, target) in every region that lacks them. Raises
-        AuthError, RetryLater or PermanentError with a one-line message; call it again after a
-        failure (what was made stays made, only the missing regions are tried)."""
-        if not self.settings.interruption_notices:
-            return
+        """Read each region's network (default VPC, subnets) and GPU quotas, and set up spot
+        warnings (queue, rule, target) in every region that lacks them. Raises AuthError,
+        RetryLater or PermanentError (a region without a default VPC or configured subnets) with
+        a one-line message; call it again after a failure (what was made stays made, only the
+        missing regions are tried)."""
         async with self._start_lock:
+            await self._ensure_networks()
+            if self._quotas_read is None:
+                await self._read_quotas()
+            if not self.settings.interruption_notices:
+                return
             missing = [r for r in self.settings.regions if r not in self._poller.urls]
             results = await asyncio.gather(
-                *(interruptions.ensure_plumbing(self.api, r, self.settings.interruption_queue) for r in missing),
+                *(
+                    interruptions.ensure_plumbing(self.api, r, self.settings.interruption_queue, self.settings.rebalance_notices)
+                    for r in missing
+                ),
                 return_exceptions=True,
             )
             failures: list[tuple[str, BaseException]] = []
@@ -141,8 +167,35 @@ class AwsAdapter(Adapter, VolumeSupport, InterruptionSupport):
                 region, error = failures[0]
                 raise self._start_error(region, error) from None
 
-    def _start_error(self, region: str, error: BaseException) -> AdapterError:
-        what = f"aws: cannot set up spot warnings in {region}"
+    async def _ensure_networks(self) -> None:
+        """Each configured region's subnets and default VPC, read once (network.py)."""
+        missing = [r for r in self.settings.regions if r not in self._networks]
+        if not missing:
+            return
+        results = await asyncio.gather(
+            *(network.resolve(self.api, r, self.settings.subnet_ids, self.settings.subnet_tag) for r in missing),
+            return_exceptions=True,
+        )
+        for region, result in zip(missing, results, strict=True):
+            if isinstance(result, network.RegionNetwork):
+                self._networks[region] = result
+        for region, result in zip(missing, results, strict=True):
+            if isinstance(result, BaseException):
+                if not isinstance(result, Exception):
+                    raise result  # a cancellation
+                raise self._start_error(region, result, "cannot read the network") from None
+
+    async def _read_quotas(self) -> None:
+        """The GPU vCPU quotas of every region (unreadable ones stay unknown: not enforced)."""
+        readings = await asyncio.gather(*(quotas.read_region(self.api, r) for r in self.settings.regions))
+        fresh = {bucket: value for reading in readings for bucket, value in reading.items()}
+        self._quotas = fresh
+        self._quotas_read = time.monotonic()
+
+    def _start_error(self, region: str, error: BaseException, doing: str = "cannot set up spot warnings") -> AdapterError:
+        if isinstance(error, PermanentError) and str(error).startswith("aws: "):
+            return error  # already says what to do (no default VPC)
+        what = f"aws: {doing} in {region}"
         if isinstance(error, AdapterError):
             text = one_line(self.api.redact(f"{what}: {error}"))
             kind = type(error) if isinstance(error, AuthError | RetryLater | PermanentError) else RetryLater
@@ -171,11 +224,51 @@ class AwsAdapter(Adapter, VolumeSupport, InterruptionSupport):
             )
             for region in self.settings.regions
         )
+        await self._ensure_networks()
+        if self._quotas_read is None or time.monotonic() - self._quotas_read >= self.settings.quota_ttl:
+            await self._read_quotas()
         result: list[Offer] = []
         for region, rows in zip(self.settings.regions, histories, strict=True):
-            result.extend(offers_mod.build_offers(region, offers_mod.latest_spot_prices(rows), types))
+            built = offers_mod.build_offers(region, offers_mod.latest_spot_prices(rows), types)
+            result.extend(self._within_limits(region, built))
         self._offers = (time.monotonic(), result)
         return list(result)
+
+    def _within_limits(self, region: str, offers: list[Offer]) -> list[Offer]:
+        """Offers of zones with no subnet are dropped; offers over a GPU vCPU quota are kept
+        with available=0. Each reason is logged once (the offer listing has no room for it)."""
+        net = self._networks.get(region)
+        out: list[Offer] = []
+        now = time.monotonic()
+        for offer in offers:
+            if net is not None and not net.launchable(offer.region):
+                self._say(f"aws: no offers in {offer.region}: {region} has no default VPC and no subnet for that zone (subnet_ids, subnet_tag)")
+                continue
+            bucket = self._bucket_of(offer)
+            quota = self._quotas.get(bucket) if bucket is not None else None
+            held = bucket is not None and self._quota_full.get(bucket, 0.0) > now
+            if bucket is not None and (held or quotas.over_quota(offer.vcpu, quota)):
+                why = "a launch was refused over it just now" if held else f"it is {quota:g} vCPUs"
+                self._say(f"aws: {bucket.describe()}: {why}; offers needing more are listed as unavailable (available=0)")
+                offer = dataclasses.replace(offer, available=0)
+            out.append(offer)
+        return out
+
+    def _bucket_of(self, offer: Offer) -> quotas.Bucket | None:
+        try:
+            instance_type, zone, capacity = offers_mod.parse_offer_id(offer.offer_id)
+            region = self.region_of(zone)
+        except (ValueError, PermanentError):
+            return None
+        family = quotas.family_of(instance_type)
+        if not family:
+            return None
+        return quotas.Bucket(region, family, "spot" if capacity is CapacityType.SPOT else "on-demand")
+
+    def _say(self, text: str) -> None:
+        if text not in self._said:
+            self._said.add(text)
+            log.warning("%s", text)
 
     # ------------------------------------------------------------------ launch
 
@@ -191,6 +284,9 @@ class AwsAdapter(Adapter, VolumeSupport, InterruptionSupport):
             raise PermanentError(
                 f"volume {req.volume.volume_id} is in {req.volume.region}, the offer in {zone}", provider="aws"
             )
+        await self._ensure_networks()
+        if not self._networks[region].launchable(zone):
+            raise PermanentError(f"no subnet for {zone} and {region} has no default VPC (set subnet_ids or subnet_tag)", provider="aws")
         # a retried launch finds what an earlier try made (its answer lost or timed out)
         existing = await self._find_by_name(region, req.name)
         if existing is not None:
@@ -199,9 +295,30 @@ class AwsAdapter(Adapter, VolumeSupport, InterruptionSupport):
             user_data = build_user_data(req, self.settings.volume_device, self.settings.interruption_notices)
         except ValueError as exc:
             raise PermanentError(str(exc), provider="aws") from None
+        params = self._run_params(req, instance_type, zone, capacity, user_data)
         # botocore retries a timed-out RunInstances with the same ClientToken: EC2 makes one
-        answer = await self.api.call("ec2", region, "run_instances", **self._run_params(req, instance_type, zone, capacity, user_data))
+        try:
+            answer = await self.api.call("ec2", region, "run_instances", expect=TOKEN_MISMATCH, **params)
+        except ClientError:
+            # this token already made an instance, from other parameters (an earlier try of this
+            # attempt, e.g. before a price or tag changed): that instance is this launch's
+            return await self._launched_by_token(region, str(params["ClientToken"]))
+        except QuotaExceeded:
+            bucket = self._bucket_of(req.offer)
+            if bucket is not None:
+                self._quota_full[bucket] = time.monotonic() + self.settings.quota_hold_seconds
+                self._offers = None  # the next listing shows it
+            raise
         return self._normalize(region, answer["Instances"][0])
+
+    async def _launched_by_token(self, region: str, token: str) -> Instance:
+        found = await self.api.paginate(
+            "ec2", region, "describe_instances", "Reservations", Filters=[{"Name": "client-token", "Values": [token]}],
+        )
+        raws = [i for r in found for i in r.get("Instances", [])]
+        if not raws:  # EC2 lists a new instance a little after it made it
+            raise RetryLater("aws: EC2 has an instance for this launch's ClientToken that it does not list yet", provider="aws", delay=5.0)
+        return self._normalize(region, raws[0])
 
     def _run_params(
         self, req: LaunchRequest, instance_type: str, zone: str, capacity: CapacityType, user_data: bytes
@@ -224,8 +341,7 @@ class AwsAdapter(Adapter, VolumeSupport, InterruptionSupport):
             "UserData": user_data,
             "Placement": {"AvailabilityZone": zone},
             "InstanceInitiatedShutdownBehavior": "terminate",
-            # the agent reads the spot notice with a plain GET (IMDSv1) from inside the container
-            "MetadataOptions": {"HttpTokens": "optional", "HttpEndpoint": "enabled", "HttpPutResponseHopLimit": 2},
+            "MetadataOptions": dict(METADATA_OPTIONS),
             "BlockDeviceMappings": [{
                 "DeviceName": ROOT_DEVICE,
                 "Ebs": {"VolumeSize": max(req.disk_gb, self.settings.root_volume_min_gb), "VolumeType": "gp3", "DeleteOnTermination": True},
@@ -236,17 +352,15 @@ class AwsAdapter(Adapter, VolumeSupport, InterruptionSupport):
             ],
         }
         if capacity is CapacityType.SPOT:
-            max_price = req.bid_price_per_hour or req.offer.price_per_hour * self.settings.spot_max_price_factor
+            # no MaxPrice (AWS advises against one; the bid, if any, is not sent): capped at on-demand
             params["InstanceMarketOptions"] = {
                 "MarketType": "spot",
-                "SpotOptions": {
-                    "MaxPrice": f"{max_price:.4f}",
-                    "SpotInstanceType": "one-time",
-                    "InstanceInterruptionBehavior": "terminate",
-                },
+                "SpotOptions": {"SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"},
             }
-        if zone in self.settings.subnet_ids:
-            params["SubnetId"] = self.settings.subnet_ids[zone]
+        net = self._networks.get(region)
+        subnet = net.subnet_for(zone) if net is not None else self.settings.subnet_ids.get(zone)
+        if subnet:
+            params["SubnetId"] = subnet
         if self.settings.security_group_ids.get(region):
             params["SecurityGroupIds"] = self.settings.security_group_ids[region]
         if self.settings.key_name:
@@ -391,6 +505,9 @@ class AwsAdapter(Adapter, VolumeSupport, InterruptionSupport):
             if started is None or state == "pending":
                 continue  # EC2 bills from running on
             ended = self._ended_at(iid, raw, ended_fallback.get(iid), now) if state in billing.ENDED_STATES else None
+            if ended is not None and fault_of(state, str((raw.get("StateReason") or {}).get("Code") or "")):
+                out[iid] = self._bill(iid, started, started, now, [(started, 0.0)], final=True)  # never ran
+                continue
             instance_type = str(raw.get("InstanceType", ""))
             zone = str((raw.get("Placement") or {}).get("AvailabilityZone", ""))
             if raw.get("InstanceLifecycle") == "spot":
@@ -515,9 +632,34 @@ class AwsAdapter(Adapter, VolumeSupport, InterruptionSupport):
             except AdapterError as exc:
                 raise RetryLater(f"spot warnings are not set up yet: {exc}", provider="aws", delay=10.0) from None
         notices = await self._poller.poll(wait_seconds)
+        out = []
         for notice in notices:
+            if notice.action == interruptions.REBALANCE:
+                if self.settings.rebalance_notices:  # a hint, not a reclaim: the end stays unjudged
+                    out.append(notice)
+                continue
             self._notices[notice.instance_id] = notice.deadline
-        return notices
+            out.append(notice)
+        return out
+
+    # ------------------------------------------------------------------ check-config
+
+    async def verify(self) -> str:
+        """DescribeRegions in the first configured region: read-only, allowed by the shipped IAM
+        policy, and refused (AuthError) for credentials AWS does not accept. Opens its own
+        clients and closes them; needs no start()."""
+        api = AwsApi(self.settings)
+        region = self.settings.regions[0]
+        try:
+            answer = await api.call("ec2", region, "describe_regions", AllRegions=False)
+        finally:
+            api.close()
+        enabled = {str(r.get("RegionName")) for r in answer.get("Regions", [])}
+        missing = [r for r in self.settings.regions if r not in enabled]
+        text = f"credentials ok: EC2 answers in {region}; {len(self.settings.regions) - len(missing)} of {len(self.settings.regions)} configured regions enabled"
+        if missing:
+            text += f" (not enabled: {', '.join(missing)})"
+        return text
 
     # ------------------------------------------------------------------ helpers
 

@@ -11,7 +11,8 @@ finish even when it is cancelled, and only then lets the cancellation through: n
 its caller, and no abandoned thread piles up on a pool the store also uses (the pool is the
 adapter's, never the loop's default executor).
 
-Failures become `RetryLater` (throttled, 5xx, network), `NoCapacity`, `PermanentError` or
+Failures become `RetryLater` (throttled, 5xx, network), `NoCapacity`, `QuotaExceeded` (a
+`PermanentError` for the offer: the account's vCPU quota, not the market), `PermanentError` or
 `AuthError`, with one-line messages from which every configured credential is removed (a proxy
 or endpoint may echo them back) and without the botocore exception chained behind them.
 """
@@ -51,8 +52,10 @@ THROTTLING = {
 TRANSIENT = {"InternalError", "InternalFailure", "ServiceUnavailable", "Unavailable", "RequestTimeout"}
 NO_CAPACITY = {
     "InsufficientInstanceCapacity", "SpotMaxPriceTooLow", "InsufficientCapacity",
-    "InsufficientHostCapacity", "Unsupported", "MaxSpotInstanceCountExceeded", "UnfulfillableCapacity",
+    "InsufficientHostCapacity", "Unsupported", "UnfulfillableCapacity",
 }
+# the account's quota, not the market's capacity: waiting does not help, another quota might
+QUOTA = {"MaxSpotInstanceCountExceeded", "VcpuLimitExceeded", "InstanceLimitExceeded"}
 AUTH = {
     "AuthFailure", "UnauthorizedOperation", "InvalidClientTokenId", "SignatureDoesNotMatch",
     "ExpiredToken", "AccessDenied", "AccessDeniedException", "OptInRequired", "UnrecognizedClientException",
@@ -61,6 +64,11 @@ BOTOCORE_MAX_BACKOFF = 20.0  # botocore's standard retry mode never sleeps longe
 _KEYLIKE = re.compile(r"\b(AKIA|ASIA)[A-Z0-9]{12,}\b")
 _URL_USERINFO = re.compile(r"//[^/@\s]+@")
 T = TypeVar("T")
+
+
+class QuotaExceeded(PermanentError):
+    """The account's quota refused the launch (not the market's capacity): try another offer;
+    this one again only once the quota has room."""
 
 
 def error_code(exc: ClientError) -> str:
@@ -98,6 +106,8 @@ def classify(exc: BaseException, what: str, redact: Callable[[str], str] = Redac
             return RetryLater(text, provider=PROVIDER, delay=5.0)
         if code in NO_CAPACITY:
             return NoCapacity(text, provider=PROVIDER)
+        if code in QUOTA:
+            return QuotaExceeded(text, provider=PROVIDER)
         if code in AUTH:
             return AuthError(text, provider=PROVIDER)
         if code in TRANSIENT or status >= 500:
@@ -116,7 +126,7 @@ class AwsApi:
     """One boto3 client per (service, region), made on first use inside a worker thread, used
     only from the adapter's own thread pool."""
 
-    SERVICES = ("ec2", "sqs", "events")
+    SERVICES = ("ec2", "sqs", "events", "service-quotas")
 
     def __init__(self, settings: AwsSettings) -> None:
         self.settings = settings

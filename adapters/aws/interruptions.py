@@ -5,6 +5,12 @@ long-polls. This module creates that plumbing (idempotently) and parses the even
 EC2 sends the warning two minutes before the reclaim; the event carries only its own time, so
 the deadline is that time plus the notice. A message is deleted once parsed (or found to be no
 warning at all), so each notice is returned once.
+
+With `rebalance_notices` the same rule also routes "EC2 Instance Rebalance Recommendation"
+events (an instance at elevated risk, no reclaim announced yet). They come back as notices with
+action "rebalance" and, as deadline, the earliest the instance could be taken (a warning that
+has not come yet, plus its two minutes), so the engine prepares the replacement as early as it
+can. Without it the rule's pattern leaves them out (put_rule rewrites the pattern either way).
 """
 
 from __future__ import annotations
@@ -21,21 +27,27 @@ from adapters.base import Interruption
 log = logging.getLogger(__name__)
 
 DETAIL_TYPE = "EC2 Spot Instance Interruption Warning"
-EVENT_PATTERN = json.dumps({"source": ["aws.ec2"], "detail-type": [DETAIL_TYPE]})
+REBALANCE_DETAIL_TYPE = "EC2 Instance Rebalance Recommendation"
+REBALANCE = "rebalance"  # the Interruption.action of a rebalance recommendation
+
+
+def event_pattern(rebalance: bool) -> str:
+    types = [DETAIL_TYPE, REBALANCE_DETAIL_TYPE] if rebalance else [DETAIL_TYPE]
+    return json.dumps({"source": ["aws.ec2"], "detail-type": types})
 
 
 def rule_name(queue: str) -> str:
     return f"{queue}-spot-warning"
 
 
-async def ensure_plumbing(api: AwsApi, region: str, queue: str) -> str:
+async def ensure_plumbing(api: AwsApi, region: str, queue: str, rebalance: bool = False) -> str:
     """Create the queue, its policy, the rule and the target when missing; returns the queue URL."""
     created = await api.call("sqs", region, "create_queue", QueueName=queue)
     url = str(created["QueueUrl"])
     attrs = await api.call("sqs", region, "get_queue_attributes", QueueUrl=url, AttributeNames=["QueueArn"])
     queue_arn = str(attrs["Attributes"]["QueueArn"])
     rule = await api.call(
-        "events", region, "put_rule", Name=rule_name(queue), EventPattern=EVENT_PATTERN,
+        "events", region, "put_rule", Name=rule_name(queue), EventPattern=event_pattern(rebalance),
         State="ENABLED", Description="gpuhop: spot interruption warnings to SQS",
     )
     policy = {
@@ -59,7 +71,7 @@ def parse_event(body: str, notice_seconds: float, received: datetime) -> Interru
         event = json.loads(body)
     except ValueError:
         return None
-    if not isinstance(event, dict) or event.get("detail-type") != DETAIL_TYPE:
+    if not isinstance(event, dict) or event.get("detail-type") not in (DETAIL_TYPE, REBALANCE_DETAIL_TYPE):
         return None
     detail = event.get("detail") or {}
     instance_id = detail.get("instance-id") if isinstance(detail, dict) else None
@@ -71,6 +83,11 @@ def parse_event(body: str, notice_seconds: float, received: datetime) -> Interru
         sent = received
     if sent.tzinfo is None:
         sent = sent.replace(tzinfo=UTC)
+    if event.get("detail-type") == REBALANCE_DETAIL_TYPE:
+        return Interruption(
+            instance_id=str(instance_id), action=REBALANCE,
+            deadline=max(sent, received) + timedelta(seconds=notice_seconds), received=received,
+        )
     return Interruption(
         instance_id=str(instance_id),
         action=str(detail.get("instance-action") or "terminate"),
@@ -90,7 +107,7 @@ async def poll_queue(api: AwsApi, region: str, url: str, wait_seconds: float, no
     for message in messages:
         notice = parse_event(str(message.get("Body", "")), notice_seconds, received)
         if notice is None:
-            log.warning("aws: dropping a message on %s that is no spot warning", region)
+            log.warning("aws: dropping a message on %s that is no spot warning or rebalance recommendation", region)
         else:
             found.append(notice)
     if messages:

@@ -30,7 +30,11 @@ class AwsSettings(BaseModel):
     instance_profile: str | None = None
     key_name: str | None = None
     subnet_ids: dict[str, str] = Field(default_factory=dict)
-    """Availability zone -> subnet id (default: the zone's default subnet)."""
+    """Availability zone -> subnet id (default: a subnet tagged `subnet_tag`, else the zone's
+    default subnet). Without a default VPC, zones with no subnet are not offered."""
+    subnet_tag: str | None = None
+    """Use the subnets carrying this tag key (or `key=value`), one per zone: for accounts
+    without a default VPC. `subnet_ids` wins for the zones it names."""
     security_group_ids: dict[str, list[str]] = Field(default_factory=dict)
     """Region -> security group ids (default: the VPC's default group)."""
     interruption_queue: str = "gpuhop-interruptions"
@@ -39,10 +43,27 @@ class AwsSettings(BaseModel):
     """Act on the 2-minute warning (SQS, and the agent watching instance metadata). False =
     notice a reclaim only when the listing shows it (for comparison, or where the queue is not
     allowed)."""
+    rebalance_notices: bool = False
+    """Treat EC2's rebalance recommendation (an instance at elevated risk of interruption) as
+    an early warning: the replacement is launched and the job handed over to it, as on the
+    2-minute warning. Off by default: a recommendation often comes with no interruption after
+    it, and acting on it costs a certain hand-over (the job resumes from its checkpoint, two
+    machines billed while the replacement boots) for a possible one; a job with a volume must
+    be replaced in the same zone, often the pool at risk. Turn it on when replacements boot too
+    slowly for the 2 minutes (large images), so the hand-over is done before the reclaim."""
     instance_types: list[str] | None = None
     """Restrict offers to these instance types (default: every type gpuhop knows)."""
     spot_max_price_factor: float = Field(default=1.5, ge=1.0, le=100.0)
-    """Spot MaxPrice = offer price x this, unless the launch gives a bid."""
+    """Accepted for older configurations and ignored: gpuhop sends no spot MaxPrice (AWS
+    advises against one: it raises the interruption rate, and a price that moved between two
+    tries of one launch made EC2 refuse the retry as IdempotentParameterMismatch). Spot
+    instances are capped at the on-demand price, EC2's default."""
+    quota_ttl: float = Field(default=900.0, ge=0)
+    """Seconds between readings of the GPU vCPU quotas (Service Quotas); offers over a quota
+    are listed as unavailable."""
+    quota_hold_seconds: float = Field(default=600.0, ge=0)
+    """After a launch fails over quota (MaxSpotInstanceCountExceeded, VcpuLimitExceeded), that
+    quota's offers are unavailable for this long (the account's other instances count too)."""
     volume_device: str = "/dev/sdf"
     root_volume_min_gb: int = Field(default=100, ge=8, le=16384)
     """The AMI's snapshot sets a floor on the root volume (the Deep Learning AMI needs ~75 GB)."""

@@ -7,6 +7,11 @@ instance ends `terminated` (or `stopped`) with StateReason `Server.SpotInstanceT
 instance that was not reclaimed is EXITED: the machine is off, so the job is not running (our
 bootstrap powers off when the job ends); its exit code comes from the agent, not from EC2. An
 instance that ended after a spot notice this adapter received is PREEMPTED whatever the reason.
+
+A launch EC2 accepted can still fail: the instance goes pending -> terminated with StateReason
+`Server.InsufficientInstanceCapacity` (the capacity was not there at boot) or
+`Server.InternalError`. That is a failed launch, not a lost job: the instance carries
+`fault = LAUNCH_CAPACITY` with EC2's words as its reason.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from orchestrator.models import Instance, InstanceState
+from orchestrator.models import Instance, InstanceFault, InstanceState
 
 STATES: dict[str, InstanceState] = {
     "pending": InstanceState.PENDING,
@@ -25,6 +30,7 @@ STATES: dict[str, InstanceState] = {
     "terminated": InstanceState.TERMINATED,
 }
 SPOT_REASONS = frozenset({"Server.SpotInstanceTermination", "Server.SpotInstanceShutdown"})
+LAUNCH_FAILED_REASONS = frozenset({"Server.InsufficientInstanceCapacity", "Server.InternalError"})
 
 TAG_MANAGED = "gpuhop:managed"
 TAG_JOB = "gpuhop:job"
@@ -44,6 +50,13 @@ def normalize_state(state_name: str, reason_code: str, noticed: bool = False) ->
     if state_name in ("stopped", "terminated") and (reason_code in SPOT_REASONS or noticed):
         return InstanceState.PREEMPTED
     return state
+
+
+def fault_of(state_name: str, reason_code: str) -> InstanceFault | None:
+    """What an ended instance's StateReason says beyond its state."""
+    if state_name in ("shutting-down", "terminated") and reason_code in LAUNCH_FAILED_REASONS:
+        return InstanceFault.LAUNCH_CAPACITY
+    return None
 
 
 def to_instance(
@@ -78,6 +91,7 @@ def to_instance(
         stopped_by_us=instance_id in terminated_by_us,
         reason=str(reason.get("Message") or raw.get("StateTransitionReason") or ""),
         interruption_at=notices.get(instance_id),
+        fault=fault_of(state_name, reason_code),
         extra=extra,
     )
 

@@ -3,6 +3,8 @@ and the NVIDIA container toolkit (the Deep Learning Base AMI) that mounts the jo
 runs the job's image with the gpuhop agent wrapping its command, and powers the machine off
 when the job ends (the instance is launched to terminate on shutdown, so billing stops) unless a
 spot reclaim is pending, so that EC2 itself records the reclaim (Server.SpotInstanceTermination).
+Instances are launched IMDSv2-only: the script and the agent ask for a session token before
+reading the metadata.
 
 The job itself travels on one line that both the script and gpuhop's simulator read:
 
@@ -29,6 +31,7 @@ from orchestrator.models import LaunchRequest
 
 MAX_USER_DATA = 16384
 IMDS_SPOT_ACTION = "http://169.254.169.254/latest/meta-data/spot/instance-action"
+IMDS_TOKEN = "http://169.254.169.254/latest/api/token"
 VOLUME_MOUNT = "/mnt/gpuhop-volume"
 
 _SCRIPT = """#!/bin/bash
@@ -68,7 +71,9 @@ if [ "$status" -eq 125 ]; then
   # its exit line on the console, where gpuhop reads it when no report arrives; print it here
   python3 -c 'import json,sys; print("gpuhop-exit: " + json.dumps({{"attempt": sys.argv[1], "exit_code": 125, "exit_signal": None, "sigterm": False}}), flush=True)' "$(field attempt)"
 fi
-if curl -sf -m 2 {imds} >/dev/null 2>&1; then
+# instance metadata is IMDSv2 only (HttpTokens=required): a session token first, then the read
+IMDS_TOKEN="$(curl -sf -m 2 -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' {token_url} || true)"
+if curl -sf -m 2 -H "X-aws-ec2-metadata-token: $IMDS_TOKEN" {imds} >/dev/null 2>&1; then
   echo "gpuhop: job exited with $status during a spot reclaim notice; EC2 ends the machine" >&2
   exit 0
 fi
@@ -102,7 +107,7 @@ def job_document(req: LaunchRequest, device: str, watch_metadata: bool = True) -
 def build_user_data(req: LaunchRequest, device: str, watch_metadata: bool = True) -> bytes:
     """The gzip-compressed bootstrap script; raises ValueError when it exceeds EC2's limit."""
     job = base64.b64encode(json.dumps(job_document(req, device, watch_metadata), separators=(",", ":")).encode())
-    script = _SCRIPT.format(name=req.name, job=job.decode("ascii"), mount=VOLUME_MOUNT, imds=IMDS_SPOT_ACTION)
+    script = _SCRIPT.format(name=req.name, job=job.decode("ascii"), mount=VOLUME_MOUNT, imds=IMDS_SPOT_ACTION, token_url=IMDS_TOKEN)
     data = gzip.compress(script.encode("utf-8"), compresslevel=9, mtime=0)
     if len(data) > MAX_USER_DATA:
         raise ValueError(f"the job's user data is {len(data)} bytes compressed; EC2 allows {MAX_USER_DATA}")
