@@ -5,7 +5,7 @@ and the latency p50/p99 of each, beside the goals (>= 1,000 submits/s at p99 <= 
 list p99 <= 50 ms at 10,000 jobs).
 
 The daemon's engine runs as in production (tick 1 s) on a local provider without GPUs, so the
-GPU jobs submitted stay queued: the engine still reads and decides every one of them each tick,
+GPU jobs submitted (with ?force=true, since nothing here could run them) stay queued: the engine still reads and decides every one of them each tick,
 and each submit still hints the engine.
 
     python bench/api_submits.py [--submits 10000] [--clients 50] [--postgres]
@@ -63,7 +63,7 @@ async def submits(url: str, token: str, total: int, clients: int) -> tuple[float
         nonlocal errors
         for _ in counter:
             t0 = time.perf_counter()
-            async with session.post(f"{url}/v1/jobs", json=SPEC, headers=headers) as resp:
+            async with session.post(f"{url}/v1/jobs?force=true", json=SPEC, headers=headers) as resp:
                 await resp.read()
                 if resp.status != 201:
                     errors += 1

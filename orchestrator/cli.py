@@ -126,11 +126,14 @@ def load_spec_file(path: Path) -> dict[str, Any]:
 @app.command()
 def submit(
     file: Annotated[Path, typer.Argument(help="job spec, TOML (or .json)")],
+    force: Annotated[bool, typer.Option("--force", help="queue it even if no configured provider offers "
+                                                        "what it asks for")] = False,
     server: ServerOpt = None, state_dir: StateOpt = None, as_json: JsonOpt = False,
 ) -> None:
-    """Submit a job; prints its id."""
+    """Submit a job; prints its id. A job that no configured provider could ever run (a GPU
+    nobody offers, a GPU job on a machine without one) is refused with what is offered."""
     spec = load_spec_file(file)
-    job = call(client(server, state_dir).submit, spec)
+    job = call(client(server, state_dir).submit, spec, force)
     if as_json:
         console.print_json(json.dumps(job))
     else:

@@ -75,8 +75,8 @@ class Client:
             ctype = resp.headers.get("Content-Type", "")
         return json.loads(raw) if "json" in ctype else raw.decode("utf-8", "replace")
 
-    def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
-        result: dict[str, Any] = self.request("POST", "/v1/jobs", spec)
+    def submit(self, spec: dict[str, Any], force: bool = False) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("POST", "/v1/jobs?force=true" if force else "/v1/jobs", spec)
         return result
 
     def jobs(self, status: str | None = None) -> list[dict[str, Any]]:

@@ -248,6 +248,11 @@ class Observer:
                 self._index_key, self._index_lists = key, lists  # the lists are kept: ids stay theirs
             return self._index
 
+    def known_offers(self) -> dict[str, list[Offer]]:
+        """The offers each provider last gave, without asking again; a provider that has not
+        answered yet is absent (nothing is known of it)."""
+        return {name: list(offers) for name, offers in self._offers.items() if self._offers_at[name] > 0 or offers}
+
     def invalidate_offers(self, name: str) -> None:
         self._offers_at[name] = 0.0
 

@@ -361,6 +361,47 @@ def place(
     return PlacementResult(best, int(np.count_nonzero(codes == 0)), rejections.counts(), rejections)
 
 
+# Filters whose failure is forever, whatever capacity or prices do: what the job asks of the
+# machine itself (indices into _FILTERS). Price, availability, the volume's current place and a
+# just-failed offer can all change; a GPU model nobody offers cannot.
+_STATIC = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12)
+
+
+def never_satisfiable(spec: JobSpec, offers: Sequence[Offer] | OfferIndex) -> str | None:
+    """Why no offer could ever run `spec` (a sentence naming what the providers do offer), or
+    None when some offer could, given capacity and a price. Pure; used at submit so that a
+    job nobody can run is refused instead of queued forever."""
+    idx = offers if isinstance(offers, OfferIndex) else OfferIndex.build(offers)
+    if not len(idx):
+        return None  # nothing known yet: no grounds to refuse
+    volume = VolumeLocation(None, None) if spec.volume is not None else None
+    fails = _failures(spec, idx, volume, frozenset())
+    never = np.zeros(len(idx), dtype=bool)
+    for i in _STATIC:
+        mask = fails[i]
+        if mask is not None:
+            never |= mask
+    if not never.all():
+        return None
+    codes = _first_failure([fails[i] if i in _STATIC else None for i in range(len(_FILTERS))], len(idx))
+    why = _Rejections(idx, codes, spec, volume).counts()
+    reasons = ", ".join(f"{n} {label}" for label, n in sorted(why, key=lambda kv: -kv[1]))
+    return f"no configured provider offers what this job asks for ({len(idx)} offers: {reasons}); {_offered(idx)}"
+
+
+def _offered(idx: OfferIndex) -> str:
+    """What each provider offers, in words: "runpod offers A100-80GB, H100-SXM; local offers CPU only"."""
+    parts = []
+    for code, provider in enumerate(idx.provider_names):
+        rows = idx.provider == code
+        gpus = sorted({idx.gpu_names[g] for g in idx.gpu[rows].tolist() if g >= 0})
+        shown = ", ".join(gpus[:8]) + (f" and {len(gpus) - 8} more" if len(gpus) > 8 else "")
+        has_cpu = bool((idx.gpu[rows] < 0).any())
+        what = shown + (" and CPU-only machines" if has_cpu and gpus else "") if gpus else "CPU-only machines"
+        parts.append(f"{provider} offers {what}")
+    return "; ".join(parts)
+
+
 def rank_offers_for_display(
     offers: Sequence[Offer],
     settings: PlacementSettings,

@@ -241,6 +241,31 @@ async def test_pages_by_cursor_see_every_job_once_while_jobs_arrive(api: Api) ->
         assert "cursor" in (await resp.json())["error"]["message"]
 
 
+async def test_a_job_no_provider_could_run_is_refused_unless_forced(api: Api) -> None:
+    """This machine's local provider has no GPU: a GPU job would queue forever. Once the
+    provider's offers are known, submit says so, with what is offered; --force queues it."""
+    client, engine, _ = api
+
+    async def some_offers() -> list[dict[str, Any]]:
+        return list((await (await client.get("/v1/offers", headers=H)).json())["offers"])
+
+    offers = await until(some_offers, what="the local provider's offers")
+    if any(o["gpu"] for o in offers):
+        pytest.skip("this machine has a GPU: the local provider could run a GPU job")
+    gpu_job = {**SPEC, "resources": {"gpu": ["H100"]}}
+    resp = await client.post("/v1/jobs", json=gpu_job, headers=H)
+    assert resp.status == 422
+    err = (await resp.json())["error"]
+    assert err["code"] == "unsatisfiable"
+    assert "wrong GPU" in err["message"] and "local offers CPU-only machines" in err["message"]
+    assert "--force" in err["message"]
+    assert engine.store.list_jobs() == [], "a refused job was stored"
+    resp = await client.post("/v1/jobs?force=true", json=gpu_job, headers=H)
+    assert resp.status == 201
+    assert (await client.post("/v1/jobs", json=SPEC, headers=H)).status == 201  # a CPU job is fine
+    assert (await client.post("/v1/jobs?force=maybe", json=SPEC, headers=H)).status == 400
+
+
 async def test_wrong_method_is_405_with_allow(api: Api) -> None:
     client, _, _ = api
     resp = await client.put("/v1/jobs", headers=H)

@@ -380,3 +380,41 @@ def test_an_index_built_once_serves_every_placement() -> None:
     for s in (spec(), spec({"gpu": ["H100"]}), spec(placement={"regions": ["EU"]})):
         for volume in (None, VolumeLocation("aws", "us-east-1a")):
             assert place(s, index, volume, NO_STATS, SETTINGS) == place(s, offers, volume, NO_STATS, SETTINGS)
+
+
+# --------------------------------------------------------------------------- jobs that can never run
+
+
+def test_a_job_no_offer_could_ever_run_is_named_with_what_is_offered() -> None:
+    from orchestrator.placement import never_satisfiable
+
+    offers = [offer(offer_id="a", gpu="A100-80GB", vram_gb=80, available=0),
+              offer(offer_id="b", provider="local", gpu=None, gpu_count=0, vram_gb=0)]
+    why = never_satisfiable(spec({"gpu": ["H100"]}), offers)
+    assert why is not None and "wrong GPU" in why
+    assert "runpod offers A100-80GB" in why and "local offers CPU-only machines" in why
+    # the default job wants one GPU; a machine without any can never run it
+    assert never_satisfiable(spec(), [offers[1]]) is not None
+
+
+@pytest.mark.parametrize(("spec_kw", "offer_kw"), [
+    ({}, {"available": 0}),  # sold out now: may come back
+    ({"placement": {"max_price_per_hour": 0.1}}, {}),  # too dear now: prices move
+    ({"resources": {"gpu": ["RTX-4090"]}}, {}),
+    ({"resources": {"gpu_count": 0}}, {"gpu": None, "gpu_count": 0, "vram_gb": 0}),
+])
+def test_a_job_that_could_run_some_day_is_not_refused(spec_kw: dict[str, Any], offer_kw: dict[str, Any]) -> None:
+    from orchestrator.placement import never_satisfiable
+
+    assert never_satisfiable(spec(**spec_kw), [offer(**offer_kw)]) is None
+    assert never_satisfiable(spec(**spec_kw), []) is None  # nothing known: no grounds to refuse
+
+
+def test_a_volume_job_needs_an_offer_that_can_carry_a_volume() -> None:
+    from orchestrator.placement import never_satisfiable
+
+    community = offer(region="RO", supports_volumes=False)
+    with_volume = spec(volume={"name": "ckpt", "size_gb": 10})
+    why = never_satisfiable(with_volume, [community])
+    assert why is not None and "no volume support" in why
+    assert never_satisfiable(with_volume, [community, offer(offer_id="s", region="EU-RO-1")]) is None

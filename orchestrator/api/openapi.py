@@ -90,6 +90,10 @@ def openapi_document(providers: tuple[str, ...] = ()) -> dict[str, Any]:
                                          "responses": {"200": _resp("OpenAPI", {"type": "object"}), **errors(401)}}},
             "/v1/jobs": {
                 "post": {"summary": "Submit a job",
+                         "parameters": [{"name": "force", "in": "query",
+                                         "schema": {"type": "string", "enum": ["true", "false"]},
+                                         "description": "queue the job even when no configured provider "
+                                                        "offers what it asks for (else 422 unsatisfiable)"}],
                          "requestBody": {"required": True, "content": {"application/json": {
                              "schema": ref(JobSpec, "validation")}}},
                          "responses": {"201": {**_resp("Job accepted", job), "links": JOB_LINKS},

@@ -20,8 +20,8 @@ from orchestrator.api.body import read_json, validation_message
 from orchestrator.api.cursor import decode_cursor, encode_cursor
 from orchestrator.api.openapi import openapi_document
 from orchestrator.api.views import Health, JobList, OfferOut, Offers, ProviderHealth, job_out, wire
-from orchestrator.models import JobSpec, JobStatus
-from orchestrator.placement import rank_offers_for_display
+from orchestrator.models import JobSpec, JobStatus, Offer
+from orchestrator.placement import never_satisfiable, rank_offers_for_display
 from orchestrator.store import Conflict
 from orchestrator.store.tables import AttemptRow
 
@@ -86,6 +86,11 @@ async def submit(request: web.Request) -> web.Response:
     if unknown:
         return error(422, "invalid_spec", f"placement.providers: {', '.join(unknown)} not configured "
                                           f"(configured: {', '.join(sorted(known))})")
+    if not query_bool(request, "force"):
+        why = _never_runs(ctx.engine.observer.known_offers(), spec, known)
+        if why is not None:
+            return error(422, "unsatisfiable", f"{why}. Change [resources] or [placement], or submit with "
+                                               f"--force (?force=true) to queue it anyway")
     for _ in range(5):
         job_id = secrets.token_hex(4)
         if await ctx.store.run(ctx.store.get_job, job_id) is None:
@@ -96,6 +101,15 @@ async def submit(request: web.Request) -> web.Response:
         return error(409, "conflict", str(exc))
     ctx.engine.hint()
     return web.json_response(wire(job_out(job, [])), status=201)
+
+
+def _never_runs(known_offers: dict[str, list[Offer]], spec: JobSpec, configured: set[str]) -> str | None:
+    """Why no provider could ever run the job, judged on the offers each provider last gave;
+    None (accept) as soon as a provider the job may use has not answered yet."""
+    allowed = [p for p in configured if spec.placement.providers is None or p in spec.placement.providers]
+    if any(p not in known_offers for p in allowed):
+        return None
+    return never_satisfiable(spec, [o for p in allowed for o in known_offers[p]])
 
 
 STATUS_VALUES = [s.value for s in JobStatus]
