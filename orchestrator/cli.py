@@ -13,7 +13,7 @@ import json
 import sys
 import time
 import tomllib
-from importlib.metadata import entry_points
+from importlib.metadata import PackageNotFoundError, entry_points, version
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -257,6 +257,39 @@ def offers(
 
 
 @app.command()
+def status(server: ServerOpt = None, state_dir: StateOpt = None, as_json: JsonOpt = False) -> None:
+    """How the daemon is: version, uptime, its loop, each provider's health, jobs by status,
+    where it keeps its state."""
+    data = call(client(server, state_dir).status)
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    from rich.table import Table
+
+    loop = "alive" if data["ok"] else "[red]STALLED[/]"
+    age = data["tick_age_seconds"]
+    console.print(f"gpuhop {escape(data['version'])}, up {render.duration(data['uptime_seconds'])}; loop {loop} "
+                  f"({data['ticks']} ticks, last {'-' if age is None else f'{age:.1f} s'} ago)")
+    console.print(f"state dir {escape(data['state_dir'])}; database {escape(data['database'])}")
+    table = Table(header_style="bold")
+    for col in ("provider", "health", "detail"):
+        table.add_column(col)
+    for name, h in sorted(data["providers"].items()):
+        if h.get("suspended_until"):
+            health, detail = "[yellow]suspended[/]", h.get("suspended_why") or ""
+        elif h["ok"]:
+            health, detail = "[green]ok[/]", ""
+        else:
+            health, detail = "[red]degraded[/]", h.get("error") or ""
+        table.add_row(escape(name), health, escape(detail))
+    console.print(table)
+    counts = ", ".join(f"{n} {s}" for s, n in data["jobs"].items() if n)
+    console.print(f"jobs: {counts or 'none'}")
+    if not data["ok"]:
+        raise typer.Exit(1)
+
+
+@app.command()
 def gpus() -> None:
     """The GPU names gpuhop knows (use these in `resources.gpu`)."""
     from rich.table import Table
@@ -312,6 +345,24 @@ def _plugins() -> None:
             app.add_typer(obj, name=ep.name)
         else:
             app.command(ep.name)(obj)
+
+
+def _version(value: bool) -> None:
+    if value:
+        try:
+            print(f"gpuhop {version('gpuhop')}")
+        except PackageNotFoundError:
+            print("gpuhop (not installed: run `pip install -e .` in the checkout)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    show_version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                               help="print gpuhop's version and exit")] = False,
+) -> None:
+    """gpuhop: run GPU jobs on the cheapest suitable capacity, and bring them back from their
+    checkpoint when a machine is taken away."""
 
 
 def main() -> None:

@@ -92,6 +92,10 @@ class Client:
         result: dict[str, Any] = self.request("POST", f"/v1/jobs/{urllib.parse.quote(job_id, safe='')}/cancel")
         return result
 
+    def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("GET", "/v1/status")
+        return result
+
     def offers(self) -> dict[str, Any]:
         result: dict[str, Any] = self.request("GET", "/v1/offers")
         return result

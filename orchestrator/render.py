@@ -26,6 +26,18 @@ def money(value: float | None) -> str:
     return "-" if value is None else f"${value:,.4f}" if value < 1 else f"${value:,.2f}"
 
 
+def duration(seconds: float) -> str:
+    """3725 -> '1 h 2 min'; 42 -> '42 s'."""
+    s = int(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    if s < 86400:
+        return f"{s // 3600} h {s % 3600 // 60} min"
+    return f"{s // 86400} d {s % 86400 // 3600} h"
+
+
 def ago(iso: str | None, now: datetime | None = None) -> str:
     if not iso:
         return "-"

@@ -58,3 +58,30 @@ def test_a_second_daemon_on_one_state_dir_refuses_to_start(tmp_path: Path) -> No
     third = Daemon(state, first.config_path.read_text())
     third.start()
     third.stop()
+
+
+def test_status_says_how_the_daemon_is(tmp_path: Path) -> None:
+    """`gpuhop status` against a real daemon: version, its loop, each provider, jobs by status,
+    the state dir, the database's kind; `--json` for scripts; and `gpuhop --version`."""
+    state = tmp_path / "state"
+    daemon = Daemon(state, '[server]\nlisten = "127.0.0.1:0"\n[providers.local]\ncpu_slots = 1\nisolation = "none"\n')
+    client = daemon.start()
+    try:
+        client.submit({"name": "s", "command": [sys.executable, "-c", "import time; time.sleep(60)"],
+                       "resources": {"gpu_count": 0}})
+        done = _run(["status", "--state-dir", str(state), "--json"])
+        assert done.returncode == 0, done.stderr
+        import json
+
+        data = json.loads(done.stdout)
+        assert data["version"] and data["database"] == "sqlite" and data["state_dir"] == str(state)
+        assert set(data["providers"]) == {"local"} and sum(data["jobs"].values()) == 1
+        assert data["uptime_seconds"] >= 0 and data["ticks"] >= 0
+        text = _run(["status", "--state-dir", str(state)])
+        assert text.returncode in (0, 1), text.stderr  # 1 only if the loop had not ticked yet
+        assert "gpuhop " in text.stdout and "local" in text.stdout and str(state) in text.stdout
+        assert "1 " in text.stdout.split("jobs:")[-1]
+    finally:
+        daemon.stop()
+    version = _run(["--version"])
+    assert version.returncode == 0 and version.stdout.startswith("gpuhop ")

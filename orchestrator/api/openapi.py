@@ -44,6 +44,7 @@ def openapi_document(providers: tuple[str, ...] = ()) -> dict[str, Any]:
     wanted: list[tuple[type[BaseModel], Any]] = [
         (JobSpec, "validation"), (AgentReport, "validation"), (views.Job, "serialization"),
         (views.JobList, "serialization"), (views.Health, "serialization"), (views.Offers, "serialization"),
+        (views.Status, "serialization"),
         (views.AgentAck, "serialization"), (views.Error, "serialization"),
     ]
     refs, top = models_json_schema(wanted, ref_template=REF)
@@ -121,6 +122,8 @@ def openapi_document(providers: tuple[str, ...] = ()) -> dict[str, Any]:
                 "parameters": [JOB_ID, *int_param],
                 "responses": {"200": _resp("Output", {"type": "string"}, "text/plain"),
                               **errors(400, 401, 404, 429)}}},
+            "/v1/status": {"get": {"summary": "The daemon: version, uptime, loop, providers, jobs by status",
+                                   "responses": {"200": _resp("Status", ref(views.Status)), **errors(401)}}},
             "/v1/offers": {"get": {"summary": "Current offers from every provider, ranked by expected cost",
                                    "responses": {"200": _resp("Offers", ref(views.Offers)), **errors(401)}}},
             "/v1/agent/report": {"post": {

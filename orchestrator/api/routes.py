@@ -7,6 +7,8 @@ import asyncio
 import re
 import secrets
 import time
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from aiohttp import web
@@ -19,7 +21,16 @@ from orchestrator.api.app import CTX, bearer, error
 from orchestrator.api.body import read_json, validation_message
 from orchestrator.api.cursor import decode_cursor, encode_cursor
 from orchestrator.api.openapi import openapi_document
-from orchestrator.api.views import Health, JobList, OfferOut, Offers, ProviderHealth, job_out, wire
+from orchestrator.api.views import (
+    Health,
+    JobList,
+    OfferOut,
+    Offers,
+    ProviderHealth,
+    Status,
+    job_out,
+    wire,
+)
 from orchestrator.models import JobSpec, JobStatus, Offer
 from orchestrator.placement import never_satisfiable, rank_offers_for_display
 from orchestrator.store import Conflict
@@ -72,6 +83,22 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response(wire(body), status=200 if ok else 503)
 
 
+async def status(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    engine = ctx.engine
+    now = time.time()
+    counts = await ctx.store.run(ctx.store.counts_by_status)
+    body = Status(
+        version=VERSION, started_at=datetime.fromtimestamp(engine.started_at, UTC),
+        uptime_seconds=round(now - engine.started_at, 1), ok=engine.healthy(),
+        tick_age_seconds=round(now - engine.last_tick_at, 3) if engine.last_tick_at else None,
+        ticks=engine.ticks, providers=_health(request),
+        jobs={s.value: counts.get(s.value, 0) for s in JobStatus},
+        state_dir=str(engine.settings.state_dir), database=ctx.store.engine.dialect.name,
+    )
+    return web.json_response(wire(body))
+
+
 async def submit(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     body = await read_json(request)
@@ -113,6 +140,10 @@ def _never_runs(known_offers: dict[str, list[Offer]], spec: JobSpec, configured:
 
 
 STATUS_VALUES = [s.value for s in JobStatus]
+try:
+    VERSION = version("gpuhop")
+except PackageNotFoundError:  # run from a checkout that was not installed
+    VERSION = "unknown"
 
 
 async def list_jobs(request: web.Request) -> web.Response:
@@ -298,3 +329,4 @@ def setup(app: web.Application) -> None:
     app.router.add_post("/v1/jobs/{job_id}/cancel", cancel)
     app.router.add_get("/v1/jobs/{job_id}/logs", logs, allow_head=False)
     app.router.add_get("/v1/offers", offers, allow_head=False)
+    app.router.add_get("/v1/status", status, allow_head=False)

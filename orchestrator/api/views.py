@@ -121,6 +121,19 @@ class Health(_Out):
     providers: dict[str, ProviderHealth]
 
 
+class Status(_Out):
+    version: str = Field(description="gpuhop's version")
+    started_at: datetime = Field(description="when this daemon process started")
+    uptime_seconds: float = Field(ge=0)
+    ok: bool = Field(description="the reconcile loop is alive, as /healthz says")
+    tick_age_seconds: float | None
+    ticks: int = Field(ge=0)
+    providers: dict[str, ProviderHealth]
+    jobs: dict[str, int] = Field(description="how many jobs are in each status")
+    state_dir: str
+    database: str = Field(description="the database's kind (sqlite or postgresql), never its credentials")
+
+
 class OfferOut(_Out):
     provider: str
     region: str
