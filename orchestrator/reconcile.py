@@ -394,7 +394,7 @@ def decide(
     last_reason = ended_now[last.id] if last is not None else None
     if last is not None and last_reason == EndReason.FAILED and retries > job.policy.max_retries_on_error:
         detail = next((x.detail for x in d.actions if isinstance(x, EndAttempt) and x.attempt_id == last.id), "")
-        d.add(Finish(JobStatus.FAILED, f"failed: {detail}" if detail else "failed"))
+        d.add(Finish(JobStatus.FAILED, detail or "failed"))
         return d
     if relaunches > job.policy.max_relaunches:
         d.add(Finish(JobStatus.FAILED, f"gave up after {job.relaunches} relaunches (max_relaunches = {job.policy.max_relaunches}); last attempt {last_reason or 'lost'}"))

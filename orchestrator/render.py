@@ -26,6 +26,11 @@ def money(value: float | None) -> str:
     return "-" if value is None else f"${value:,.4f}" if value < 1 else f"${value:,.2f}"
 
 
+def counted(n: int, one: str, many: str | None = None) -> str:
+    """3, 'retry', 'retries' -> '3 retries'; 1 -> '1 retry'."""
+    return f"{n} {one if n == 1 else (many or one + 's')}"
+
+
 def duration(seconds: float) -> str:
     """3725 -> '1 h 2 min'; 42 -> '42 s'."""
     s = int(seconds)
@@ -110,8 +115,9 @@ def job_detail(job: dict[str, Any]) -> Group:
         head.add_row("why it ended", job["end_reason"])
     elif job.get("message"):
         head.add_row("now", job["message"])
-    head.add_row("cost", f"{money(job['cost_usd'])} over {len(job['attempts'])} attempt(s), "
-                         f"{job.get('relaunches', 0)} relaunch(es), {job.get('retries', 0)} retr(ies)")
+    head.add_row("cost", f"{money(job['cost_usd'])} over {counted(len(job['attempts']), 'attempt')}, "
+                         f"{counted(job.get('relaunches', 0), 'relaunch', 'relaunches')}, "
+                         f"{counted(job.get('retries', 0), 'retry', 'retries')}")
     if job.get("volume"):
         v = job["volume"]
         place = f"{v['provider']} {v['region']} ({v['volume_id']})" if v.get("provider") else "not created yet"

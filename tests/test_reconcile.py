@@ -58,7 +58,7 @@ CASES = [
     ("exit 0 succeeds and cleans up", job(), [att()], [inst(InstanceState.EXITED, exit_code=0)], {"local"},
      ["EndAttempt", "Terminate", "Finish"], lambda d: d.actions[2] == Finish(JobStatus.SUCCEEDED, "succeeded")),
     ("exit 3 fails the job, code in the reason", job(), [att()], [inst(InstanceState.EXITED, exit_code=3)], {"local"},
-     ["EndAttempt", "Terminate", "Finish"], lambda d: d.actions[2] == Finish(JobStatus.FAILED, "failed: exit code 3")),
+     ["EndAttempt", "Terminate", "Finish"], lambda d: d.actions[2] == Finish(JobStatus.FAILED, "exit code 3")),
     ("exit 3 with a retry left relaunches", job(policy=Policy(max_retries_on_error=1)), [att()],
      [inst(InstanceState.EXITED, exit_code=3)], {"local"}, ["EndAttempt", "Terminate", "SetStatus", "Launch"],
      lambda d: d.retries == 1),
