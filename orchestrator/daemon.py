@@ -18,12 +18,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import ipaddress
 import json
 import logging
 import os
 import signal
 import socket
 import tempfile
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +105,25 @@ def build_adapters(settings: Settings, logs_dir: Path) -> dict[str, Adapter]:
         except AdapterError as exc:
             raise ConfigError(f"providers.{name}: {exc}") from None
     return adapters
+
+
+def warn_unreachable_agents(settings: Settings, adapters: dict[str, Adapter]) -> None:
+    """Cloud machines report to `server.public_url`; a loopback address there is unreachable
+    from any cloud (right only for the simulators, which run on this machine)."""
+    remote = sorted(name for name, a in adapters.items() if a.remote)
+    url = settings.server.agent_base_url()
+    host = (urllib.parse.urlsplit(url).hostname or "").strip("[]")
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if remote and loopback:
+        log.warning(
+            "server.public_url is %s, a loopback address: machines on %s cannot reach it to report, and "
+            "their jobs would be called lost. Set public_url to an address they can reach (see deploy/README.md: "
+            "TLS through a reverse proxy, firewall). Fine with the simulators, which run on this machine.",
+            url, ", ".join(remote),
+        )
 
 
 async def check_providers(settings: Settings, per_provider_seconds: float = 30.0) -> list[tuple[str, bool, str]]:
@@ -195,6 +216,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         settings.server.listen = f"{settings.server.host}:{site[1]}"
         sock = site[0]
         adapters = build_adapters(settings, logs_dir)
+        warn_unreachable_agents(settings, adapters)
         engine = Engine(settings, store, adapters, lambda name: auth.attempt_token(agent_key, name))
         app = make_app(ApiContext(store=store, engine=engine, token=token, agent_key=agent_key, logs_dir=logs_dir,
                                   max_followers_per_token=settings.server.max_log_followers))

@@ -85,3 +85,30 @@ def test_status_says_how_the_daemon_is(tmp_path: Path) -> None:
         daemon.stop()
     version = _run(["--version"])
     assert version.returncode == 0 and version.stdout.startswith("gpuhop ")
+
+
+@pytest.mark.parametrize(("public_url", "warned"), [
+    ("", True),  # the listen address, 127.0.0.1
+    ("http://localhost:8480", True),
+    ("http://[::1]:8480", True),
+    ("https://gpuhop.example.com", False),
+    ("http://203.0.113.7:8480", False),
+])
+def test_a_loopback_public_url_with_a_cloud_provider_is_warned_about(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, public_url: str, warned: bool) -> None:
+    from orchestrator.config import load_settings
+    from orchestrator.daemon import warn_unreachable_agents
+    from tests.fake_provider import FakeAdapter
+
+    class Cloud(FakeAdapter):
+        remote = True
+
+    settings = load_settings(None, {"server": {"state_dir": str(tmp_path), "listen": "127.0.0.1:8480",
+                                               "public_url": public_url}})
+    cloud = Cloud.create(tmp_path)
+    with caplog.at_level("WARNING", logger="gpuhop.daemon"):
+        warn_unreachable_agents(settings, {"runpod": cloud})
+        assert any("loopback" in r.getMessage() and "runpod" in r.getMessage() for r in caplog.records) is warned
+        caplog.clear()
+        warn_unreachable_agents(settings, {"local": FakeAdapter.create(tmp_path)})  # nothing remote: fine
+        assert not caplog.records
