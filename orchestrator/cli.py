@@ -32,7 +32,7 @@ app = typer.Typer(
     help="gpuhop: run GPU jobs on the cheapest suitable capacity, and bring them back from their "
     "checkpoint when a machine is taken away.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # gpuhop --install-completion [bash|zsh|fish]
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
 )
