@@ -257,6 +257,21 @@ def offers(
 
 
 @app.command()
+def costs(
+    since: Annotated[str, typer.Option("--since", help="a span back from now: 30m, 24h, 7d, or all")] = "30d",
+    by: Annotated[str, typer.Option("--by", help="provider, job or day")] = "provider",
+    server: ServerOpt = None, state_dir: StateOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """What was spent, by provider, job or day, and what the same GPU hours would have cost on
+    the cheapest on-demand offer known now (the saving)."""
+    data = call(client(server, state_dir).costs, since, by)
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    console.print(render.costs_table(data))
+
+
+@app.command()
 def status(server: ServerOpt = None, state_dir: StateOpt = None, as_json: JsonOpt = False) -> None:
     """How the daemon is: version, uptime, its loop, each provider's health, jobs by status,
     where it keeps its state."""

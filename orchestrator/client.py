@@ -92,6 +92,11 @@ class Client:
         result: dict[str, Any] = self.request("POST", f"/v1/jobs/{urllib.parse.quote(job_id, safe='')}/cancel")
         return result
 
+    def costs(self, since: str = "30d", by: str = "provider") -> dict[str, Any]:
+        q = urllib.parse.urlencode({"since": since, "by": by})
+        result: dict[str, Any] = self.request("GET", f"/v1/costs?{q}")
+        return result
+
     def status(self) -> dict[str, Any]:
         result: dict[str, Any] = self.request("GET", "/v1/status")
         return result

@@ -3,7 +3,10 @@ daemons in one process without clashing). Served at /metrics."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -21,6 +24,24 @@ PROVIDER_SUSPENSIONS = Counter(
 PROVIDER_SUSPENDED = Gauge(
     "gpuhop_provider_suspended", "1 while the provider is suspended for launches", ["provider"], registry=REGISTRY
 )
+class _Spend:
+    """gpuhop_cost_usd_total{provider,capacity}: USD spent so far, ended attempts at their
+    bills and live ones priced so far. A counter (it only grows: attempts are never deleted),
+    read from the store at each scrape (`metrics_view` sets it just before rendering)."""
+
+    def __init__(self) -> None:
+        self.values: dict[tuple[str, str], float] = {}
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily("gpuhop_cost_usd", "USD spent so far, by provider and capacity",
+                                     labels=["provider", "capacity"])
+        for (provider, capacity), value in sorted(self.values.items()):
+            family.add_metric([provider, capacity], value)
+        yield family
+
+
+SPEND = _Spend()
+REGISTRY.register(SPEND)  # type: ignore[arg-type]
 LAUNCHES = Counter("gpuhop_launches_total", "Attempts launched", ["provider", "capacity"], registry=REGISTRY)
 ATTEMPTS_ENDED = Counter(
     "gpuhop_attempts_ended_total", "Attempts ended, by why", ["provider", "reason"], registry=REGISTRY

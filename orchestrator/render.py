@@ -131,6 +131,29 @@ def job_detail(job: dict[str, Any]) -> Group:
     return Group(*parts)
 
 
+def costs_table(data: dict[str, Any]) -> Table:
+    """`gpuhop costs`: one row per group, then the total; savings where they can be known."""
+    table = Table(title=f"costs by {data['by']} since {data['since'][:16].replace('T', ' ')} UTC",
+                  header_style="bold", title_justify="left")
+    for col, justify in (("", "left"), ("attempts", "right"), ("GPU hours", "right"), ("cost", "right"),
+                         ("on-demand", "right"), ("saved", "right")):
+        table.add_column(col or data["by"], justify=justify)  # type: ignore[arg-type]
+
+    def row(line: dict[str, Any], style: str = "") -> None:
+        saved = line["saved_usd"]
+        od = line["on_demand_usd"]
+        pct = f" ({saved / od:.0%})" if saved is not None and od else ""
+        table.add_row(line["key"], str(line["attempts"]), f"{line['hours']:.2f}", money(line["cost_usd"]),
+                      "-" if od is None else money(od), "-" if saved is None else money(saved) + pct, style=style)
+
+    for line in data["lines"]:
+        row(line)
+    if data["lines"]:
+        table.add_section()
+    row(data["total"], "bold")
+    return table
+
+
 def offers_table(offers: list[dict[str, Any]], limit: int = 40) -> Table:
     table = Table(header_style="bold", title="offers, cheapest expected cost first")
     for col in ("PROVIDER", "REGION", "GPU", "VRAM", "CAPACITY", "$/H", "EXPECTED $/H", "AVAIL", "VOLUMES"):

@@ -266,6 +266,26 @@ async def test_a_job_no_provider_could_run_is_refused_unless_forced(api: Api) ->
     assert (await client.post("/v1/jobs?force=maybe", json=SPEC, headers=H)).status == 400
 
 
+async def test_costs_report_and_metric(api: Api) -> None:
+    client, engine, _ = api
+    resp = await client.post("/v1/jobs", json=SPEC, headers=H)
+    job_id = (await resp.json())["id"]
+
+    async def ended() -> bool:
+        return (await job_of(client, job_id))["status"] == "succeeded"
+
+    await until(ended, engine, what="the local job finished")
+    for by in ("provider", "job", "day"):
+        report = await (await client.get(f"/v1/costs?by={by}&since=1h", headers=H)).json()
+        assert report["by"] == by and report["total"]["attempts"] == 1, report
+        assert len(report["lines"]) == 1 and report["lines"][0]["attempts"] == 1
+    assert (await (await client.get("/v1/costs?by=job", headers=H)).json())["lines"][0]["key"].startswith(job_id)
+    for bad in ("since=7", "since=-1d", "since=7w", "by=week", "since=" + "9" * 7 + "d"):
+        assert (await client.get(f"/v1/costs?{bad}", headers=H)).status == 400, bad
+    text = await (await client.get("/metrics", headers=H)).text()
+    assert 'gpuhop_cost_usd_total{capacity="on-demand",provider="local"}' in text
+
+
 async def test_wrong_method_is_405_with_allow(api: Api) -> None:
     client, _, _ = api
     resp = await client.put("/v1/jobs", headers=H)

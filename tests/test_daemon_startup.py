@@ -81,6 +81,12 @@ def test_status_says_how_the_daemon_is(tmp_path: Path) -> None:
         assert text.returncode in (0, 1), text.stderr  # 1 only if the loop had not ticked yet
         assert "gpuhop " in text.stdout and "local" in text.stdout and str(state) in text.stdout
         assert "1 " in text.stdout.split("jobs:")[-1]
+        table = _run(["costs", "--state-dir", str(state), "--since", "1h"])
+        assert table.returncode == 0 and "costs by provider" in table.stdout and "total" in table.stdout, table
+        by_job = json.loads(_run(["costs", "--state-dir", str(state), "--by", "job", "--json"]).stdout)
+        assert by_job["by"] == "job" and by_job["total"]["cost_usd"] >= 0
+        bad = _run(["costs", "--state-dir", str(state), "--since", "a week"])
+        assert bad.returncode == 2 and "since" in bad.stderr and "Traceback" not in bad.stderr
     finally:
         daemon.stop()
     version = _run(["--version"])

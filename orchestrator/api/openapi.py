@@ -44,7 +44,7 @@ def openapi_document(providers: tuple[str, ...] = ()) -> dict[str, Any]:
     wanted: list[tuple[type[BaseModel], Any]] = [
         (JobSpec, "validation"), (AgentReport, "validation"), (views.Job, "serialization"),
         (views.JobList, "serialization"), (views.Health, "serialization"), (views.Offers, "serialization"),
-        (views.Status, "serialization"),
+        (views.Status, "serialization"), (views.Costs, "serialization"),
         (views.AgentAck, "serialization"), (views.Error, "serialization"),
     ]
     refs, top = models_json_schema(wanted, ref_template=REF)
@@ -122,6 +122,15 @@ def openapi_document(providers: tuple[str, ...] = ()) -> dict[str, Any]:
                 "parameters": [JOB_ID, *int_param],
                 "responses": {"200": _resp("Output", {"type": "string"}, "text/plain"),
                               **errors(400, 401, 404, 429)}}},
+            "/v1/costs": {"get": {"summary": "What was spent, by provider, job or day, and saved against on-demand",
+                                  "parameters": [
+                                      {"name": "since", "in": "query",
+                                       "schema": {"type": "string", "pattern": "^([0-9]{1,6}[mhd]|all)$"},
+                                       "description": "a span back from now (30m, 24h, 7d) or all; default 30d"},
+                                      {"name": "by", "in": "query",
+                                       "schema": {"type": "string", "enum": ["provider", "job", "day"]}},
+                                  ],
+                                  "responses": {"200": _resp("Costs", ref(views.Costs)), **errors(400, 401)}}},
             "/v1/status": {"get": {"summary": "The daemon: version, uptime, loop, providers, jobs by status",
                                    "responses": {"200": _resp("Status", ref(views.Status)), **errors(401)}}},
             "/v1/offers": {"get": {"summary": "Current offers from every provider, ranked by expected cost",

@@ -15,13 +15,15 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
-from orchestrator import metrics
+from orchestrator import costs, metrics
 from orchestrator.api import follow
 from orchestrator.api.app import CTX, bearer, error
 from orchestrator.api.body import read_json, validation_message
 from orchestrator.api.cursor import decode_cursor, encode_cursor
 from orchestrator.api.openapi import openapi_document
 from orchestrator.api.views import (
+    CostLine,
+    Costs,
     Health,
     JobList,
     OfferOut,
@@ -31,8 +33,10 @@ from orchestrator.api.views import (
     job_out,
     wire,
 )
+from orchestrator.engine import attempt_view
 from orchestrator.models import JobSpec, JobStatus, Offer
 from orchestrator.placement import never_satisfiable, rank_offers_for_display
+from orchestrator.reconcile import attempt_cost
 from orchestrator.store import Conflict
 from orchestrator.store.tables import AttemptRow
 
@@ -96,6 +100,43 @@ async def status(request: web.Request) -> web.Response:
         jobs={s.value: counts.get(s.value, 0) for s in JobStatus},
         state_dir=str(engine.settings.state_dir), database=ctx.store.engine.dialect.name,
     )
+    return web.json_response(wire(body))
+
+
+_SINCE_RE = re.compile(r"([0-9]{1,6})([mhd])")
+_UNIT = {"m": 60, "h": 3600, "d": 86400}
+
+
+def _line(line: costs.Line) -> CostLine:
+    saved = line.saved_usd
+    return CostLine(key=line.key, cost_usd=round(line.cost_usd, 6), hours=round(line.hours, 4),
+                    attempts=line.attempts,
+                    on_demand_usd=None if line.on_demand_usd is None else round(line.on_demand_usd, 6),
+                    saved_usd=None if saved is None else round(saved, 6))
+
+
+async def costs_view(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    now = time.time()
+    raw = request.query.get("since", "30d")
+    if raw == "all":
+        since = 0.0
+    else:
+        m = _SINCE_RE.fullmatch(raw)
+        if not m:
+            return error(400, "invalid_query", "since: a span such as 30m, 24h or 7d, or all")
+        since = now - int(m.group(1)) * _UNIT[m.group(2)]
+    by = request.query.get("by", "provider")
+    if by not in costs.GROUPS:
+        return error(400, "invalid_query", f"by: one of {', '.join(costs.GROUPS)}")
+    rows = await ctx.store.run(ctx.store.attempts_since, since)
+    spends = [costs.Spend(row.job_id, name, attempt_view(row), row.capacity, row.gpu, row.gpu_count)
+              for row, name in rows]
+    known = ctx.engine.observer.known_offers()
+    report = costs.summarize(spends, by, since, now,
+                             costs.cheapest_on_demand(o for lst in known.values() for o in lst))
+    body = Costs(by=by, since=datetime.fromtimestamp(since, UTC), lines=[_line(x) for x in report.lines],
+                 total=_line(report.total))
     return web.json_response(wire(body))
 
 
@@ -316,6 +357,13 @@ async def metrics_view(request: web.Request) -> web.Response:
     counts = await ctx.store.run(ctx.store.counts_by_status)
     for status in JobStatus:
         metrics.JOBS.labels(status.value).set(counts.get(status.value, 0))
+    spent = await ctx.store.run(ctx.store.ended_cost_by_capacity)
+    now = time.time()
+    live = await ctx.store.run(ctx.store.live_attempts)
+    for row in live:
+        key = (row.provider, row.capacity)
+        spent[key] = spent.get(key, 0.0) + attempt_cost(attempt_view(row), now)
+    metrics.SPEND.values = spent
     return web.Response(body=generate_latest(metrics.REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -330,3 +378,4 @@ def setup(app: web.Application) -> None:
     app.router.add_get("/v1/jobs/{job_id}/logs", logs, allow_head=False)
     app.router.add_get("/v1/offers", offers, allow_head=False)
     app.router.add_get("/v1/status", status, allow_head=False)
+    app.router.add_get("/v1/costs", costs_view, allow_head=False)

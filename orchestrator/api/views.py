@@ -121,6 +121,24 @@ class Health(_Out):
     providers: dict[str, ProviderHealth]
 
 
+class CostLine(_Out):
+    key: str = Field(description="the provider and capacity, the job (id and name) or the day (UTC)")
+    cost_usd: float
+    hours: float = Field(description="machine hours billed, or running so far")
+    attempts: int
+    on_demand_usd: float | None = Field(
+        description="the same hours at the cheapest on-demand price of the same GPU known now; "
+                    "null when a GPU has no on-demand offer to compare with")
+    saved_usd: float | None
+
+
+class Costs(_Out):
+    by: str
+    since: datetime
+    lines: list[CostLine]
+    total: CostLine
+
+
 class Status(_Out):
     version: str = Field(description="gpuhop's version")
     started_at: datetime = Field(description="when this daemon process started")

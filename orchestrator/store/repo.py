@@ -264,6 +264,21 @@ class Store:
                 out[row.job_id].append(row)
         return out
 
+    def attempts_since(self, since: float) -> list[tuple[AttemptRow, str]]:
+        """Every attempt created at or after `since`, with its job's name (for cost reports)."""
+        with self._session() as s:
+            q = (select(AttemptRow, JobRow.name).join(JobRow, col(JobRow.id) == col(AttemptRow.job_id))
+                 .where(col(AttemptRow.created_at) >= since).order_by(col(AttemptRow.created_at)))
+            return [(row, name) for row, name in s.exec(q)]
+
+    def ended_cost_by_capacity(self) -> dict[tuple[str, str], float]:
+        """(provider, capacity) -> what ended attempts cost, duplicates included (one query)."""
+        with self._session() as s:
+            q = (select(AttemptRow.provider, AttemptRow.capacity,
+                        func.sum(col(AttemptRow.cost_usd) + col(AttemptRow.duplicate_cost_usd)))
+                 .where(AttemptRow.status == ENDED).group_by(AttemptRow.provider, AttemptRow.capacity))
+            return {(p, c): float(total or 0.0) for p, c, total in s.exec(q)}
+
     def live_attempts(self) -> list[AttemptRow]:
         with self._session() as s:
             q = select(AttemptRow).where(AttemptRow.status != ENDED)
