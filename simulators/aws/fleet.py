@@ -55,6 +55,31 @@ from simulators.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
+
+class _EndedInstance(MotoInstance):
+    """A moto instance the simulator ended for a reason of EC2's own (spot reclaim, shutdown
+    from inside, a failed boot): its StateReason stays what EC2 said, whatever moto writes
+    afterwards. moto's terminate() sets state, then its own "Client.UserInitiatedShutdown", and
+    DescribeInstances is served from other threads meanwhile: without the pin a caller could
+    read a reason EC2 never gives (a flaky test showed one)."""
+
+    @property  # type: ignore[override]
+    def state_reason(self) -> StateReason:
+        pinned: StateReason | None = self.__dict__.get("_sim_pinned_reason")
+        return pinned if pinned is not None else self.__dict__["_sim_reason"]
+
+    @state_reason.setter
+    def state_reason(self, value: StateReason) -> None:
+        self.__dict__["_sim_reason"] = value
+
+
+def pin_reason(instance: MotoInstance, reason: tuple[str, str]) -> None:
+    """Fix the instance's StateReason to (code, message) before its state changes."""
+    fixed = StateReason(reason[1], reason[0])
+    instance.__dict__["_sim_reason"] = fixed
+    instance.__dict__["_sim_pinned_reason"] = fixed
+    instance.__class__ = _EndedInstance  # type: ignore[type-abstract]
+
 SPOT_TERMINATION = ("Server.SpotInstanceTermination", "Server.SpotInstanceTermination: Spot instance termination")
 SPOT_SHUTDOWN = ("Server.SpotInstanceShutdown", "Server.SpotInstanceShutdown: Spot instance shutdown")
 USER_SHUTDOWN = ("Client.UserInitiatedShutdown", "Client.UserInitiatedShutdown: User initiated shutdown")
@@ -279,8 +304,8 @@ class Fleet:
             return previous
         rec.ending = True
         name = "stopping" if stop else "shutting-down"
+        pin_reason(rec.moto, reason)  # before the state: no reader sees the new state without it
         rec.moto._state = InstanceState(name, STATE_CODES[name])
-        rec.moto.state_reason = StateReason(reason[1], reason[0])
         self._stop_billing(rec, "User" if reason == USER_SHUTDOWN else reason[0].split(".")[0])
         self._spawn(self._finish(rec, reason, stop=stop))
         return previous
@@ -293,7 +318,6 @@ class Fleet:
                 rec.moto.stop()
             else:
                 backend.terminate_instances([rec.instance_id])  # detaches its volumes
-            rec.moto.state_reason = StateReason(reason[1], reason[0])
         rec.moto._reason = rec.transition_reason  # moto writes its own; EC2 keeps the first
         rec.holds_capacity = False
         path = self.runtime.log_path(rec.instance_id)
