@@ -243,7 +243,9 @@ def _judge_attempt(a: AttemptView, inst: Instance | None, now: float, cfg: Setti
             d.add(Terminate(a.id, instance_id))
         return reason
 
-    if inst is not None and inst.state == InstanceState.PREEMPTED:
+    if inst is not None and inst.state == InstanceState.PREEMPTED and a.agent_state != "exited":
+        # (once the agent reported how the job ended, that decides: a job that finished before
+        # its machine was taken finished; one that saw the provider's SIGTERM was preempted)
         return end(EndReason.PREEMPTED, inst.reason or "reclaimed by the provider")
     if inst is not None and inst.fault is not None and a.agent_state != "exited":
         return _fault(a, inst, inst.fault, d, end)
