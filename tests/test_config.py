@@ -53,3 +53,17 @@ def test_cli_overrides_win(tmp_path: Path) -> None:
     s = load_settings(path, {"server": {"listen": "127.0.0.1:2", "state_dir": str(tmp_path / "s")}})
     assert s.server.port == 2 and s.state_dir == tmp_path / "s"
     assert s.database_url() == f"sqlite:///{tmp_path / 's' / 'gpuhop.db'}"
+
+
+@pytest.mark.parametrize("provider", ["runpod", "aws", "local"])
+def test_config_example_documents_every_key_a_provider_reads(provider: str) -> None:
+    """Each provider's settings are read from its [providers.<name>] table; every key it
+    accepts is shown in config.example.toml (commented where it is optional)."""
+    import re
+
+    from adapters.registry import adapter_class
+
+    text = (Path(__file__).resolve().parents[1] / "config.example.toml").read_text()
+    fields = adapter_class(provider).Settings.model_fields
+    missing = [key for key in fields if not re.search(rf"^#?\s*{re.escape(key)}\s*=", text, re.M)]
+    assert not missing, f"config.example.toml does not show [providers.{provider}] {missing}"
