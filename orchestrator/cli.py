@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sys
 import time
 import tomllib
@@ -44,6 +45,7 @@ err = Console(stderr=True, soft_wrap=True)
 ServerOpt = Annotated[str | None, typer.Option("--server", help="daemon URL (default: GPUHOP_SERVER, or the local daemon)")]
 StateOpt = Annotated[Path | None, typer.Option("--state-dir", help="the daemon's state dir, to find its URL and token")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
+JOB_ID_RE = re.compile(r"[0-9a-f]{8}")
 TERMINAL = {s.value for s in JobStatus if s.terminal}
 
 
@@ -65,6 +67,26 @@ def call(fn: Any, *args: Any) -> Any:
         return fn(*args)
     except ClientError as exc:
         fail(str(exc), 2 if 400 <= exc.status < 500 else 1)
+
+
+def resolve(c: Client, ref: str) -> str:
+    """A job id from what the user typed: the id itself, a unique prefix of one, or a job's
+    name (the newest job of that name that has not ended, else the newest of that name)."""
+    if JOB_ID_RE.fullmatch(ref):
+        return ref
+    rows = call(c.jobs, None)
+    by_prefix = [j for j in rows if j["id"].startswith(ref.lower())] if ref and ref.isalnum() else []
+    if len(by_prefix) == 1:
+        return str(by_prefix[0]["id"])
+    named = [j for j in rows if j["name"] == ref]
+    live = [j for j in named if j["status"] not in TERMINAL]
+    if len(by_prefix) > 1:
+        shown = ", ".join(f"{j['id']} ({j['name']})" for j in by_prefix[:6])
+        fail(f"{ref!r} matches {len(by_prefix)} jobs: {shown}; give more of the id", 2)
+    if named:
+        return str((live or named)[0]["id"])  # newest first
+    fail(f"no job with id, id prefix or name {ref!r}; `gpuhop jobs` lists them", 2)
+    return ref  # not reached: fail exits
 
 
 # ----------------------------------------------------------------------------- daemon
@@ -157,11 +179,12 @@ def jobs(
 
 @app.command()
 def show(
-    job_id: Annotated[str, typer.Argument(help="job id")],
+    job_id: Annotated[str, typer.Argument(help="job id, a unique prefix of one, or a job's name")],
     server: ServerOpt = None, state_dir: StateOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """One job: its attempts, what each cost, and why it ended."""
-    job = call(client(server, state_dir).job, job_id)
+    c = client(server, state_dir)
+    job = call(c.job, resolve(c, job_id))
     if as_json:
         print(json.dumps(job, indent=2))
     else:
@@ -170,12 +193,14 @@ def show(
 
 @app.command()
 def watch(
-    job_id: Annotated[str | None, typer.Argument(help="job id (default: every job)")] = None,
+    job_id: Annotated[str | None, typer.Argument(
+        help="job id, a unique prefix of one, or a job's name (default: every job)")] = None,
     interval: Annotated[float, typer.Option("--interval", help="seconds between refreshes")] = 1.0,
     server: ServerOpt = None, state_dir: StateOpt = None,
 ) -> None:
     """A live view until the job ends (or, for every job, until all have ended; Ctrl-C to leave)."""
     c = client(server, state_dir)
+    job_id = resolve(c, job_id) if job_id else None
 
     def frame() -> tuple[Any, bool]:
         if job_id:
@@ -208,13 +233,14 @@ def watch(
 
 @app.command()
 def logs(
-    job_id: Annotated[str, typer.Argument(help="job id")],
+    job_id: Annotated[str, typer.Argument(help="job id, a unique prefix of one, or a job's name")],
     follow: Annotated[bool, typer.Option("--follow", "-f", help="stream until the job ends")] = False,
     tail: Annotated[int, typer.Option("--tail", "-n", help="only the last N lines (0 = all)")] = 0,
     server: ServerOpt = None, state_dir: StateOpt = None,
 ) -> None:
     """The job's output, every attempt in order."""
     c = client(server, state_dir)
+    job_id = resolve(c, job_id)
     try:
         for chunk in c.logs(job_id, tail, follow):
             sys.stdout.buffer.write(chunk)
@@ -227,11 +253,12 @@ def logs(
 
 @app.command()
 def cancel(
-    job_id: Annotated[str, typer.Argument(help="job id")],
+    job_id: Annotated[str, typer.Argument(help="job id, a unique prefix of one, or a job's name")],
     server: ServerOpt = None, state_dir: StateOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Cancel a job: its machines are stopped within seconds."""
-    job = call(client(server, state_dir).cancel, job_id)
+    c = client(server, state_dir)
+    job = call(c.cancel, resolve(c, job_id))
     if as_json:
         print(json.dumps(job, indent=2))
     elif job["status"] in TERMINAL:

@@ -67,8 +67,8 @@ def test_status_says_how_the_daemon_is(tmp_path: Path) -> None:
     daemon = Daemon(state, '[server]\nlisten = "127.0.0.1:0"\n[providers.local]\ncpu_slots = 1\nisolation = "none"\n')
     client = daemon.start()
     try:
-        client.submit({"name": "s", "command": [sys.executable, "-c", "import time; time.sleep(60)"],
-                       "resources": {"gpu_count": 0}})
+        job = client.submit({"name": "sleeper", "command": [sys.executable, "-c", "import time; time.sleep(60)"],
+                             "resources": {"gpu_count": 0}})
         done = _run(["status", "--state-dir", str(state), "--json"])
         assert done.returncode == 0, done.stderr
         import json
@@ -87,6 +87,12 @@ def test_status_says_how_the_daemon_is(tmp_path: Path) -> None:
         assert by_job["by"] == "job" and by_job["total"]["cost_usd"] >= 0
         bad = _run(["costs", "--state-dir", str(state), "--since", "a week"])
         assert bad.returncode == 2 and "since" in bad.stderr and "Traceback" not in bad.stderr
+        # a job by its name or a unique prefix of its id, as well as by its id
+        for ref in ("sleeper", job["id"][:5], job["id"]):
+            shown = json.loads(_run(["show", ref, "--state-dir", str(state), "--json"]).stdout)
+            assert shown["id"] == job["id"], ref
+        unknown = _run(["show", "no-such-job", "--state-dir", str(state)])
+        assert unknown.returncode == 2 and "no job with id, id prefix or name" in unknown.stderr
     finally:
         daemon.stop()
     version = _run(["--version"])
