@@ -9,6 +9,8 @@ errors say what went wrong and what to do, and exit non-zero.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import http.client
 import json
 import re
 import sys
@@ -23,6 +25,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.live import Live
 from rich.markup import escape
+from rich.text import Text
 
 from orchestrator import render
 from orchestrator.client import Client, ClientError
@@ -202,30 +205,43 @@ def watch(
     c = client(server, state_dir)
     job_id = resolve(c, job_id) if job_id else None
 
-    def frame() -> tuple[Any, bool]:
+    def poll() -> tuple[Any, bool, str | None]:
+        nonlocal c
+        """(view, done, a summary to compare) now; a daemon that is away (restarting) is waited
+        for with a message, not an exit."""
+        try:
+            data: Any = c.job(job_id) if job_id else c.jobs(None)
+        except ClientError as exc:
+            if exc.status:
+                fail(str(exc), 2 if 400 <= exc.status < 500 else 1)
+            with contextlib.suppress(typer.Exit):  # a restarted daemon may listen elsewhere
+                c = client(server, state_dir)
+            text = f"the daemon does not answer; retrying every {interval:g} s (Ctrl-C to leave)"
+            return Text(text, style="yellow"), False, None
         if job_id:
-            job = call(c.job, job_id)
-            return render.job_detail(job), job["status"] in TERMINAL
-        rows = call(c.jobs, None)
-        return render.jobs_table(rows, title="gpuhop jobs"), bool(rows) and all(j["status"] in TERMINAL for j in rows)
+            return render.job_detail(data), data["status"] in TERMINAL, json.dumps(data, sort_keys=True)
+        done = bool(data) and all(j["status"] in TERMINAL for j in data)
+        return render.jobs_table(data, title="gpuhop jobs"), done, json.dumps(data, sort_keys=True)
 
     try:
-        view, done = frame()
+        view, done, summary = poll()
         if not console.is_terminal:  # piped: print each change once, not a redraw
-            last = None
+            last: str | None = ""
             while True:
-                summary = json.dumps(call(c.job, job_id) if job_id else call(c.jobs, None), sort_keys=True)
                 if summary != last:
-                    console.print(view)
+                    if summary is None:
+                        err.print("the daemon does not answer; retrying")
+                    else:
+                        console.print(view)
                     last = summary
                 if done:
                     return
                 time.sleep(interval)
-                view, done = frame()
+                view, done, summary = poll()
         with Live(view, console=console, refresh_per_second=4) as live:
             while not done:
                 time.sleep(interval)
-                view, done = frame()
+                view, done, _ = poll()
                 live.update(view)
     except KeyboardInterrupt:
         pass
@@ -241,14 +257,47 @@ def logs(
     """The job's output, every attempt in order."""
     c = client(server, state_dir)
     job_id = resolve(c, job_id)
+    out = sys.stdout.buffer
+    written = 0  # bytes of the whole output shown so far (from its start when tail is 0)
     try:
-        for chunk in c.logs(job_id, tail, follow):
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.flush()
-    except ClientError as exc:
-        fail(str(exc), 2 if 400 <= exc.status < 500 else 1)
+        while True:
+            skip = written if not tail else 0
+            try:
+                for chunk in c.logs(job_id, tail, follow):
+                    if skip:  # a reconnect: the output is append-only, so drop what was shown
+                        cut = min(skip, len(chunk))
+                        chunk, skip = chunk[cut:], skip - cut
+                    out.write(chunk)
+                    out.flush()
+                    written += len(chunk)
+            except ClientError as exc:
+                if exc.status or not follow:
+                    fail(str(exc), 2 if 400 <= exc.status < 500 else 1)
+            except (OSError, http.client.HTTPException):
+                if not follow:
+                    raise
+            if not follow or _ended(c, job_id):
+                return
+            # the stream ended but the job did not: the daemon went away (a restart); wait for it
+            err.print(f"[yellow]the daemon closed the stream; reconnecting every {RECONNECT_SECONDS:g} s[/]"
+                      + (f" (the last {tail} lines will show again)" if tail else ""))
+            time.sleep(RECONNECT_SECONDS)
+            c = client(server, state_dir)  # a restarted daemon may listen elsewhere: ask again
     except KeyboardInterrupt:
         pass
+
+
+RECONNECT_SECONDS = 1.0
+
+
+def _ended(c: Client, job_id: str) -> bool:
+    """Has the job ended? While the daemon is away: not known yet, so no."""
+    try:
+        return c.job(job_id)["status"] in TERMINAL
+    except ClientError as exc:
+        if exc.status:
+            fail(str(exc), 2 if 400 <= exc.status < 500 else 1)
+        return False
 
 
 @app.command()

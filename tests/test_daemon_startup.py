@@ -7,7 +7,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -124,3 +127,80 @@ def test_a_loopback_public_url_with_a_cloud_provider_is_warned_about(
         caplog.clear()
         warn_unreachable_agents(settings, {"local": FakeAdapter.create(tmp_path)})  # nothing remote: fine
         assert not caplog.records
+
+
+class _Pipe:
+    """Everything a child writes to one pipe, read on a thread, so a test waits for a line
+    instead of sleeping for it."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self.data = b""
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: IO[bytes]) -> None:
+        for chunk in iter(lambda: stream.read1(4096), b""):
+            with self._lock:
+                self.data += chunk
+
+    def text(self) -> str:
+        with self._lock:
+            return self.data.decode(errors="replace")
+
+    def wait_for(self, needle: str, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while needle not in self.text():
+            assert time.monotonic() < deadline, f"{needle!r} never came; got {self.text()!r}"
+            time.sleep(0.05)
+
+    def close(self) -> str:
+        self._thread.join(timeout=30)
+        return self.text()
+
+
+def test_logs_follow_and_watch_survive_a_daemon_restart(tmp_path: Path) -> None:
+    """`gpuhop logs -f` and a piped `gpuhop watch` keep going across a daemon restart (on
+    another port: they look the daemon up again), say so, show each line once, and end with
+    the job. Each step waits for what the followers printed, not for time to pass."""
+    state = tmp_path / "state"
+    gate, stop = tmp_path / "gate", tmp_path / "stop"
+    code = ("import os, time\nprint('one', flush=True)\n"
+            f"while not os.path.exists({str(gate)!r}): time.sleep(0.05)\n"
+            "print('two', flush=True)\n"
+            f"while not os.path.exists({str(stop)!r}): time.sleep(0.05)\n")
+    config = ('[server]\nlisten = "127.0.0.1:0"\n[engine]\ntick_seconds = 0.5\n'
+              '[providers.local]\ncpu_slots = 1\nisolation = "none"\n')
+    daemon = Daemon(state, config)
+    client = daemon.start()
+    job = client.submit({"name": "chatty", "command": [sys.executable, "-c", code], "resources": {"gpu_count": 0}})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUHOP_")}
+    daemon.wait_status(job["id"], {"running"}, timeout=60)
+    follow = subprocess.Popen([*GPUHOP, "logs", job["id"], "-f", "--state-dir", str(state)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    watch = subprocess.Popen([*GPUHOP, "watch", job["id"], "--interval", "0.3", "--state-dir", str(state)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert follow.stdout and follow.stderr and watch.stdout and watch.stderr
+    f_out, f_err, w_out, w_err = (_Pipe(s) for s in (follow.stdout, follow.stderr, watch.stdout, watch.stderr))
+    try:
+        f_out.wait_for("one")  # both followers are connected and have shown the job once
+        w_out.wait_for("running")
+        daemon.stop()
+        f_err.wait_for("reconnecting")  # they noticed the daemon is away and said so
+        w_err.wait_for("does not answer")
+        gate.touch()  # the job prints while the daemon is away
+        daemon.start()
+        f_out.wait_for("two")
+        stop.touch()  # and the job ends after the restart
+        follow.wait(timeout=120)
+        watch.wait(timeout=120)
+    finally:
+        for proc in (follow, watch):
+            if proc.poll() is None:
+                proc.kill()
+        daemon.stop()
+    assert follow.returncode == 0, f_err.close()
+    text = f_out.close()
+    assert text.count("one") == 1 and text.count("two") == 1, text
+    assert watch.returncode == 0, w_err.close()
+    assert "succeeded" in w_out.close()

@@ -52,6 +52,7 @@ class Followers:
     _all: set[Follower] = field(default_factory=set)
     _per_owner: dict[str, int] = field(default_factory=dict)
     _sweeper: asyncio.Task[None] | None = None
+    closing: bool = False  # the daemon is stopping: every stream ends now, so the stop is not held up
 
     @staticmethod
     def owner_of(token: str) -> str:
@@ -101,6 +102,7 @@ class Followers:
                     f.wake.set()
 
     async def close(self) -> None:
+        self.closing = True
         for f in list(self._all):
             f.wake.set()
         if self._sweeper is not None:

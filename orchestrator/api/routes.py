@@ -309,6 +309,8 @@ async def logs(request: web.Request) -> web.StreamResponse:
             woken = await follow.wait(follower, FOLLOW_POLL_SECONDS)
             if follower.gone:
                 return resp  # the client left: stop now, quietly
+            if ctx.followers.closing:
+                break  # the daemon is stopping: end the stream cleanly (the CLI reconnects)
             if woken or time.monotonic() >= next_state:
                 next_state = time.monotonic() + FOLLOW_STATE_SECONDS
                 fresh = await ctx.store.run(ctx.store.get_job, job_id)
