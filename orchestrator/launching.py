@@ -46,7 +46,13 @@ from orchestrator.models import (
     attempt_name,
 )
 from orchestrator.observation import Observer, describe
-from orchestrator.placement import PlacementSettings, RateStats, VolumeLocation, place
+from orchestrator.placement import (
+    PlacementSettings,
+    RateStats,
+    VolumeLocation,
+    never_satisfiable,
+    place,
+)
 from orchestrator.store import AttemptRow, Conflict, JobRow, Store, VolumeRow
 
 log = logging.getLogger("gpuhop.engine")
@@ -312,13 +318,15 @@ class Workers:
         delay = min(self.settings.engine.retry_backoff_max_seconds, self._backoff.get(job.id, 1.0) * 2)
         self._backoff[job.id] = delay
         why = "; ".join(tried) if tried else result.summary()
+        never = None if tried else never_satisfiable(spec, index)  # a job queued with --force
         suspended = [f"{name} suspended for launches ({h.suspended_why})"
                      for name, h in self.observer.health.items() if h.suspended_until and name in offers_by_provider]
         if suspended:
             why = "; ".join([why, *suspended])
         await self.store.run(
             self.store.apply, job.id,
-            {"next_try_at": time.time() + delay, "message": f"no capacity: {why}"[:1024]},
+            {"next_try_at": time.time() + delay,
+             "message": (never or f"waiting for capacity: {why}")[:1024]},
             {}, [(None, "no_capacity", f"nothing launched, next try in {delay:.0f} s: {why}")],
         )
 

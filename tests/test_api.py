@@ -262,6 +262,15 @@ async def test_a_job_no_provider_could_run_is_refused_unless_forced(api: Api) ->
     assert engine.store.list_jobs() == [], "a refused job was stored"
     resp = await client.post("/v1/jobs?force=true", json=gpu_job, headers=H)
     assert resp.status == 201
+    forced = (await resp.json())["id"]
+
+    async def says_why() -> str | None:  # the queued job says why it waits, in words
+        message = str((await job_of(client, forced))["message"])
+        return message if message != "queued" else None
+
+    message = await until(says_why, engine, what="the forced job's reason to wait")
+    assert message.startswith("no configured provider offers what this job asks for"), message
+    assert "local offers CPU-only machines" in message
     assert (await client.post("/v1/jobs", json=SPEC, headers=H)).status == 201  # a CPU job is fine
     assert (await client.post("/v1/jobs?force=maybe", json=SPEC, headers=H)).status == 400
 

@@ -138,10 +138,10 @@ def test_zone_out_of_capacity_waits_with_its_volume(env: tuple[SimProcess, Daemo
         assert job_now["status"] == "recovering", job_now
         assert_launches(job_now, [zone])
         tries = [1 + e["repeats"] for e in job_now["events"] if e["kind"] == "no_capacity"]
-        return job_now if sum(tries) >= 3 and "no capacity" in job_now["message"] else None
+        return job_now if sum(tries) >= 3 and "waiting for capacity" in job_now["message"] else None
 
     waiting = wait_for(three_tries_in_place, 60, interval=0.1, what="three placement tries")
-    assert "no capacity" in waiting["message"]
+    assert "waiting for capacity" in waiting["message"]
     sim.admin("POST", "/_sim/capacity", {"zone": zone, "count": 4})
     done = d.wait_status(job["id"], {"succeeded", "failed"}, 120)
     assert done["status"] == "succeeded"

@@ -107,10 +107,10 @@ def test_out_of_capacity_job_waits_in_its_data_center(env: tuple[SimProcess, Dae
         assert job_now["status"] == "recovering", job_now
         assert_launches(job_now, [dc])
         tries = [1 + e["repeats"] for e in job_now["events"] if e["kind"] == "no_capacity"]
-        return job_now if sum(tries) >= 3 and "no capacity" in job_now["message"] else None
+        return job_now if sum(tries) >= 3 and "waiting for capacity" in job_now["message"] else None
 
     waiting = wait_for(three_tries_in_place, 60, interval=0.1, what="three placement tries")
-    assert "no capacity" in waiting["message"]
+    assert "waiting for capacity" in waiting["message"]
     sim.admin("POST", "/_sim/capacity", {"count": 4, "data_center": dc})
     done = d.wait_status(job["id"], {"succeeded", "failed"}, 90)
     assert done["status"] == "succeeded"
