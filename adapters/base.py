@@ -135,6 +135,10 @@ class VolumeSupport(abc.ABC):
     async def delete_volume(self, volume_id: str) -> None:
         """Delete the volume. Already gone is success."""
 
+    def storage_usd_per_month(self, size_gb: int) -> float:
+        """What a volume of `size_gb` costs per month while it exists, job or no job (0: free)."""
+        return 0.0
+
 
 class LogSupport(abc.ABC):
     """The adapter can read a job's output for an instance without the agent's help."""

@@ -381,6 +381,30 @@ def status(server: ServerOpt = None, state_dir: StateOpt = None, as_json: JsonOp
 
 
 @app.command()
+def volumes(server: ServerOpt = None, state_dir: StateOpt = None, as_json: JsonOpt = False) -> None:
+    """Network volumes: where each lives, the jobs that used it, and what it costs to keep
+    (providers bill storage whether or not a job runs)."""
+    data = call(client(server, state_dir).volumes)
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    console.print(render.volumes_table(data))
+
+
+@app.command()
+def dashboard(server: ServerOpt = None, state_dir: StateOpt = None) -> None:
+    """The web dashboard's address, with a link that logs in (the token rides in the #fragment,
+    which the browser never sends to a server). Keep the link private: it is the API token."""
+    c = client(server, state_dir)
+    call(c.status)  # the daemon answers, and the token is right
+    console.print(f"dashboard: {escape(c.url)}/")
+    console.print(f"log in with: {escape(c.url)}/#token={escape(c.token)}", soft_wrap=True)
+    if not c.url.startswith("https://") and "127.0.0.1" not in c.url and "localhost" not in c.url:
+        err.print("[yellow]the daemon is not served over TLS: put it behind a reverse proxy with TLS before opening "
+                  "it across a network (deploy/README.md)[/]")
+
+
+@app.command()
 def gpus() -> None:
     """The GPU names gpuhop knows (use these in `resources.gpu`)."""
     from rich.table import Table

@@ -97,6 +97,10 @@ class Client:
         result: dict[str, Any] = self.request("GET", f"/v1/costs?{q}")
         return result
 
+    def volumes(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("GET", "/v1/volumes")
+        return result
+
     def status(self) -> dict[str, Any]:
         result: dict[str, Any] = self.request("GET", "/v1/status")
         return result

@@ -131,6 +131,20 @@ def job_detail(job: dict[str, Any]) -> Group:
     return Group(*parts)
 
 
+def volumes_table(data: dict[str, Any]) -> Table:
+    """`gpuhop volumes`: one row per volume, what it costs to keep, and the total per month."""
+    table = Table(title=f"volumes: storage {money(data['storage_usd_per_month'])} per month",
+                  header_style="bold", title_justify="left")
+    for col in ("NAME", "WHERE", "SIZE", "JOBS", "IN USE BY", "LAST USED", "$/MONTH", "SO FAR"):
+        table.add_column(col, justify="right" if col in ("SIZE", "JOBS", "$/MONTH", "SO FAR") else "left")
+    for v in data["volumes"]:
+        place = f"{v['provider']} {v['region']}" if v.get("provider") else "not created yet"
+        table.add_row(v["name"], place, f"{v['size_gb']} GB", str(v["jobs"]), v.get("active_job") or "-",
+                      f"{ago(v['last_used_at'])} ago" if v.get("last_used_at") else "-",
+                      money(v["storage_usd_per_month"]), money(v["storage_usd_so_far"]))
+    return table
+
+
 def costs_table(data: dict[str, Any]) -> Table:
     """`gpuhop costs`: one row per group, then the total; savings where they can be known."""
     table = Table(title=f"costs by {data['by']} since {data['since'][:16].replace('T', ' ')} UTC",

@@ -166,6 +166,12 @@ async def test_responses_match_the_document(api: Api) -> None:
     check_schema(doc, "/v1/jobs", "get", 200, await resp.json())
     resp = await client.get("/v1/offers", headers=H)
     check_schema(doc, "/v1/offers", "get", 200, await resp.json())
+    resp = await client.get("/v1/volumes", headers=H)
+    volumes = await resp.json()
+    check_schema(doc, "/v1/volumes", "get", 200, volumes)
+    [vol] = volumes["volumes"]
+    assert (vol["name"], vol["provider"], vol["jobs"], vol["active_job"]) == ("doc-vol", "local", 1, job["id"])
+    assert vol["storage_usd_per_month"] == 0 and volumes["storage_usd_per_month"] == 0  # local disk is free
     resp = await client.post("/v1/jobs", json={**QUIET, "volume": {"name": "doc-vol"}}, headers=H)
     assert resp.status == 409  # the volume is the first job's
     body = await resp.json()
@@ -183,6 +189,29 @@ async def test_responses_match_the_document(api: Api) -> None:
     await finish(client, engine, job["id"])
     resp = await client.get("/v1/jobs/ffff", headers=H)
     check_schema(doc, "/v1/jobs/{job_id}", "get", 404, await resp.json())
+
+
+async def test_the_dashboard_is_public_and_its_data_is_not(api: Api) -> None:
+    """The page and its script are served to anyone (they hold no data) with headers that keep
+    hostile text inert; everything they show comes from /v1 with the token."""
+    client, _, _ = api
+    resp = await client.get("/")
+    assert resp.status == 200 and resp.content_type == "text/html"
+    page = await resp.text()
+    assert '<script src="/ui/app.js"' in page and "<script>" not in page  # no inline code: CSP holds
+    csp = resp.headers["Content-Security-Policy"]
+    assert "default-src 'none'" in csp and "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+    assert resp.headers["X-Frame-Options"] == "DENY" and resp.headers["X-Content-Type-Options"] == "nosniff"
+    for name, ctype in (("app.js", "text/javascript"), ("style.css", "text/css")):
+        resp = await client.get(f"/ui/{name}")
+        assert resp.status == 200 and resp.content_type == ctype, name
+    script = await (await client.get("/ui/app.js")).text()
+    assert "innerHTML" not in script and "insertAdjacentHTML" not in script  # text only, never markup
+    assert (await client.get("/ui/../token")).status in (401, 404)
+    assert (await client.get("/ui/secret.txt")).status == 401  # not a dashboard file: the API's rules
+    assert (await client.get("/ui/secret.txt", headers=H)).status == 404
+    for path in ("/v1/volumes", "/v1/jobs", "/v1/status"):
+        assert (await client.get(path)).status == 401, path
 
 
 async def test_submit_list_show_and_filters(api: Api) -> None:

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -185,6 +186,18 @@ def test_cli_reports_bad_spec_files_clearly(daemon: Daemon, tmp_path: Path) -> N
     r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "jobs"], capture_output=True, text=True,
                        env=env, timeout=60)
     assert job_id in r.stdout and "succeeded" in r.stdout
+    # the dashboard's login link carries the token in the #fragment, and the page answers there
+    r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "dashboard"], capture_output=True, text=True,
+                       env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    link = next(line for line in r.stdout.splitlines() if "#token=" in line).split("log in with: ")[1]
+    assert link == f"{daemon.client.url}/#token={daemon.client.token}"
+    with urllib.request.urlopen(link.split("#")[0], timeout=30) as page:
+        assert b"/ui/app.js" in page.read()
+    # volumes: none yet as a table, and as JSON
+    r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "volumes", "--json"], capture_output=True,
+                       text=True, env=env, timeout=60)
+    assert r.returncode == 0 and json.loads(r.stdout) == {"volumes": [], "storage_usd_per_month": 0.0}, r.stderr
 
 
 def test_budget_stops_the_job_and_says_so(tmp_path: Path) -> None:

@@ -620,6 +620,10 @@ class AwsAdapter(Adapter, VolumeSupport, InterruptionSupport):
     async def delete_volume(self, volume_id: str) -> None:
         await self.volumes.delete(volume_id)
 
+    def storage_usd_per_month(self, size_gb: int) -> float:
+        """EBS gp3 at its us-east-1 list price, $0.08/GB-month (3,000 IOPS and 125 MB/s included)."""
+        return round(size_gb * 0.08, 6)
+
     # ------------------------------------------------------------------ interruptions
 
     async def poll_interruptions(self, wait_seconds: float) -> list[Interruption]:

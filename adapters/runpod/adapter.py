@@ -243,3 +243,7 @@ class RunPodAdapter(Adapter, VolumeSupport):
 
         async with self._volume_lock:
             await self.client.retrying("delete volume", attempt)
+
+    def storage_usd_per_month(self, size_gb: int) -> float:
+        """Network volumes: $0.07/GB-month for the first TB, $0.05/GB-month above it."""
+        return round(min(size_gb, 1000) * 0.07 + max(size_gb - 1000, 0) * 0.05, 6)

@@ -16,6 +16,7 @@ from pathlib import Path
 from aiohttp import web
 
 from orchestrator import auth, metrics
+from orchestrator.api import dashboard
 from orchestrator.api.body import MAX_BODY
 from orchestrator.api.follow import Followers
 from orchestrator.engine import Engine
@@ -42,7 +43,7 @@ class ApiContext:
 
 
 CTX = web.AppKey("ctx", ApiContext)
-PUBLIC_PATHS = {"/healthz"}
+PUBLIC_PATHS = {"/healthz", *dashboard.PATHS}  # the dashboard's files hold no data
 AGENT_PATHS = {"/v1/agent/report"}  # authenticated per attempt, in the handler
 
 
@@ -111,7 +112,7 @@ async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamR
 
 
 def make_app(ctx: ApiContext) -> web.Application:
-    from orchestrator.api import agent_routes, routes
+    from orchestrator.api import agent_routes, routes, volumes
 
     app = web.Application(middlewares=[errors_and_auth], client_max_size=MAX_BODY)
     app[CTX] = ctx
@@ -122,4 +123,6 @@ def make_app(ctx: ApiContext) -> web.Application:
     app.on_shutdown.append(close_followers)
     routes.setup(app)
     agent_routes.setup(app)
+    volumes.setup(app)
+    dashboard.setup(app)
     return app

@@ -44,7 +44,7 @@ def openapi_document(providers: tuple[str, ...] = ()) -> dict[str, Any]:
     wanted: list[tuple[type[BaseModel], Any]] = [
         (JobSpec, "validation"), (AgentReport, "validation"), (views.Job, "serialization"),
         (views.JobList, "serialization"), (views.Health, "serialization"), (views.Offers, "serialization"),
-        (views.Status, "serialization"), (views.Costs, "serialization"),
+        (views.Status, "serialization"), (views.Costs, "serialization"), (views.Volumes, "serialization"),
         (views.AgentAck, "serialization"), (views.Error, "serialization"),
     ]
     refs, top = models_json_schema(wanted, ref_template=REF)
@@ -131,6 +131,15 @@ def openapi_document(providers: tuple[str, ...] = ()) -> dict[str, Any]:
                                        "schema": {"type": "string", "enum": ["provider", "job", "day"]}},
                                   ],
                                   "responses": {"200": _resp("Costs", ref(views.Costs)), **errors(400, 401)}}},
+            "/v1/volumes": {"get": {"summary": "Network volumes: where each lives, the jobs that used it, its storage cost",
+                                    "responses": {"200": _resp("Volumes", ref(views.Volumes)), **errors(401)}}},
+            "/": {"get": {"summary": "The web dashboard (its data comes from this API, with the token)", "security": [],
+                          "responses": {"200": _resp("The dashboard page", {"type": "string"}, "text/html")}}},
+            "/ui/{asset}": {"get": {
+                "summary": "The dashboard's script and style", "security": [],
+                "parameters": [{"name": "asset", "in": "path", "required": True,
+                                "schema": {"type": "string", "enum": ["index.html", "app.js", "style.css"]}}],
+                "responses": {"200": _resp("The file", {"type": "string"}, "text/plain"), **errors(401, 404)}}},
             "/v1/status": {"get": {"summary": "The daemon: version, uptime, loop, providers, jobs by status",
                                    "responses": {"200": _resp("Status", ref(views.Status)), **errors(401)}}},
             "/v1/offers": {"get": {"summary": "Current offers from every provider, ranked by expected cost",

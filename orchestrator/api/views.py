@@ -173,6 +173,26 @@ class Offers(_Out):
     providers: dict[str, ProviderHealth]
 
 
+class VolumeOut(_Out):
+    name: str
+    size_gb: int
+    mount_path: str
+    provider: str | None = Field(description="null until a job's first launch created it")
+    region: str | None
+    volume_id: str | None = Field(description="the provider's id for it")
+    created_at: datetime | None
+    jobs: int = Field(ge=0, description="jobs that named this volume")
+    active_job: str | None = Field(description="the job using it now (one at most), or null")
+    last_used_at: datetime | None = Field(description="when a job that named it last changed")
+    storage_usd_per_month: float = Field(ge=0, description="what it costs per month while it exists")
+    storage_usd_so_far: float = Field(ge=0, description="its storage cost so far, counted from when gpuhop recorded it (an upper bound: before the first launch it may not exist yet)")
+
+
+class Volumes(_Out):
+    volumes: list[VolumeOut]
+    storage_usd_per_month: float = Field(ge=0, description="all volumes together")
+
+
 class AgentAck(_Out):
     ok: Literal[True]
     attempt_status: AttemptStatus

@@ -448,6 +448,20 @@ class Store:
         with self._session() as s:
             return list(s.exec(select(VolumeRow).order_by(col(VolumeRow.name))))
 
+    def volume_usage(self) -> dict[str, tuple[int, str | None, float | None]]:
+        """Per volume name: how many jobs named it, the one that has not ended (if any), and when
+        a job last touched it (its latest update)."""
+        with self._session() as s:
+            rows = s.exec(
+                select(JobRow.volume_name, func.count(), func.max(JobRow.updated_at))
+                .where(col(JobRow.volume_name).is_not(None)).group_by(JobRow.volume_name)
+            ).all()
+            active = dict(s.exec(
+                select(JobRow.volume_name, JobRow.id)
+                .where(col(JobRow.volume_name).is_not(None), col(JobRow.status).not_in(TERMINAL_STATUSES))
+            ).all())
+        return {str(name): (int(n), active.get(name), last) for name, n, last in rows}
+
     def set_volume_location(self, name: str, provider: str, region: str, provider_volume_id: str) -> None:
         with self._write() as s:
             vol = s.exec(select(VolumeRow).where(VolumeRow.name == name)).first()
