@@ -107,6 +107,9 @@ class Engine:
         self.workers = Workers(settings, store, adapters, self.observer, self.placement, token_for, self.hint)
         self._wake = asyncio.Event()
         self._specs: dict[str, tuple[str, JobSpec]] = {}
+        # views of the rows of the last tick, by id, with the row object they were built from
+        self._job_views: dict[str, tuple[JobRow, reconcile.JobView]] = {}
+        self._attempt_views: dict[int, tuple[AttemptRow, reconcile.AttemptView]] = {}
         self._duplicates_seen: set[str] = set()
         self._pending_events: list[tuple[str, int, str]] = []
         self._last_prune = 0.0
@@ -193,8 +196,7 @@ class Engine:
         snap = await self.observer.snapshot(self._prev_tick_at, min(eng.listing_wait_seconds, eng.tick_seconds))
         self._prev_tick_at = started
         read_at = time.monotonic()  # launches that end after this are not in what we read
-        jobs = await self.store.run(self.store.active_jobs)
-        attempts = await self.store.run(self.store.attempts_for, [j.id for j in jobs])
+        jobs, attempts = await self.store.run(self.store.active_state)
         now = time.time()
         live = {a.name: a for rows in attempts.values() for a in rows if a.status != AttemptStatus.ENDED.value}
         observed = self._primaries(snap, live)
@@ -202,12 +204,25 @@ class Engine:
             job_id, number, message = self._pending_events.pop()
             await self.store.run(self.store.add_event, job_id, "duplicate", message, number)
         yield_at = time.perf_counter() + YIELD_EVERY_SECONDS
+        job_views, attempt_views = self._job_views, self._attempt_views
+        self._job_views, self._attempt_views = {}, {}  # this tick's rows only, so nothing piles up
         for job in jobs:
             spec = self._spec(job)
             rows = attempts.get(job.id, [])
-            views = [attempt_view(r) for r in rows]
-            decision = reconcile.decide(job_view(job, spec), views, observed, snap.readable, now, self.cfg,
-                                        snap.asked_at)
+            # the store hands back the same row object while its row is unchanged (store.cache):
+            # the same object means the same view, built once
+            jv = job_views.get(job.id)
+            if jv is None or jv[0] is not job:
+                jv = (job, job_view(job, spec))
+            self._job_views[job.id] = jv
+            views = []
+            for r in rows:
+                av = attempt_views.get(r.id or 0)
+                if av is None or av[0] is not r:
+                    av = (r, attempt_view(r))
+                self._attempt_views[r.id or 0] = av
+                views.append(av[1])
+            decision = reconcile.decide(jv[1], views, observed, snap.readable, now, self.cfg, snap.asked_at)
             if not self.workers.fresh(job.id, read_at):
                 continue  # a launch changed this job since it was read: the next tick decides it
             launch = await self._apply(job, rows, decision, observed, now)

@@ -95,3 +95,52 @@ def test_cancel_is_desired_state_and_idempotent(store: Store) -> None:
     assert not store.request_cancel("j2").cancel_requested
     assert store.request_cancel("nope") is None
     assert store.counts_by_status() == {"succeeded": 1, "failed": 1}
+
+
+def test_active_state_reloads_exactly_the_rows_that_changed(store: Store) -> None:
+    """The tick's cached read (store.cache): unchanged rows are not loaded again; any UPDATE,
+    through the store's verbs or plain SQL that bypasses them, is seen at once (the database's
+    trigger bumps the version); ended jobs and deleted attempts drop out."""
+    from sqlalchemy import text
+
+    now = time.time()
+    for j in ("j1", "j2", "j3"):
+        store.create_job(j, spec(), now)
+        store.add_attempt(AttemptRow(job_id=j, number=1, name=f"{j}-1", provider="local",
+                                     status="pending" if j == "j2" else "running", created_at=now))
+
+    def plain(state: tuple[list, dict]) -> tuple[dict, dict]:
+        jobs, attempts = state
+        return ({j.id: j.model_dump() for j in jobs},
+                {k: [a.model_dump() for a in v] for k, v in attempts.items()})
+
+    def uncached() -> tuple[dict, dict]:
+        jobs = store.active_jobs()
+        return plain((jobs, store.attempts_for([j.id for j in jobs])))
+
+    def loads() -> tuple[int, int]:
+        return store._job_cache.loaded, store._attempt_cache.loaded
+
+    assert plain(store.active_state()) == uncached()
+    assert loads() == (3, 3)
+    assert plain(store.active_state()) == uncached() and loads() == (3, 3)  # nothing changed: nothing loaded
+    store.update_job("j1", message="hello")
+    a2 = store.attempts("j2")[0]
+    store.update_attempt(a2.id or 0, last_heartbeat_at=now + 5)
+    with store._write() as s:  # a writer that knows nothing of versions
+        s.execute(text("UPDATE attempts SET detail = 'raw' WHERE name = 'j3-1'"))
+        s.commit()
+    jobs, attempts = store.active_state()
+    assert loads() == (4, 5)
+    assert {j.id: j.message for j in jobs}["j1"] == "hello"
+    assert attempts["j2"][0].last_heartbeat_at == now + 5 and attempts["j3"][0].detail == "raw"
+    assert plain((jobs, attempts)) == uncached()
+    store.update_job("j3", status="succeeded")
+    store.delete_attempt(a2.id or 0)
+    store.update_attempt(store.attempts("j1")[0].id or 0, status="ended", end_reason="preempted", ended_at=now)
+    store.add_attempt(AttemptRow(job_id="j1", number=2, name="j1-2", provider="local", status="pending",
+                                 created_at=now))
+    jobs, attempts = store.active_state()
+    assert sorted(j.id for j in jobs) == ["j1", "j2"] and attempts["j2"] == []
+    assert [a.number for a in attempts["j1"]] == [1, 2]
+    assert plain((jobs, attempts)) == uncached()

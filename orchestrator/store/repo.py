@@ -27,6 +27,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from orchestrator.models import AttemptStatus, EndReason, JobSpec, JobStatus
+from orchestrator.store.cache import RowCache
 from orchestrator.store.db import make_engine, migrate, write_engine
 from orchestrator.store.tables import AttemptRow, EventRow, JobRow, PreemptionStatsRow, VolumeRow
 
@@ -118,6 +119,8 @@ class Store:
         self._writer = write_engine(self.engine)
         self.event_retention_days = event_retention_days
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gpuhop-store")
+        self._job_cache: RowCache[str, JobRow] = RowCache()  # active_state's rows (store.cache)
+        self._attempt_cache: RowCache[int, AttemptRow] = RowCache()
 
     def migrate(self) -> None:
         migrate(self.engine)
@@ -209,6 +212,39 @@ class Store:
                 q = q.where(or_(col(JobRow.created_at) < at,
                                 and_(col(JobRow.created_at) == at, col(JobRow.id) < job_id)))
             return list(s.exec(q))
+
+    def active_state(self) -> tuple[list[JobRow], dict[str, list[AttemptRow]]]:
+        """Every unfinished job and all its attempts (in number order), as `active_jobs` and
+        `attempts_for` would read them, but loading in full only rows that changed since the
+        last call (see store.cache). One read transaction: a consistent snapshot."""
+        chunk = 5000
+        with self._session() as s:
+            job_versions = [(str(i), int(v)) for i, v in s.execute(
+                select(JobRow.id, JobRow.version).where(col(JobRow.status).in_(ACTIVE_STATUSES))).all()]
+            ids = [i for i, _ in job_versions]
+
+            def load_jobs(keys: list[str]) -> list[JobRow]:
+                return [r for n in range(0, len(keys), chunk)
+                        for r in s.exec(select(JobRow).where(col(JobRow.id).in_(keys[n:n + chunk])))]
+
+            jobs = self._job_cache.refresh(job_versions, load_jobs, lambda r: r.id)
+            attempt_versions: list[tuple[int, int]] = []
+            for n in range(0, len(ids), chunk):
+                attempt_versions += [(int(i), int(v)) for i, v in s.execute(
+                    select(AttemptRow.id, AttemptRow.version).where(col(AttemptRow.job_id).in_(ids[n:n + chunk]))).all()]
+
+            def load_attempts(keys: list[int]) -> list[AttemptRow]:
+                return [r for n in range(0, len(keys), chunk)
+                        for r in s.exec(select(AttemptRow).where(col(AttemptRow.id).in_(keys[n:n + chunk])))]
+
+            attempts = self._attempt_cache.refresh(attempt_versions, load_attempts, lambda r: r.id or 0)
+        by_job: dict[str, list[AttemptRow]] = {j: [] for j in jobs}
+        for row in attempts.values():
+            if row.job_id in by_job:
+                by_job[row.job_id].append(row)
+        for rows in by_job.values():
+            rows.sort(key=lambda r: r.number)
+        return list(jobs.values()), by_job
 
     def active_jobs(self) -> list[JobRow]:
         with self._session() as s:

@@ -48,6 +48,8 @@ class JobRow(SQLModel, table=True):
     finished_at: float | None = None
     lease_owner: str | None = Field(default=None, max_length=64)
     lease_expires: float | None = None
+    # bumped by a database trigger on every UPDATE (migration 0003): the store's read cache key
+    version: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
 
 
 class AttemptRow(SQLModel, table=True):
@@ -87,6 +89,7 @@ class AttemptRow(SQLModel, table=True):
     bill_ended_at: float | None = None
     cost_final: bool = False  # cost_usd is the provider's final figure, not an estimate
     duplicate_cost_usd: float = 0.0  # paid for duplicate machines that carried this attempt's name
+    version: int = Field(default=0, sa_column_kwargs={"server_default": "0"})  # see JobRow.version
 
 
 class VolumeRow(SQLModel, table=True):
