@@ -5,6 +5,12 @@ state directory, submits a few small training jobs that checkpoint into their vo
 machines away from some of them along the way (a RunPod preemption, a lost local machine), and
 shows the placements, preemptions and relaunches live. It ends with what each job cost and how
 many attempts it took, checks every step ran exactly once, and leaves no process behind.
+
+It says something at once (it is the README's first command): its first line comes before the
+slow parts (aiohttp is imported only when needed, the simulators only once that line is out),
+then one line per step of the start. Everything it prints fits the terminal's width, down to 80
+columns: at narrow widths the jobs table drops the job id and age and folds what is long, and
+each event is a line of its own above the live table (on a pipe, as it happens).
 """
 
 from __future__ import annotations
@@ -16,13 +22,14 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
-import aiohttp
 import typer
-from rich.console import Console, Group
+from rich import box
+from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
@@ -33,6 +40,9 @@ from simulators.harness import Daemon, steps_done
 TRAIN = Path(__file__).resolve().parent / "demo_train.py"
 TERMINAL = {"succeeded", "failed", "cancelled"}
 AWS_NOTICE = 8.0  # AWS gives 120 s; the demo is in a hurry
+RUNPOD_NOTICE = 2.0  # SIGTERM to SIGKILL when a pod's host goes away
+WIDE = 112  # narrower than this, the tables leave out what matters least and fold the rest
+TITLE = "gpuhop demo: 5 jobs on RunPod and AWS (simulated) and this machine"
 
 
 @dataclass
@@ -114,30 +124,48 @@ class Demo:
         self.daemon: Daemon | None = None
         self.client: Client | None = None
         self.jobs = demo_jobs()
-        self.feed: list[str] = []
         self.seen_events: dict[str, int] = {}
+        self.narrow = console.width < WIDE
+
+    @contextlib.contextmanager
+    def _step(self, doing: str, done: str) -> Iterator[None]:
+        """One step of the start: a spinner while it runs (on a terminal), a line once done."""
+        started = time.monotonic()
+        with self.console.status(f"{doing}…"):
+            yield
+        self.console.print(f"  {done} ({time.monotonic() - started:.1f} s)", highlight=False)
 
     async def run(self) -> int:
-        from simulators.aws import AwsSimulator
-        from simulators.runpod import RunPodSimulator
-
-        sim = RunPodSimulator(self.root / "runpod", start_delay=1.0, notice_seconds=2.0)
-        aws = AwsSimulator(self.root / "aws", notice_seconds=AWS_NOTICE, boot_delay=2.0)
-        self.sim_url = await sim.start()
-        self.aws_url = await aws.start()
+        # whatever was started is stopped, in reverse order, however the demo ends (Ctrl-C too)
+        started = contextlib.AsyncExitStack()
+        started.callback(self._remove_state)
         try:
+            with self._step("starting the simulated RunPod", "simulated RunPod: up"):
+                from simulators.runpod import RunPodSimulator
+
+                sim = RunPodSimulator(self.root / "runpod", start_delay=1.0, notice_seconds=RUNPOD_NOTICE)
+                self.sim_url = await sim.start()
+                started.push_async_callback(sim.stop)
+            with self._step("starting the simulated AWS (EC2, SQS, EventBridge)", "simulated AWS: up"):
+                from simulators.aws import AwsSimulator
+
+                aws = AwsSimulator(self.root / "aws", notice_seconds=AWS_NOTICE, boot_delay=2.0)
+                self.aws_url = await aws.start()
+                started.push_async_callback(aws.stop)
             # the daemon talks to the simulators in this process while it starts and stops: keep
             # this event loop free to answer by waiting on it from a worker thread
-            await asyncio.to_thread(self._start_daemon, self.sim_url, sim.api_key, self.aws_url)
+            started.push_async_callback(asyncio.to_thread, self._stop_daemon)
+            with self._step("starting the gpuhop daemon", "gpuhop daemon: up, with the local provider"):
+                await asyncio.to_thread(self._start_daemon, self.sim_url, sim.api_key, self.aws_url)
             return await self._drive()
         finally:
-            await asyncio.to_thread(self._stop_daemon)
-            await sim.stop()
-            await aws.stop()
-            if not self.keep:
-                shutil.rmtree(self.root, ignore_errors=True)
-            else:
-                self.console.print(f"state kept in {self.root}")
+            await started.aclose()
+
+    def _remove_state(self) -> None:
+        if not self.keep:
+            shutil.rmtree(self.root, ignore_errors=True)
+        else:
+            self.console.print(f"state kept in {self.root}")
 
     def _start_daemon(self, runpod_url: str, runpod_key: str, aws_url: str) -> None:
         self.daemon = Daemon(self.state, _config(runpod_url, runpod_key, aws_url), log_level="INFO")
@@ -151,31 +179,49 @@ class Demo:
     async def _api(self, fn: Any, *args: Any) -> Any:
         return await asyncio.to_thread(fn, *args)
 
+    async def _sim(self, method: str, url: str) -> Any:
+        """A call to a simulator's admin API; its JSON answer."""
+        import aiohttp  # here, not at the top: it takes a while to import, and the demo speaks first
+
+        async with aiohttp.ClientSession() as s, s.request(method, url) as resp:
+            return await resp.json(content_type=None)
+
+    def _say(self, when: str, name: str, text: str) -> None:
+        """One line of what happens: its time, the job, and the text folded under itself."""
+        line = Table.grid(padding=(0, 1))
+        line.add_column(no_wrap=True, width=9)
+        line.add_column(no_wrap=True, width=15)
+        line.add_column(overflow="fold")
+        line.add_row(when, name, text)
+        self.console.print(line, highlight=False)
+
+    @staticmethod
+    def _now() -> str:
+        return time.strftime("%H:%M:%S", time.gmtime())
+
     async def _drive(self) -> int:
         assert self.client is not None
         c = self.client
         for j in self.jobs:
             created = await self._api(c.submit, j.spec)
             j.job_id = created["id"]
-            self.feed.append(f"submitted {j.spec['name']} as {j.job_id}")
+            self._say(self._now(), j.spec["name"], f"submitted as {j.job_id}")
         deadline = time.monotonic() + 240
+        # the table stays at the bottom; what happens is printed above it (on a pipe: the events as
+        # they come, the table once, at the end)
         with Live(console=self.console, refresh_per_second=4, transient=False) as live:
             while True:
                 details = [await self._api(c.job, j.job_id) for j in self.jobs]
                 self._collect_events(details)
                 await self._disrupt(details)
-                live.update(self._view(details))
+                live.update(self._table(details))
                 if all(d["status"] in TERMINAL for d in details):
                     break
                 if time.monotonic() > deadline:
-                    self.feed.append("the demo took too long; stopping")
+                    self._say(self._now(), "", "the demo took too long; stopping")
                     break
                 await asyncio.sleep(0.5)
-        ledgers = []
-        async with aiohttp.ClientSession() as s:
-            for url in (self.sim_url, self.aws_url):
-                async with s.get(f"{url}/_sim/ledger") as resp:
-                    ledgers.append(await resp.json())
+        ledgers = [await self._sim("GET", f"{url}/_sim/ledger") for url in (self.sim_url, self.aws_url)]
         return self._summary(details, ledgers)
 
     def _collect_events(self, details: list[dict[str, Any]]) -> None:
@@ -186,7 +232,7 @@ class Demo:
                 if e["kind"] in ("launched", "running", "preempted", "lost", "succeeded", "failed", "no_capacity",
                                  "interruption"):
                     msg = e["message"].split(";")[0] if e["kind"] == "launched" else e["message"]
-                    self.feed.append(f"{e['at'][11:19]}  {d['name']:<16} {msg[:110]}")
+                    self._say(e["at"][11:19], d["name"], msg[:220])
             self.seen_events[d["id"]] = len(events)
 
     async def _disrupt(self, details: list[dict[str, Any]]) -> None:
@@ -199,23 +245,22 @@ class Demo:
             if volume_dir is None or len(steps_done(volume_dir)) < dis.after_steps:
                 continue
             dis.done = True
+            iid = attempt["instance_id"]
             if dis.kind == "interrupt":
-                async with aiohttp.ClientSession() as s:
-                    await s.post(f"{self.aws_url}/_sim/instances/{attempt['instance_id']}/interrupt")
-                self.feed.append(f"{time.strftime('%H:%M:%S', time.gmtime())}  {d['name']:<16} "
-                                 f"!! AWS spot interruption warning for {attempt['instance_id']} "
-                                 f"(reclaimed in {AWS_NOTICE:.0f} s)")
+                answer = await self._sim("POST", f"{self.aws_url}/_sim/instances/{iid}/interrupt")
+                # the simulator's own instance-action time: the warning's + its notice, as on EC2
+                at = str(((answer or {}).get("notice") or {}).get("time", ""))[11:19] or "?"
+                self._say(self._now(), d["name"],
+                          f"!! AWS spot interruption warning for {iid}: reclaim at {at}Z ({AWS_NOTICE:.0f} s notice)")
             elif dis.kind == "preempt":
-                async with aiohttp.ClientSession() as s:
-                    await s.post(f"{self.sim_url}/_sim/pods/{attempt['instance_id']}/preempt")
-                self.feed.append(f"{time.strftime('%H:%M:%S', time.gmtime())}  {d['name']:<16} "
-                                 f"!! the host of RunPod pod {attempt['instance_id']} goes away (SIGTERM, 2 s notice)")
+                await self._sim("POST", f"{self.sim_url}/_sim/pods/{iid}/preempt")
+                self._say(self._now(), d["name"],
+                          f"!! the host of RunPod pod {iid} goes away (SIGTERM, {RUNPOD_NOTICE:.0f} s notice)")
             else:
                 job_pid = self.state / "local" / "instances" / attempt["name"] / "job.pid"
                 with contextlib.suppress(OSError, ValueError):
                     os.killpg(int(job_pid.read_text()), signal.SIGKILL)
-                self.feed.append(f"{time.strftime('%H:%M:%S', time.gmtime())}  {d['name']:<16} "
-                                 "!! the machine dies under the job (SIGKILL)")
+                self._say(self._now(), d["name"], "!! the machine dies under the job (SIGKILL)")
 
     def _volume_dir(self, detail: dict[str, Any], attempt: dict[str, Any]) -> Path | None:
         vol = detail.get("volume") or {}
@@ -225,18 +270,35 @@ class Demo:
             return self.root / attempt["provider"] / "volumes" / vol["volume_id"]
         return None
 
-    def _view(self, details: list[dict[str, Any]]) -> Group:
-        feed = Table.grid()
-        feed.add_column()
-        for line in self.feed[-12:]:
-            feed.add_row(line)
-        return Group(render.jobs_table(details, title="gpuhop demo: 5 jobs on RunPod and AWS (simulated) and this machine"),
-                     feed)
+    def _new_table(self, title: str) -> Table:
+        if self.narrow:  # no vertical rules or edges: their room goes to the columns
+            return Table(title=title, header_style="bold", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
+                         min_width=min(len(title), self.console.width))  # the title on one line
+        return Table(title=title, header_style="bold")
+
+    def _table(self, details: list[dict[str, Any]]) -> Table:
+        """The jobs: `gpuhop jobs`' table where there is room, else the job, its status, its
+        attempts, where the last one runs (or why none does yet) and the cost."""
+        if not self.narrow:
+            return render.jobs_table(details, title=TITLE)
+        table = self._new_table(TITLE)
+        for col in ("JOB", "STATUS", "ATTEMPTS", "WHERE", "COST"):
+            table.add_column(col, justify="right" if col in ("ATTEMPTS", "COST") else "left",
+                             no_wrap=col != "WHERE", overflow="fold" if col == "WHERE" else "ellipsis")
+        for d in details:
+            attempts = d.get("attempts", [])
+            place = render.where(attempts[-1]) if attempts else (d.get("message") or "-")
+            table.add_row(d["name"], render.status_text(d["status"]), str(len(attempts)), place,
+                          render.money(d.get("cost_usd")))
+        return table
 
     def _summary(self, details: list[dict[str, Any]], ledgers: list[dict[str, Any]]) -> int:
-        table = Table(title="what each job cost", header_style="bold")
-        for col in ("JOB", "STATUS", "ATTEMPTS", "WHY ATTEMPTS ENDED", "COST", "STEPS EXACTLY ONCE"):
-            table.add_column(col)
+        table = self._new_table("what each job cost")
+        # narrow: the number of attempts is the length of the list of how they ended
+        cols = ["JOB", "STATUS", *([] if self.narrow else ["ATTEMPTS"]), "WHY ATTEMPTS ENDED", "COST",
+                "EACH STEP ONCE" if self.narrow else "STEPS EXACTLY ONCE"]
+        for col in cols:
+            table.add_column(col, no_wrap=col in ("JOB", "STATUS", "COST"))
         ok = True
         for j, d in zip(self.jobs, details, strict=True):
             reasons = ", ".join(a["end_reason"] or a["status"] for a in d["attempts"])
@@ -244,7 +306,8 @@ class Demo:
             steps = steps_done(vol) if vol else []
             once = sorted(steps) == list(range(1, j.steps + 1))
             ok = ok and once and d["status"] == "succeeded"
-            table.add_row(d["name"], render.status_text(d["status"]), str(len(d["attempts"])), reasons,
+            table.add_row(d["name"], render.status_text(d["status"]),
+                          *([] if self.narrow else [str(len(d["attempts"]))]), reasons,
                           render.money(d["cost_usd"]), "yes" if once else f"NO ({len(steps)} steps)")
         total = sum(d["cost_usd"] for d in details)
         machines = [e for ledger in ledgers for e in ledger["entries"] if e["kind"] in ("pod", "instance")]
@@ -266,12 +329,12 @@ def demo(
 ) -> None:
     """See gpuhop work, on simulated providers: placements, preemptions, relaunches, costs."""
     console = Console()
-    if not console.is_terminal:
+    if not console.is_terminal and "COLUMNS" not in os.environ:  # piped: long lines, unless told a width
         console = Console(width=150)
-    console.print("[bold]gpuhop demo[/]: simulated RunPod and AWS, and this machine; no account, nothing billed.")
-    demo_ = Demo(console, keep)
+    console.print("[bold]gpuhop demo[/]: starting simulated RunPod, AWS and a local provider…")
+    console.print("  no account needed, nothing billed; it takes half a minute or so", highlight=False)
     try:
-        code = asyncio.run(demo_.run())
+        code = asyncio.run(Demo(console, keep).run())
     except (ClientError, RuntimeError) as exc:
         console.print(f"[red]demo failed:[/] {exc}")
         raise typer.Exit(1) from None

@@ -9,6 +9,7 @@ import json
 import logging
 import traceback
 from collections.abc import AsyncIterator
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 
@@ -133,6 +134,9 @@ async def test_preemption_notice_is_polled_once_and_instance_ends_preempted(aws:
     assert (await http_get(metadata_url))[0] == 401  # launched IMDSv2-only: no token, no answer
     text = await asyncio.to_thread(MetadataReader(metadata_url).read)
     assert text is not None and json.loads(text)["action"] == "terminate"
+    # the reclaim the adapter reckons (the warning's time + EC2's 2 min) is the one the machine is told
+    action_at = datetime.fromisoformat(json.loads(text)["time"].replace("Z", "+00:00"))
+    assert notices[0].deadline == action_at
 
     seen = await observed(aws, launched.instance_id)
     assert seen is not None and seen.state is InstanceState.RUNNING and seen.interruption_at == notices[0].deadline

@@ -7,6 +7,7 @@ import base64
 import json
 import time
 from collections.abc import AsyncIterator
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,10 @@ async def test_client_token_is_idempotent(sim: AwsSimulator) -> None:
     assert sum(len(r["Instances"]) for r in listed["Reservations"]) == 1
 
 
+def _epoch(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
 async def test_interruption_warning_metadata_and_reclaim(sim: AwsSimulator, tmp_path: Path) -> None:
     ec2, sqs, events = client(sim, "ec2"), client(sim, "sqs"), client(sim, "events")
     queue = (await call(sqs.create_queue, QueueName="warnings"))["QueueUrl"]
@@ -148,14 +153,20 @@ async def test_interruption_warning_metadata_and_reclaim(sim: AwsSimulator, tmp_
     url = out.read_text()
     assert (await http_get(url))[0] == 404
 
+    warned = time.time()
     notice = await admin(sim, "POST", f"/_sim/instances/{iid}/interrupt", {})
     assert notice["notice"]["action"] == "terminate"
     status, text = await http_get(url)
-    assert status == 200 and json.loads(text)["action"] == "terminate"
+    assert status == 200 and json.loads(text) == notice["notice"]
+    # the reclaim is the warning's time + the configured notice (EC2's: + 2 min), in whole seconds
+    action_at = _epoch(notice["notice"]["time"])
+    assert int(warned + NOTICE) <= action_at <= time.time() + NOTICE
     messages = (await call(sqs.receive_message, QueueUrl=queue, WaitTimeSeconds=2))["Messages"]
     event = json.loads(messages[0]["Body"])
     assert event["source"] == "aws.ec2" and event["detail-type"] == "EC2 Spot Instance Interruption Warning"
     assert event["detail"] == {"instance-id": iid, "instance-action": "terminate"}
+    # a client reckons the reclaim as the event's time + EC2's two minutes: the same moment
+    assert _epoch(event["time"]) + 120 == action_at
     assert (await describe_instance(ec2, iid))["State"]["Name"] == "running"  # still, during the notice
 
     ended = await wait_for(lambda: describe_instance(ec2, iid), lambda i: i["State"]["Name"] == "terminated", timeout=NOTICE + 5)

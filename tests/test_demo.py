@@ -1,5 +1,6 @@
 """`gpuhop demo`, the README's first command, runs to the end, reports success, and leaves no
-process behind.
+process behind; at 80 columns nothing it prints is wider, and what it says of the AWS spot
+warning agrees with the reclaim time the daemon reckons from EC2's event.
 
 "No process behind" is checked on the demo's own processes only, so that other work on a shared
 host cannot fail it: the demo runs with a marker in its environment, which every process it
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -51,12 +53,22 @@ def _cmdline(pid: int) -> str:
         return "?"
 
 
+def _seconds(hh: str, mm: str, ss: str) -> int:
+    return int(hh) * 3600 + int(mm) * 60 + int(ss)
+
+
+def _apart(a: int, b: int) -> int:
+    """Seconds between two times of day, across midnight too."""
+    return min((a - b) % 86400, (b - a) % 86400)
+
+
 def test_demo_runs_clean(tmp_path: Path) -> None:
     run_id = uuid.uuid4().hex
     marker = f"{MARKER}={run_id}".encode()
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    env = {**os.environ, MARKER: run_id, "TMPDIR": str(tmp)}
+    # an 80-column terminal's width, on a pipe: what it prints must fit
+    env = {**os.environ, MARKER: run_id, "TMPDIR": str(tmp), "COLUMNS": "80"}
     out_path, err_path = tmp_path / "demo.out", tmp_path / "demo.err"
     seen_jobs: set[int] = set()
     with open(out_path, "w") as out, open(err_path, "w") as err:
@@ -81,6 +93,18 @@ def test_demo_runs_clean(tmp_path: Path) -> None:
         assert name in stdout
     assert "preempted, succeeded" in stdout and "lost, succeeded" in stdout
     assert "NO (" not in stdout  # every step exactly once
+    wide = [line for line in stdout.splitlines() if len(line) > 80]
+    assert not wide, "lines wider than COLUMNS=80:\n" + "\n".join(wide)
+    # the AWS warning the demo gives and the reclaim the daemon reckons from EC2's event agree
+    said = " ".join(stdout.split())  # its lines fold at 80 columns
+    warned = re.search(r"(\d\d):(\d\d):(\d\d) bert-pretrain !! AWS spot interruption warning for (i-\w+): "
+                       r"reclaim at (\d\d):(\d\d):(\d\d)Z \((\d+) s notice\)", said)
+    assert warned, stdout[-6000:]
+    reclaim = _seconds(*warned.group(5, 6, 7))
+    assert _apart(_seconds(*warned.group(1, 2, 3)) + int(warned[8]), reclaim) <= 3, warned[0]
+    reckoned = re.search(rf"aws will reclaim instance {warned[4]} at (\d\d):(\d\d):(\d\d)Z", said)
+    assert reckoned, stdout[-6000:]
+    assert _apart(_seconds(*reckoned.group(1, 2, 3)), reclaim) <= 3, (warned[0], reckoned[0])
     # the check below can see the demo's processes: it saw its jobs while they ran
     assert seen_jobs, "no job process of the demo was ever seen: the leftover check would be blind"
     try:

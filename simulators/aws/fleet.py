@@ -11,6 +11,13 @@ pending; after an interruption notice the instance is reclaimed with
 `Server.SpotInstanceTermination` (the job got no signal from it: the agent reads the notice from
 the metadata URL; the reclaim itself is an OS shutdown, SIGTERM then SIGKILL).
 
+The notice period is the simulator's setting (120 s, EC2's, unless told otherwise): the
+instance-action time is the warning's time plus that notice. The EventBridge warning carries
+only its own time, from which a client reckons the reclaim as EC2 promises it, two minutes
+later; so the event is dated two minutes before the instance-action time, and a client reckons
+the very moment the simulator reclaims at. With a shorter notice that date is in the past, as
+for a warning delivered late, which is what a short notice amounts to.
+
 The instance metadata service (IMDS) is served per instance under the simulator's admin API,
 as EC2 serves it at 169.254.169.254: IMDSv2 session tokens (`PUT latest/api/token` with
 `X-aws-ec2-metadata-token-ttl-seconds`, 1-21600), and when the instance was launched with
@@ -87,6 +94,7 @@ OS_SHUTDOWN = ("Client.InstanceInitiatedShutdown", "Client.InstanceInitiatedShut
 STATE_CODES = {"pending": 0, "running": 16, "shutting-down": 32, "terminated": 48, "stopping": 64, "stopped": 80}
 INTERRUPTION_DETAIL_TYPE = "EC2 Spot Instance Interruption Warning"
 REBALANCE_DETAIL_TYPE = "EC2 Instance Rebalance Recommendation"
+EC2_NOTICE_SECONDS = 120.0  # EC2's warning comes two minutes before the reclaim; clients count on it
 LAUNCH_FAILURES = {  # what EC2 puts in StateReason when a launch fails after it was accepted
     "Server.InsufficientInstanceCapacity": (
         "Server.InsufficientInstanceCapacity",
@@ -347,6 +355,8 @@ class Fleet:
         events_backends[self.account][rec.region].put_events([{
             "Source": "aws.ec2", "DetailType": INTERRUPTION_DETAIL_TYPE, "Detail": json.dumps(detail),
             "Resources": [f"arn:aws:ec2:{rec.zone}:instance/{instance_id}"],
+            # dated so that its time + EC2's two minutes is the instance-action time (see above)
+            "Time": deadline - EC2_NOTICE_SECONDS,
         }])
         return rec.notice
 
