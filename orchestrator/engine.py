@@ -281,6 +281,8 @@ class Engine:
     async def _record_bill_starts(self, observed: dict[str, Instance], live: dict[str, AttemptRow]) -> None:
         """Remember when the provider started billing each live attempt (once)."""
         for name, attempt in live.items():
+            if attempt.bill_started_at is not None:
+                continue  # known already (most of them, most ticks)
             inst = observed.get(name)
             if (inst is not None and inst.bill is not None and attempt.bill_started_at is None
                     and attempt.instance_id == inst.instance_id):
