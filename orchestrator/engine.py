@@ -17,6 +17,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from adapters.base import Adapter, InterruptionSupport
 from orchestrator import metrics, reconcile
@@ -79,6 +80,24 @@ def job_view(row: JobRow, spec: JobSpec) -> reconcile.JobView:
     )
 
 
+@dataclass(frozen=True)
+class _Quiet:
+    """A job's inputs when deciding it last asked for nothing, and until when (by the clock
+    alone) it would keep asking for nothing (reconcile.quiet_until). Views are compared by
+    identity: the store hands back the same row, hence the same view, while a row is unchanged."""
+
+    job: reconcile.JobView
+    attempts: tuple[reconcile.AttemptView, ...]
+    seen: tuple[tuple[bool, tuple[object, ...] | None], ...]
+    cfg: reconcile.Settings
+    until: float
+
+    def same(self, job: reconcile.JobView, attempts: list[reconcile.AttemptView],
+             seen: tuple[tuple[bool, tuple[object, ...] | None], ...], cfg: reconcile.Settings) -> bool:
+        return (job is self.job and cfg is self.cfg and len(attempts) == len(self.attempts)
+                and all(a is b for a, b in zip(attempts, self.attempts, strict=True)) and seen == self.seen)
+
+
 class Engine:
     def __init__(
         self,
@@ -110,6 +129,7 @@ class Engine:
         # views of the rows of the last tick, by id, with the row object they were built from
         self._job_views: dict[str, tuple[JobRow, reconcile.JobView]] = {}
         self._attempt_views: dict[int, tuple[AttemptRow, reconcile.AttemptView]] = {}
+        self._quiet: dict[str, _Quiet] = {}  # jobs whose last decision asked for nothing, and until when
         self._duplicates_seen: set[str] = set()
         self._pending_events: list[tuple[str, int, str]] = []
         self._last_prune = 0.0
@@ -204,9 +224,12 @@ class Engine:
             job_id, number, message = self._pending_events.pop()
             await self.store.run(self.store.add_event, job_id, "duplicate", message, number)
         yield_at = time.perf_counter() + YIELD_EVERY_SECONDS
-        job_views, attempt_views = self._job_views, self._attempt_views
-        self._job_views, self._attempt_views = {}, {}  # this tick's rows only, so nothing piles up
+        job_views, attempt_views, quiet_jobs = self._job_views, self._attempt_views, self._quiet
+        self._job_views, self._attempt_views, self._quiet = {}, {}, {}  # this tick's only: nothing piles up
         for job in jobs:
+            if time.perf_counter() >= yield_at:  # let the API and agents in every few ms, not once per
+                await asyncio.sleep(0)          # job: an idle pass of the loop costs a poll each time
+                yield_at = time.perf_counter() + YIELD_EVERY_SECONDS
             spec = self._spec(job)
             rows = attempts.get(job.id, [])
             # the store hands back the same row object while its row is unchanged (store.cache):
@@ -222,7 +245,17 @@ class Engine:
                     av = (r, attempt_view(r))
                 self._attempt_views[r.id or 0] = av
                 views.append(av[1])
+            seen = tuple((a.provider in snap.readable, reconcile.seen_as(observed.get(a.name)))
+                         for a in views if a.live)
+            quiet = quiet_jobs.get(job.id)
+            if quiet is not None and quiet.same(jv[1], views, seen, self.cfg) and now < quiet.until:
+                self._quiet[job.id] = quiet  # nothing it reads has changed, nor has the clock
+                continue                     # reached a rule: deciding again would ask for nothing
             decision = reconcile.decide(jv[1], views, observed, snap.readable, now, self.cfg, snap.asked_at)
+            if not decision.actions and not decision.relaunches and not decision.retries:
+                until = reconcile.quiet_until(jv[1], views, now, self.cfg, snap.asked_at)
+                if until > now:
+                    self._quiet[job.id] = _Quiet(jv[1], tuple(views), seen, self.cfg, until)
             if not self.workers.fresh(job.id, read_at):
                 continue  # a launch changed this job since it was read: the next tick decides it
             launch = await self._apply(job, rows, decision, observed, now)
@@ -232,9 +265,6 @@ class Engine:
             for action in decision.actions:
                 if isinstance(action, reconcile.RetryLaunch):
                     self.workers.relaunch_soon(job, spec, by_id[action.attempt_id])
-            if time.perf_counter() >= yield_at:  # let the API and agents in every few ms, not once per
-                await asyncio.sleep(0)          # job: an idle pass of the loop costs a poll each time
-                yield_at = time.perf_counter() + YIELD_EVERY_SECONDS
         active = {j.id for j in jobs}
         for job_id in [k for k in self._specs if k not in active]:
             del self._specs[job_id]

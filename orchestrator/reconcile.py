@@ -409,3 +409,53 @@ def decide(
         d.add(SetStatus(waiting))
     d.add(Launch())
     return d
+
+
+# ----------------------------------------------------------------------------- quiet jobs
+
+
+def seen_as(inst: Instance | None) -> tuple[object, ...] | None:
+    """Everything `decide` reads of an observed instance, as a value to compare between ticks."""
+    if inst is None:
+        return None
+    return (inst.instance_id, inst.state, inst.reason, inst.fault, inst.exit_code, inst.exit_signal,
+            inst.stopped_by_us, inst.extra.get("exit_sigterm"))
+
+
+def quiet_until(
+    job: JobView,
+    attempts: list[AttemptView],
+    now: float,
+    cfg: Settings,
+    observed_at: dict[str, float] | None = None,
+) -> float:
+    """For a job whose `decide(...)` at `now` asked for nothing: until when the same inputs
+    (job, attempts, instances as `seen_as` shows them, providers' readability) keep asking for
+    nothing. Only the clock moves the rules then: the launch grace, the heartbeat timeout, the
+    budget (a live attempt's cost grows), the placement backoff. Each of them flips once and
+    for good (a grace that ended stays ended, spending only grows), so one that has already
+    flipped without asking for anything never will: only the ones still ahead count. Returns
+    the earliest of those (inf: none); `now` when an attempt is newer than the listing (the
+    next listing judges it, so the job must be decided again). Conservative: it may name a
+    moment that changes nothing, never a later one than the first that could."""
+    ahead: list[float] = []
+    live = [a for a in attempts if a.live]
+    for a in live:
+        if _newer_than_listing(a, observed_at):
+            return now
+        if a.launched_at is not None:
+            ahead.append(a.launched_at + cfg.launch_grace_seconds)
+        if a.provider in cfg.remote_providers and a.status == AttemptStatus.RUNNING:
+            heard = a.last_heartbeat_at or a.running_at or a.launched_at
+            if heard is not None:
+                ahead.append(max(heard, cfg.silence_since) + cfg.heartbeat_timeout_seconds)
+    budget = job.policy.max_cost_usd
+    if budget is not None:
+        rate = sum(a.price_per_hour / 3600.0 for a in live
+                   if (a.bill_started_at if a.bill_started_at is not None else a.launched_at) is not None)
+        if rate > 0:
+            # a little early rather than late: float sums must not carry it past the budget
+            ahead.append(now + max(0.0, budget - job_cost(attempts, now)) / rate * 0.999)
+    if job.next_try_at is not None:
+        ahead.append(job.next_try_at)
+    return min((t for t in ahead if t > now), default=float("inf"))

@@ -156,3 +156,43 @@ async def test_a_succeeded_job_stops_its_machine(rig: Rig) -> None:
     (a,) = attempts(rig)
     assert (a.end_reason, a.exit_code) == ("succeeded", 0)
     assert not rig.fake.live()
+
+
+class RemoteFake(FakeAdapter):
+    """The fake as a cloud provider: the daemon cannot see its processes, so a silent agent
+    means a lost machine (heartbeat timeout)."""
+
+    remote = True
+
+
+async def test_a_quiet_job_is_still_judged_when_the_clock_or_the_listing_says_so(tmp_path: Path) -> None:
+    """The engine stops re-deciding a job while nothing it reads changes (reconcile.quiet_until).
+    A heartbeat that stops is still caught once the timeout passes, and a preemption is still
+    caught on the next tick, however long the job had been quiet."""
+    fake = RemoteFake.create(tmp_path, capacity={"r1": 4}, prices={"r1": 0.5})
+    r = Rig.create(tmp_path, fake, heartbeat_timeout_seconds=1.5)
+    try:
+        r.store.create_job(JOB, spec())
+        r.store.create_job("j2", spec())
+        first = await r.until(lambda: running(r), "attempt 1 running")
+        second = await r.until(lambda: running(r, job_id="j2"), "j2's attempt 1 running")
+        # j1's agent reports; j2's does not. While j1's reports come, it stays running.
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            r.store.update_attempt(first.id or 0, last_heartbeat_at=time.time())
+            await r.step()
+        assert running(r) is not None, r.describe()
+        lost = [a for a in attempts(r, "j2") if a.number == 1][0]
+        assert (lost.status, lost.end_reason) == ("ended", "lost"), r.describe()
+        assert "no report from the agent" in lost.detail
+        # j1 has been quiet for many ticks; its machine is taken: the next tick sees it
+        for _ in range(3):
+            await r.step()
+        fake.preempt(first.instance_id or "")
+        await r.step()
+        ended = [a for a in attempts(r) if a.number == 1][0]
+        assert (ended.status, ended.end_reason) == ("ended", "preempted"), r.describe()
+        assert second.id != first.id
+    finally:
+        await r.engine.drain()
+        r.close()

@@ -19,6 +19,7 @@ from orchestrator.reconcile import (
     Terminate,
     attempt_cost,
     decide,
+    quiet_until,
 )
 
 NOW = 10_000.0
@@ -172,3 +173,51 @@ def test_mark_running_sets_job_running() -> None:
     d = decide(job(status=JobStatus.LAUNCHING), [att(status=AttemptStatus.LAUNCHING)],
                {"gpuhop-j1-1": inst(InstanceState.RUNNING)}, {"local"}, NOW, CFG)
     assert d.actions == [MarkRunning(1), SetStatus(JobStatus.RUNNING)]
+
+
+QUIET = [c for c in CASES if not c[5]]  # the table's cases in which deciding asks for nothing
+CLOCKED = [  # quiet now, and a clock rule fires later: (id, job, attempts, observed, readable)
+    ("remote heartbeat times out", job(), [att(provider="runpod", last_heartbeat_at=NOW - 10)],
+     [inst(InstanceState.RUNNING, provider="runpod")], {"runpod"}),
+    ("launch grace ends for a machine not listed", job(status=JobStatus.LAUNCHING),
+     [att(status=AttemptStatus.LAUNCHING, launched_at=NOW - 5)], [], {"local"}),
+    ("remote exit without a code: the agent's grace ends", job(),
+     [att(provider="runpod", launched_at=NOW - 10, last_heartbeat_at=NOW)],
+     [inst(InstanceState.EXITED, provider="runpod")], {"runpod"}),
+    ("the budget is reached while it runs", job(policy=Policy(max_cost_usd=0.2)), [att()],
+     [inst(InstanceState.RUNNING)], {"local"}),
+    ("the backoff ends", job(status=JobStatus.RECOVERING, next_try_at=NOW + 5),
+     [att(status=AttemptStatus.ENDED, end_reason=EndReason.PREEMPTED)], [], {"local"}),
+]
+
+
+@pytest.mark.parametrize(("job_", "attempts", "observed", "readable"),
+                         [c[1:5] for c in QUIET] + [c[1:] for c in CLOCKED],
+                         ids=[c[0] for c in QUIET] + [c[0] for c in CLOCKED])
+def test_a_quiet_job_stays_quiet_until_its_horizon(job_, attempts, observed, readable) -> None:  # type: ignore[no-untyped-def]
+    """The engine skips deciding a job whose inputs did not change until `quiet_until`: at any
+    moment before it, deciding again must ask for nothing, or the skip would miss a rule."""
+    seen = {i.name: i for i in observed}
+    assert decide(job_, attempts, seen, readable, NOW, CFG).actions == []
+    until = quiet_until(job_, attempts, NOW, CFG)
+    assert until > NOW
+    step = min(until - NOW, 10_000.0) / 50
+    for k in range(50):
+        t = NOW + k * step
+        assert decide(job_, attempts, seen, readable, t, CFG).actions == [], f"acted at {t - NOW:.3f} s"
+
+
+@pytest.mark.parametrize(("job_", "attempts", "observed", "readable"), [c[1:] for c in CLOCKED],
+                         ids=[c[0] for c in CLOCKED])
+def test_the_horizon_is_when_a_clock_rule_fires(job_, attempts, observed, readable) -> None:  # type: ignore[no-untyped-def]
+    """...and it is not far off: shortly after it, the clock rule acts (so the skip costs at
+    most one tick of lateness, none past the horizon)."""
+    until = quiet_until(job_, attempts, NOW, CFG)
+    assert until < float("inf")
+    later = decide(job_, attempts, {i.name: i for i in observed}, readable, until + 0.01 * (until - NOW) + 0.001, CFG)
+    assert later.actions, f"nothing happened after the horizon {until - NOW:.1f} s"
+
+
+def test_an_attempt_newer_than_the_listing_is_never_skipped() -> None:
+    a = att(status=AttemptStatus.LAUNCHING, launched_at=NOW - 1, created_at=NOW - 2)
+    assert quiet_until(job(status=JobStatus.LAUNCHING), [a], NOW, CFG, {"local": NOW - 3}) == NOW
