@@ -182,7 +182,7 @@ async def test_a_quiet_job_is_still_judged_when_the_clock_or_the_listing_says_so
             r.store.update_attempt(first.id or 0, last_heartbeat_at=time.time())
             await r.step()
         assert running(r) is not None, r.describe()
-        lost = [a for a in attempts(r, "j2") if a.number == 1][0]
+        lost = next(a for a in attempts(r, "j2") if a.number == 1)
         assert (lost.status, lost.end_reason) == ("ended", "lost"), r.describe()
         assert "no report from the agent" in lost.detail
         # j1 has been quiet for many ticks; its machine is taken: the next tick sees it
@@ -190,7 +190,7 @@ async def test_a_quiet_job_is_still_judged_when_the_clock_or_the_listing_says_so
             await r.step()
         fake.preempt(first.instance_id or "")
         await r.step()
-        ended = [a for a in attempts(r) if a.number == 1][0]
+        ended = next(a for a in attempts(r) if a.number == 1)
         assert (ended.status, ended.end_reason) == ("ended", "preempted"), r.describe()
         assert second.id != first.id
     finally:
