@@ -1,5 +1,5 @@
 """The `gpuhop` command: run the daemon (`serve`), and talk to it (`submit`, `jobs`, `show`,
-`watch`, `logs`, `cancel`, `offers`). Commands that ship with the simulators (`demo`, `sim`)
+`watch`, `logs`, `cancel`, `offers`, `costs`, `volumes`, `volume rm`). Commands that ship with the simulators (`demo`, `sim`)
 are found through the `gpuhop.cli` entry-point group, so this module never imports them.
 
 Every command prints a table for people and takes `--json` where a script would want it;
@@ -153,12 +153,15 @@ def submit(
     file: Annotated[Path, typer.Argument(help="job spec, TOML (or .json)")],
     force: Annotated[bool, typer.Option("--force", help="queue it even if no configured provider offers "
                                                         "what it asks for")] = False,
+    reuse_volume: Annotated[bool, typer.Option("--reuse-volume", help="run on its volume even though the last "
+                                                                      "job on it succeeded (it resumes from there)")] = False,
     server: ServerOpt = None, state_dir: StateOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Submit a job; prints its id. A job that no configured provider could ever run (a GPU
-    nobody offers, a GPU job on a machine without one) is refused with what is offered."""
+    nobody offers, a GPU job on a machine without one) is refused with what is offered, and so
+    is a job naming a volume whose last job succeeded, unless --reuse-volume."""
     spec = load_spec_file(file)
-    job = call(client(server, state_dir).submit, spec, force)
+    job = call(client(server, state_dir).submit, spec, force, reuse_volume)
     if as_json:
         console.print_json(json.dumps(job))
     else:
@@ -389,6 +392,25 @@ def volumes(server: ServerOpt = None, state_dir: StateOpt = None, as_json: JsonO
         print(json.dumps(data, indent=2))
         return
     console.print(render.volumes_table(data))
+
+
+volume_app = typer.Typer(help="One network volume: `gpuhop volume rm NAME` (`gpuhop volumes` lists them).",
+                         no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(volume_app, name="volume")
+
+
+@volume_app.command("rm")
+def volume_rm(
+    name: Annotated[str, typer.Argument(help="the volume's name (as in the job spec and `gpuhop volumes`)")],
+    server: ServerOpt = None, state_dir: StateOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Delete a volume and its data, at its provider too (its storage stops billing). Refused
+    while a job that has not ended uses it; a provider failure keeps it (try again)."""
+    data = call(client(server, state_dir).delete_volume, name)
+    if as_json:
+        print(json.dumps(data, indent=2))
+    else:
+        console.print(escape(data["message"]))
 
 
 @app.command()

@@ -75,8 +75,9 @@ class Client:
             ctype = resp.headers.get("Content-Type", "")
         return json.loads(raw) if "json" in ctype else raw.decode("utf-8", "replace")
 
-    def submit(self, spec: dict[str, Any], force: bool = False) -> dict[str, Any]:
-        result: dict[str, Any] = self.request("POST", "/v1/jobs?force=true" if force else "/v1/jobs", spec)
+    def submit(self, spec: dict[str, Any], force: bool = False, reuse_volume: bool = False) -> dict[str, Any]:
+        flags = [f"{name}=true" for name, on in (("force", force), ("reuse_volume", reuse_volume)) if on]
+        result: dict[str, Any] = self.request("POST", "/v1/jobs" + ("?" + "&".join(flags) if flags else ""), spec)
         return result
 
     def jobs(self, status: str | None = None) -> list[dict[str, Any]]:
@@ -99,6 +100,10 @@ class Client:
 
     def volumes(self) -> dict[str, Any]:
         result: dict[str, Any] = self.request("GET", "/v1/volumes")
+        return result
+
+    def delete_volume(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("DELETE", f"/v1/volumes/{urllib.parse.quote(name, safe='')}")
         return result
 
     def status(self) -> dict[str, Any]:

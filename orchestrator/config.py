@@ -96,6 +96,13 @@ class DatabaseSettings(_Section):
         return value
 
 
+class VolumeSettings(_Section):
+    delete_after_days: float = Field(
+        default=0.0, ge=0, le=36500,
+        description="volumes no job used for this many days are deleted, at the provider too (0 = never)",
+    )
+
+
 class EngineSettings(_Section):
     tick_seconds: float = Field(default=5.0, gt=0, le=3600, description="reconcile period (woken early by hints)")
     launch_grace_seconds: float = Field(
@@ -152,6 +159,7 @@ class Settings(_Section):
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     placement: PlacementSettingsModel = Field(default_factory=PlacementSettingsModel)
+    volumes: VolumeSettings = Field(default_factory=VolumeSettings)
     providers: dict[str, dict[str, Any]] = Field(
         default_factory=lambda: {"local": dict[str, Any]()},
         description="one table per provider; each is validated by that provider's adapter",

@@ -33,7 +33,7 @@ from aiohttp import web
 
 from adapters.base import Adapter, AdapterContext, AdapterError, AuthError
 from adapters.registry import create_adapter, validate_settings
-from orchestrator import auth, systemd
+from orchestrator import auth, systemd, volume_deletion
 from orchestrator.api.app import ApiContext, make_app
 from orchestrator.config import ConfigError, Settings, load_settings
 from orchestrator.engine import Engine
@@ -228,6 +228,9 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         log.info("gpuhop listening on %s (state %s, providers: %s)", url, state_dir, ", ".join(adapters))
         engine_task = asyncio.create_task(engine.run(stop), name="engine")
         watchdog = asyncio.create_task(systemd.watchdog_loop(stop, engine.healthy), name="watchdog")
+        volume_retention = asyncio.create_task(volume_deletion.retention_loop(
+            store, adapters, settings.volumes.delete_after_days, stop, ready=engine.observer.started,
+        ), name="volume-retention")
         systemd.notify("READY=1\nSTATUS=serving")
         done, _ = await asyncio.wait({engine_task, asyncio.ensure_future(stop.wait())},
                                      return_when=asyncio.FIRST_COMPLETED)
@@ -238,6 +241,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         stop.set()
         await asyncio.wait_for(engine_task, 60)
         watchdog.cancel()
+        with contextlib.suppress(Exception):  # it stops between deletions: let one in flight end
+            await asyncio.wait_for(volume_retention, 60)
     finally:
         if runner is not None:
             with contextlib.suppress(Exception):

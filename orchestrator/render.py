@@ -121,7 +121,10 @@ def job_detail(job: dict[str, Any]) -> Group:
     if job.get("volume"):
         v = job["volume"]
         place = f"{v['provider']} {v['region']} ({v['volume_id']})" if v.get("provider") else "not created yet"
-        head.add_row("volume", f"{v['name']} {v['size_gb']} GB at {v['mount_path']}: {place}")
+        storage = f", storage {money(v.get('storage_usd_per_month'))} per month" if v.get("provider") else ""
+        head.add_row("volume", f"{v['name']} {v['size_gb']} GB at {v['mount_path']}: {place}{storage}")
+    elif (job.get("spec") or {}).get("volume"):
+        head.add_row("volume", f"{job['spec']['volume']['name']}: deleted")
     head.add_row("submitted", f"{job['created_at']} ({ago(job['created_at'])} ago)")
     parts: list[Any] = [head]
     if job["attempts"]:

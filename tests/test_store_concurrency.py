@@ -1,7 +1,7 @@
 """The store under concurrent writers, on SQLite and PostgreSQL: one unfinished job per volume
 whatever the timing, writes from stale snapshots that never move an attempt backwards, each ended
-attempt counted once in the preemption aggregate, and store calls that never queue behind
-provider SDK calls in the loop's default executor."""
+attempt counted once in the preemption aggregate, store calls that never queue behind provider
+SDK calls in the loop's default executor, and a volume deletion that no submit can slip past."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from orchestrator.models import AttemptStatus, EndReason, JobSpec, JobStatus
 from orchestrator.store import AttemptRow, Conflict, JobRow, Store
@@ -223,3 +224,126 @@ def test_an_early_replacement_may_start_beside_a_warned_attempt_only(store: Stor
     store.update_attempt(first.id or 0, status=AttemptStatus.ENDED.value, end_reason=EndReason.PREEMPTED.value,
                          ended_at=time.time())
     assert [a.number for a in store.attempts("j1")] == [1, 2]
+
+
+# ----------------------------------------------------------------------------- deleting volumes
+
+
+def _used(store: Store, job_id: str, volume: str, status: str = "failed", at: float | None = None,
+          reuse: bool = True) -> JobRow:
+    """A job that named `volume` and has ended with `status`."""
+    job = store.create_job(job_id, spec(volume), at, reuse_volume=reuse)
+    store.apply(job_id, {"status": status}, {}, [])
+    return job
+
+
+def test_a_volume_is_claimed_for_deletion_only_while_no_unfinished_job_names_it(store: Store) -> None:
+    store.create_job("j1", spec("v"))
+    with pytest.raises(Conflict, match="volume 'v' is in use by job j1") as refused:
+        store.begin_volume_delete("v", "t1")
+    assert refused.value.code == "volume_in_use"
+    store.apply("j1", {"status": "cancelled"}, {}, [])
+    claimed = store.begin_volume_delete("v", "t1")
+    assert claimed is not None and claimed.deleting_token == "t1"
+    with pytest.raises(Conflict, match="volume 'v' is being deleted") as refused:
+        store.create_job("j2", spec("v"))  # a submit naming a volume being deleted
+    assert refused.value.code == "volume_deleting" and store.get_job("j2") is None
+    with pytest.raises(Conflict, match="already being deleted"):
+        store.begin_volume_delete("v", "t2")
+    assert not store.finish_volume_delete("v", "t2", "not mine")
+    assert store.finish_volume_delete("v", "t1", "asked to")
+    assert store.volume("v") is None
+    assert [(e.kind, e.message) for e in store.events("j1")][-1] == ("volume_deleted", "volume 'v' deleted: asked to")
+    assert store.begin_volume_delete("v", "t3") is None  # gone: nothing to claim
+    assert store.get_job("j1").volume_name is None  # type: ignore[union-attr]  # it let go of the name
+    store.create_job("j3", spec("v"))  # the name is free again: a new, empty volume
+    assert store.volume_usage()["v"][:2] == (1, "j3")  # j1 used the old one
+
+
+def test_an_interrupted_deletion_is_taken_over_and_a_refused_one_given_back(store: Store) -> None:
+    _used(store, "j1", "v")
+    now = time.time()
+    store.begin_volume_delete("v", "dead", now - 1000)  # a deleter that died 1000 s ago
+    assert store.volumes_to_sweep(None, now - 300) == [("v", True)]
+    assert store.begin_volume_delete("v", "alive", now, lease_seconds=300) is not None
+    store.abort_volume_delete("v", "dead")  # the dead one's late answer changes nothing
+    assert not store.finish_volume_delete("v", "dead", "late")
+    assert store.volume("v").deleting_token == "alive"  # type: ignore[union-attr]
+    assert store.volumes_to_sweep(None, now - 300) == []
+    store.abort_volume_delete("v", "alive")  # the provider refused: the volume is usable again
+    assert store.volume("v").deleting_token is None  # type: ignore[union-attr]
+    store.create_job("j2", spec("v"))
+
+
+def test_a_deletion_racing_submits_never_leaves_a_live_job_on_a_deleted_volume(store: Store) -> None:
+    """One thread deletes the volume (claim, then remove the row) while the others submit jobs
+    naming it: either a submit won (the deletion is refused) or the deletion won (every submit
+    before its end is refused, and one after it gets a new, empty volume)."""
+    for burst in range(BURSTS):
+        name = f"race{burst}"
+        _used(store, f"seed{burst}", name)
+        old = store.volume(name)
+        assert old is not None
+        deleter = burst % THREADS
+
+        def one(i: int, name: str = name, burst: int = burst, deleter: int = deleter) -> Any:
+            if i != deleter:
+                return store.create_job(f"r{burst}-{i}", spec(name))
+            if store.begin_volume_delete(name, "rm") is None:
+                return "gone"
+            assert store.finish_volume_delete(name, "rm", "race")
+            return "deleted"
+
+        results = at_once(THREADS, one)
+        outcome = results[deleter]
+        jobs = [r for i, r in enumerate(results) if i != deleter and isinstance(r, JobRow)]
+        refused = [r for i, r in enumerate(results) if i != deleter and not isinstance(r, JobRow)]
+        assert all(isinstance(r, Conflict) for r in refused), refused
+        assert len(jobs) <= 1, f"burst {burst}: {len(jobs)} unfinished jobs on one volume"
+        live = [j for j in store.active_jobs() if j.volume_name == name]
+        now_vol = store.volume(name)
+        if outcome == "deleted":
+            for job in live:  # submitted after the row went: a new volume, not the deleted one
+                # (a new row: SQLite may give it the old id, never the old creation time)
+                assert now_vol is not None and now_vol.created_at > old.created_at
+                assert now_vol.deleting_token is None
+                assert now_vol.created_at <= job.created_at
+            assert not live or now_vol is not None
+        else:
+            assert isinstance(outcome, Conflict) and outcome.code == "volume_in_use", outcome
+            assert len(live) == 1 and now_vol is not None and now_vol.created_at == old.created_at
+        for job in live:
+            store.apply(job.id, {"status": "cancelled"}, {}, [])
+
+
+def test_a_volume_whose_last_job_succeeded_is_reused_only_when_asked(store: Store) -> None:
+    t = time.time() - 100
+    _used(store, "a", "v", "succeeded", t, reuse=False)
+    with pytest.raises(Conflict, match=r"holds the final state of job a .*--reuse-volume") as refused:
+        store.create_job("b", spec("v"), t + 1, reuse_volume=False)
+    assert refused.value.code == "volume_finished" and "gpuhop volume rm v" in str(refused.value)
+    assert store.get_job("b") is None
+    _used(store, "b", "v", "failed", t + 2, reuse=True)  # asked: it runs on the final state
+    _used(store, "c", "v", "succeeded", t + 3, reuse=False)  # the newest ended failed: resuming is the point
+    with pytest.raises(Conflict, match="job c"):
+        store.create_job("d", spec("v"), t + 4, reuse_volume=False)
+    assert store.begin_volume_delete("v", "tok") is not None
+    assert store.finish_volume_delete("v", "tok", "test")
+    store.create_job("d", spec("v"), t + 5, reuse_volume=False)  # a new volume: a's and c's ends are not on it
+
+
+def test_retention_picks_volumes_unused_since_and_rechecks_when_it_claims(store: Store) -> None:
+    now = time.time()
+    _used(store, "old", "old", at=now - 10 * 86400)
+    _used(store, "recent", "recent", at=now - 86400)
+    store.create_job("busy", spec("busy"), now - 30 * 86400)  # queued for a month: still in use
+    with Session(store.engine) as s:  # ended long ago (apply stamps updated_at with the clock)
+        s.execute(update(JobRow).where(col(JobRow.volume_name) == "old").values(updated_at=now - 9 * 86400))
+        s.execute(update(JobRow).where(col(JobRow.volume_name) == "recent").values(updated_at=now - 86400))
+        s.commit()
+    assert store.volumes_to_sweep(now - 7 * 86400, now - 300) == [("old", False)]
+    assert store.volumes_to_sweep(None, now - 300) == []
+    _used(store, "again", "old")  # a job uses it between the listing and the claim
+    with pytest.raises(Conflict, match="was used since") as refused:
+        store.begin_volume_delete("old", "gc", unused_since=now - 7 * 86400)
+    assert refused.value.code == "volume_used"

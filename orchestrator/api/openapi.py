@@ -28,7 +28,11 @@ JOB_LINKS = {
 }
 _ERROR_TEXT = {400: "Bad request (the message says what)", 401: "Missing or wrong token", 404: "No such job",
                409: "Conflict", 410: "The attempt has ended", 413: "Body too large",
-               422: "Invalid content (the message names the field)", 429: "Too many log followers for this token"}
+               422: "Invalid content (the message names the field)", 429: "Too many log followers for this token",
+               502: "The provider refused; nothing was changed (the message says what it said)",
+               503: "The provider cannot be reached now; nothing was changed (see Retry-After)"}
+VOLUME_NAME = {"name": "name", "in": "path", "required": True,
+               "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"}}
 
 
 def _resp(description: str, schema: dict[str, Any] | None = None, ctype: str = "application/json") -> dict[str, Any]:
@@ -45,6 +49,7 @@ def openapi_document(providers: tuple[str, ...] = ()) -> dict[str, Any]:
         (JobSpec, "validation"), (AgentReport, "validation"), (views.Job, "serialization"),
         (views.JobList, "serialization"), (views.Health, "serialization"), (views.Offers, "serialization"),
         (views.Status, "serialization"), (views.Costs, "serialization"), (views.Volumes, "serialization"),
+        (views.DeletedVolume, "serialization"),
         (views.AgentAck, "serialization"), (views.Error, "serialization"),
     ]
     refs, top = models_json_schema(wanted, ref_template=REF)
@@ -94,7 +99,12 @@ def openapi_document(providers: tuple[str, ...] = ()) -> dict[str, Any]:
                          "parameters": [{"name": "force", "in": "query",
                                          "schema": {"type": "string", "enum": ["true", "false"]},
                                          "description": "queue the job even when no configured provider "
-                                                        "offers what it asks for (else 422 unsatisfiable)"}],
+                                                        "offers what it asks for (else 422 unsatisfiable)"},
+                                        {"name": "reuse_volume", "in": "query",
+                                         "schema": {"type": "string", "enum": ["true", "false"]},
+                                         "description": "run on the named volume even when the newest job "
+                                                        "that used it succeeded (else 409 volume_finished: "
+                                                        "the job would resume from that job's final state)"}],
                          "requestBody": {"required": True, "content": {"application/json": {
                              "schema": ref(JobSpec, "validation")}}},
                          "responses": {"201": {**_resp("Job accepted", job), "links": JOB_LINKS},
@@ -133,13 +143,21 @@ def openapi_document(providers: tuple[str, ...] = ()) -> dict[str, Any]:
                                   "responses": {"200": _resp("Costs", ref(views.Costs)), **errors(400, 401)}}},
             "/v1/volumes": {"get": {"summary": "Network volumes: where each lives, the jobs that used it, its storage cost",
                                     "responses": {"200": _resp("Volumes", ref(views.Volumes)), **errors(401)}}},
+            "/v1/volumes/{name}": {"delete": {
+                "summary": "Delete a volume: at its provider, then here. Refused (409) while a job that has not "
+                           "ended uses it; a provider failure (502, or 503 with Retry-After) keeps it",
+                "parameters": [VOLUME_NAME],
+                "responses": {"200": _resp("Deleted", ref(views.DeletedVolume)),
+                              **errors(401, 404, 409, 502, 503)}}},
             "/": {"get": {"summary": "The web dashboard (its data comes from this API, with the token)", "security": [],
                           "responses": {"200": _resp("The dashboard page", {"type": "string"}, "text/html")}}},
             "/ui/{asset}": {"get": {
                 "summary": "The dashboard's script and style", "security": [],
                 "parameters": [{"name": "asset", "in": "path", "required": True,
                                 "schema": {"type": "string", "enum": ["index.html", "app.js", "style.css"]}}],
-                "responses": {"200": _resp("The file", {"type": "string"}, "text/plain"), **errors(401, 404)}}},
+                "responses": {"200": {"description": "The file", "content": {
+                    ctype: {"schema": {"type": "string"}} for ctype in ("text/html", "text/javascript", "text/css")}},
+                    **errors(401, 404)}}},
             "/v1/status": {"get": {"summary": "The daemon: version, uptime, loop, providers, jobs by status",
                                    "responses": {"200": _resp("Status", ref(views.Status)), **errors(401)}}},
             "/v1/offers": {"get": {"summary": "Current offers from every provider, ranked by expected cost",

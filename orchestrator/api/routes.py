@@ -39,6 +39,7 @@ from orchestrator.placement import never_satisfiable, rank_offers_for_display
 from orchestrator.reconcile import attempt_cost
 from orchestrator.store import Conflict
 from orchestrator.store.tables import AttemptRow
+from orchestrator.volume_deletion import monthly_storage_usd
 
 __all__ = ["read_json", "setup", "validation_message"]  # read_json: agent_routes' old import
 
@@ -159,14 +160,15 @@ async def submit(request: web.Request) -> web.Response:
         if why is not None:
             return error(422, "unsatisfiable", f"{why}. Change [resources] or [placement], or submit with "
                                                f"--force (?force=true) to queue it anyway")
+    reuse_volume = query_bool(request, "reuse_volume")
     for _ in range(5):
         job_id = secrets.token_hex(4)
         if await ctx.store.run(ctx.store.get_job, job_id) is None:
             break
     try:
-        job = await ctx.store.run(ctx.store.create_job, job_id, spec)
+        job = await ctx.store.run(ctx.store.create_job, job_id, spec, reuse_volume=reuse_volume)
     except Conflict as exc:
-        return error(409, "conflict", str(exc))
+        return error(409, exc.code, str(exc))
     ctx.engine.hint()
     return web.json_response(wire(job_out(job, [])), status=201)
 
@@ -219,7 +221,8 @@ async def get_job(request: web.Request) -> web.Response:
     attempts = await ctx.store.run(ctx.store.attempts, job_id)
     events = await ctx.store.run(ctx.store.events, job_id)
     volume = await ctx.store.run(ctx.store.volume, job.volume_name) if job.volume_name else None
-    return web.json_response(wire(job_out(job, attempts, events, volume)))
+    monthly = monthly_storage_usd(volume, ctx.engine.adapters) if volume is not None else 0.0
+    return web.json_response(wire(job_out(job, attempts, events, volume, volume_usd_per_month=monthly)))
 
 
 async def cancel(request: web.Request) -> web.Response:

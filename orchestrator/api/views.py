@@ -78,6 +78,8 @@ class Volume(_Out):
     provider: str | None
     region: str | None
     volume_id: str | None
+    storage_usd_per_month: float = Field(
+        default=0.0, ge=0, description="what the volume costs per month while it exists, job or no job")
 
 
 class Job(_Out):
@@ -193,6 +195,14 @@ class Volumes(_Out):
     storage_usd_per_month: float = Field(ge=0, description="all volumes together")
 
 
+class DeletedVolume(_Out):
+    name: str
+    provider: str | None = Field(description="where it was; null: it was never created on a provider")
+    region: str | None
+    volume_id: str | None
+    message: str
+
+
 class AgentAck(_Out):
     ok: Literal[True]
     attempt_status: AttemptStatus
@@ -226,6 +236,7 @@ def job_out(
     events: list[EventRow] | None = None,
     volume: VolumeRow | None = None,
     now: float | None = None,
+    volume_usd_per_month: float = 0.0,
 ) -> Job:
     now = now or time.time()
     rows = [attempt_out(a, now) for a in attempts]
@@ -238,6 +249,7 @@ def job_out(
         volume=None if volume is None else Volume(
             name=volume.name, size_gb=volume.size_gb, mount_path=volume.mount_path, provider=volume.provider,
             region=volume.region, volume_id=volume.provider_volume_id,
+            storage_usd_per_month=round(volume_usd_per_month, 4),
         ),
         events=None if events is None else [
             Event(at=when(e.at), kind=e.kind, attempt=e.attempt, message=e.message, repeats=e.repeats)

@@ -1,16 +1,26 @@
-"""GET /v1/volumes: every network volume gpuhop made, where it lives, which jobs used it, and
-what it costs to keep (providers bill storage whether or not a job runs, so a forgotten volume
-is money spent every month)."""
+"""Network volumes as objects of their own: GET /v1/volumes lists every volume gpuhop made, where
+it lives, which jobs used it and what it costs to keep (providers bill storage whether or not a
+job runs, so a forgotten volume is money spent every month); DELETE /v1/volumes/{name} deletes
+one, at its provider and then here (orchestrator.volume_deletion).
+
+DELETE answers when the provider has answered: 200 once the volume is gone, 409 while a job that
+has not ended uses it (or another deletion is under way), 502 when the provider refused (503
+with Retry-After when it asks to be called later); on 502/503 the volume and its row are kept.
+A synchronous answer rather than 202: a deletion is one provider call, and the caller learns at
+once whether storage stopped billing."""
 
 from __future__ import annotations
 
 import time
 
 from aiohttp import web
+from pydantic import ValidationError
 
-from adapters.base import VolumeSupport
-from orchestrator.api.app import CTX
-from orchestrator.api.views import VolumeOut, Volumes, when, wire
+from orchestrator.api.app import CTX, error
+from orchestrator.api.views import DeletedVolume, VolumeOut, Volumes, when, wire
+from orchestrator.models import VolumeSpec
+from orchestrator.store import Conflict
+from orchestrator.volume_deletion import DeleteFailed, delete_volume, monthly_storage_usd, where
 
 SECONDS_PER_MONTH = 30 * 86400  # providers price storage per month of 30 days (720 h)
 
@@ -22,8 +32,7 @@ async def list_volumes(request: web.Request) -> web.Response:
     now = time.time()
     out = []
     for v in rows:
-        adapter = ctx.engine.adapters.get(v.provider or "")
-        monthly = adapter.storage_usd_per_month(v.size_gb) if isinstance(adapter, VolumeSupport) and v.provider_volume_id else 0.0
+        monthly = monthly_storage_usd(v, ctx.engine.adapters)
         jobs, active, last = usage.get(v.name, (0, None, None))
         out.append(VolumeOut(
             name=v.name, size_gb=v.size_gb, mount_path=v.mount_path, provider=v.provider, region=v.region,
@@ -35,5 +44,30 @@ async def list_volumes(request: web.Request) -> web.Response:
     return web.json_response(wire(Volumes(volumes=out, storage_usd_per_month=total)))
 
 
+async def remove_volume(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    name = request.match_info["name"]
+    try:
+        VolumeSpec(name=name)  # the names a job may give its volume: nothing else can exist
+    except ValidationError:
+        shown = name[:70].encode("unicode_escape").decode("ascii")
+        return error(404, "not_found", f"no volume '{shown}'")
+    try:
+        vol = await delete_volume(ctx.store, ctx.engine.adapters, name, "deleted on request (DELETE /v1/volumes)")
+    except Conflict as exc:
+        return error(409, exc.code, str(exc))
+    except DeleteFailed as exc:
+        headers = {"Retry-After": str(round(exc.retry_after))} if exc.retry_after else None
+        return error(exc.status, "provider_failed" if exc.status == 502 else "provider_unavailable", str(exc),
+                     headers=headers)
+    if vol is None:
+        return error(404, "not_found", f"no volume {name!r}; `gpuhop volumes` lists them")
+    message = (f"deleted volume {name!r} ({where(vol)})" if vol.provider
+               else f"forgot volume {name!r}: no job had created it on a provider yet")
+    return web.json_response(wire(DeletedVolume(name=name, provider=vol.provider, region=vol.region,
+                                                volume_id=vol.provider_volume_id, message=message)))
+
+
 def setup(app: web.Application) -> None:
     app.router.add_get("/v1/volumes", list_volumes, allow_head=False)
+    app.router.add_delete("/v1/volumes/{name}", remove_volume)

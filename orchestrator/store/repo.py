@@ -26,7 +26,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from orchestrator.models import AttemptStatus, EndReason, JobSpec, JobStatus
+from orchestrator.models import AttemptStatus, EndReason, JobSpec, JobStatus, VolumeSpec
 from orchestrator.store.cache import RowCache
 from orchestrator.store.db import make_engine, migrate, write_engine
 from orchestrator.store.tables import AttemptRow, EventRow, JobRow, PreemptionStatsRow, VolumeRow
@@ -50,7 +50,12 @@ END_FIELDS = frozenset({"end_reason", "ended_at", "detail", "cost_usd"})
 
 
 class Conflict(Exception):
-    """The write contradicts the current state (e.g. a volume already in use)."""
+    """The write contradicts the current state (e.g. a volume already in use). `code` names the
+    kind for API clients (the message says it in words)."""
+
+    def __init__(self, message: str, code: str = "conflict") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def _insert(dialect: str, table: type[Any]) -> Any:
@@ -102,6 +107,10 @@ def merge_attempt(row: AttemptRow, fields: dict[str, Any]) -> list[str]:
     return refused
 
 
+def _utc(ts: float | None) -> str:
+    return "?" if ts is None else time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ts))
+
+
 def ended_attempt_stats(row: AttemptRow, now: float) -> tuple[int, float] | None:
     """What an attempt that has just ended adds to its capacity's history (preemptions, hours),
     or None for one that never launched. Hours run from running (else launched) to ended."""
@@ -148,21 +157,19 @@ class Store:
 
     # ------------------------------------------------------------------ jobs
 
-    def create_job(self, job_id: str, spec: JobSpec, now: float | None = None) -> JobRow:
+    def create_job(self, job_id: str, spec: JobSpec, now: float | None = None, *,
+                   reuse_volume: bool = True) -> JobRow:
         """Record a job. Raises Conflict, naming the holder, when its volume is held by an
         unfinished job: the unique index `uq_jobs_active_volume` decides, so of any number of
-        concurrent submissions on one volume exactly one is recorded."""
+        concurrent submissions on one volume exactly one is recorded. Also refused: a volume
+        being deleted (the volume row is locked, so a deletion and a submit serialize; see
+        `begin_volume_delete`) and, with `reuse_volume=False` (the API's default), a volume
+        whose newest job succeeded (a job on it would resume from that job's final state)."""
         now = now or time.time()
         volume = spec.volume.name if spec.volume is not None else None
         with self._write() as s:
             if spec.volume is not None:
-                dialect = s.get_bind().dialect.name
-                s.execute(
-                    _insert(dialect, VolumeRow).values(
-                        name=spec.volume.name, size_gb=spec.volume.size_gb, mount_path=spec.volume.mount_path,
-                        created_at=now,
-                    ).on_conflict_do_nothing(index_elements=["name"])
-                )
+                self._volume_for_job(s, spec.volume, now, reuse_volume)
             job = JobRow(
                 id=job_id, name=spec.name, spec_json=spec.model_dump_json(), status=JobStatus.QUEUED.value,
                 volume_name=volume, created_at=now, updated_at=now, message="queued",
@@ -510,6 +517,138 @@ class Store:
             vol.provider, vol.region, vol.provider_volume_id = provider, region, provider_volume_id
             s.add(vol)
             s.commit()
+
+    # Deleting a volume takes two transactions around the provider's call, which is too slow to
+    # hold a lock over: `begin_volume_delete` claims the row (refused while a job that has not
+    # ended names it), the caller deletes the provider's volume, then `finish_volume_delete`
+    # removes the row, or `abort_volume_delete` gives the claim back. A submit naming a claimed
+    # volume is refused (`_volume_for_job`); both lock the volume row first, so whichever
+    # commits first wins and the other sees it. The jobs that used a deleted volume let go of
+    # its name (jobs.volume_name, read only by the volume rule and the listings; the spec keeps
+    # it), so a new volume of that name starts with no history.
+
+    def _newest_job(self, s: Session, name: str) -> JobRow | None:
+        q = (select(JobRow).where(JobRow.volume_name == name)
+             .order_by(col(JobRow.created_at).desc(), col(JobRow.id).desc()).limit(1))
+        return s.exec(q).first()
+
+    def _locked_volume(self, s: Session, name: str) -> VolumeRow | None:
+        return s.exec(select(VolumeRow).where(VolumeRow.name == name).with_for_update()).first()
+
+    def _volume_for_job(self, s: Session, spec: VolumeSpec, now: float, reuse_volume: bool) -> None:
+        """Make sure the volume row exists and lock it, then check that a new job may use it."""
+        name = spec.name
+        dialect = s.get_bind().dialect.name
+        for _ in range(3):
+            s.execute(
+                _insert(dialect, VolumeRow).values(
+                    name=name, size_gb=spec.size_gb, mount_path=spec.mount_path, created_at=now,
+                ).on_conflict_do_nothing(index_elements=["name"])
+            )
+            # PostgreSQL: a deletion may have removed the row between the two statements (the
+            # insert saw it and did nothing; the lock waited for the deletion and found nothing):
+            # insert again, now into a free name
+            vol = self._locked_volume(s, name)
+            if vol is not None:
+                break
+        else:
+            raise Conflict(f"volume {name!r} was being deleted at the same moment; submit again", "volume_deleting")
+        if vol.deleting_token is not None:
+            raise Conflict(
+                f"volume {name!r} is being deleted (since {_utc(vol.deleting_since)}); name another volume, "
+                f"or submit again once `gpuhop volumes` no longer lists it (if the deletion was interrupted, "
+                f"`gpuhop volume rm {name}` finishes it)", "volume_deleting")
+        if reuse_volume:
+            return
+        newest = self._newest_job(s, name)
+        if newest is not None and newest.status == JobStatus.SUCCEEDED.value:
+            raise Conflict(
+                f"volume {name!r} holds the final state of job {newest.id} ({newest.name!r}), which succeeded: "
+                f"a job on it would resume from there and end at once. Pass --reuse-volume "
+                f"(?reuse_volume=true) to run on it anyway, name a fresh volume, or delete this one with "
+                f"`gpuhop volume rm {name}`", "volume_finished")
+
+    def begin_volume_delete(self, name: str, token: str, now: float | None = None, *,
+                            unused_since: float | None = None, lease_seconds: float = 300.0) -> VolumeRow | None:
+        """Claim volume `name` for deletion under `token`, and return it as claimed (None: no
+        such volume). Raises Conflict when a job that has not ended names it (the rule of the
+        unique index `uq_jobs_active_volume`), when another deletion claimed it less than
+        `lease_seconds` ago, or, given `unused_since`, when a job used it since then."""
+        now = time.time() if now is None else now
+        with self._write() as s:
+            vol = self._locked_volume(s, name)
+            if vol is None:
+                return None
+            holder = s.exec(select(JobRow).where(JobRow.volume_name == name,
+                                                 col(JobRow.status).not_in(TERMINAL_STATUSES))).first()
+            if holder is not None:
+                raise Conflict(f"volume {name!r} is in use by job {holder.id} ({holder.status}); "
+                               f"cancel it (`gpuhop cancel {holder.id}`) or wait for it to end, then delete the volume",
+                               "volume_in_use")
+            if vol.deleting_token is not None and (vol.deleting_since or 0.0) > now - lease_seconds:
+                raise Conflict(f"volume {name!r} is already being deleted (since {_utc(vol.deleting_since)})",
+                               "volume_deleting")
+            if unused_since is not None and self._last_used(s, vol) >= unused_since:
+                raise Conflict(f"volume {name!r} was used since {_utc(unused_since)}", "volume_used")
+            vol.deleting_since, vol.deleting_token = now, token
+            s.add(vol)
+            s.commit()
+            return vol
+
+    def finish_volume_delete(self, name: str, token: str, why: str) -> bool:
+        """Remove the row of a volume claimed under `token` (its provider volume is gone), let
+        the jobs that used it go of its name, and tell the newest of them why, in the same
+        transaction. False: not ours."""
+        now = time.time()
+        with self._write() as s:
+            vol = self._locked_volume(s, name)
+            if vol is None or vol.deleting_token != token:
+                return False
+            newest = self._newest_job(s, name)
+            s.execute(update(JobRow).where(col(JobRow.volume_name) == name,
+                                           col(JobRow.status).in_(TERMINAL_STATUSES))
+                      .values(volume_name=None).execution_options(synchronize_session=False))
+            s.delete(vol)
+            if newest is not None:
+                self._add_event(s, newest.id, None, "volume_deleted", f"volume {name!r} deleted: {why}", now)
+            s.commit()
+            return True
+
+    def abort_volume_delete(self, name: str, token: str) -> None:
+        """Give a claim back (the provider refused): the volume stays, usable again."""
+        with self._write() as s:
+            vol = self._locked_volume(s, name)
+            if vol is not None and vol.deleting_token == token:
+                vol.deleting_since, vol.deleting_token = None, None
+                s.add(vol)
+                s.commit()
+
+    def _last_used(self, s: Session, vol: VolumeRow) -> float:
+        last = s.exec(select(func.max(JobRow.updated_at)).where(JobRow.volume_name == vol.name)).one()
+        return max(vol.created_at, float(last or 0.0))
+
+    def volumes_to_sweep(self, unused_since: float | None, claimed_before: float) -> list[tuple[str, bool]]:
+        """(name, interrupted) of every volume retention should delete now: those no job has
+        used since `unused_since` (None: none of those) and no job that has not ended names,
+        and those whose deletion was claimed before `claimed_before` and never finished
+        (interrupted=True). Each is checked again when it is claimed."""
+        out: list[tuple[str, bool]] = []
+        with self._session() as s:
+            last = dict(s.exec(
+                select(JobRow.volume_name, func.max(JobRow.updated_at))
+                .where(col(JobRow.volume_name).is_not(None)).group_by(JobRow.volume_name)
+            ).all())
+            active = set(s.exec(select(JobRow.volume_name).where(
+                col(JobRow.volume_name).is_not(None), col(JobRow.status).not_in(TERMINAL_STATUSES))).all())
+            for vol in s.exec(select(VolumeRow).order_by(col(VolumeRow.name))):
+                if vol.name in active:
+                    continue
+                if vol.deleting_token is not None:
+                    if (vol.deleting_since or 0.0) < claimed_before:
+                        out.append((vol.name, True))
+                elif unused_since is not None and max(vol.created_at, last.get(vol.name) or 0.0) < unused_since:
+                    out.append((vol.name, False))
+        return out
 
     def add_event(self, job_id: str, kind: str, message: str, attempt: int | None = None) -> None:
         """Append to the job's log; a repeat of its latest event of a COALESCED_KINDS kind (same

@@ -103,6 +103,11 @@ class VolumeRow(SQLModel, table=True):
     region: str | None = Field(default=None, max_length=64)
     provider_volume_id: str | None = Field(default=None, max_length=128)
     created_at: float
+    # a deletion in progress (`gpuhop volume rm`, retention): who claimed it and when. While set, a
+    # submit naming the volume is refused; a claim older than its lease may be taken over (the
+    # deleter died), see Store.begin_volume_delete
+    deleting_since: float | None = None
+    deleting_token: str | None = Field(default=None, max_length=32)
 
 
 class EventRow(SQLModel, table=True):
