@@ -161,14 +161,15 @@ async def submit(request: web.Request) -> web.Response:
             return error(422, "unsatisfiable", f"{why}. Change [resources] or [placement], or submit with "
                                                f"--force (?force=true) to queue it anyway")
     reuse_volume = query_bool(request, "reuse_volume")
-    for _ in range(5):
+    for tries_left in range(4, -1, -1):
+        # 32 random bits: the primary key catches the rare collision, and a new id is drawn
         job_id = secrets.token_hex(4)
-        if await ctx.store.run(ctx.store.get_job, job_id) is None:
+        try:
+            job = await ctx.store.run(ctx.store.create_job, job_id, spec, reuse_volume=reuse_volume)
             break
-    try:
-        job = await ctx.store.run(ctx.store.create_job, job_id, spec, reuse_volume=reuse_volume)
-    except Conflict as exc:
-        return error(409, exc.code, str(exc))
+        except Conflict as exc:
+            if exc.code != "job_exists" or not tries_left:
+                return error(409, exc.code, str(exc))
     ctx.engine.hint()
     return web.json_response(wire(job_out(job, [])), status=201)
 
