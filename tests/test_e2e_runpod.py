@@ -32,6 +32,10 @@ provider_timeout_seconds = 20
 api_key = "{KEY}"
 api_url = "{sim.url}"
 request_timeout_seconds = 3
+# a create that got no answer may still land: no new create for this long. RunPod's default is
+# 120 s; the simulator's timeout fault never creates, and at 7% of calls one create in five
+# runs hit it and held a job past the test's deadline
+create_settle_seconds = 8
 """
 
 
