@@ -336,6 +336,15 @@ class Workers:
         attempt was ended meanwhile (a cancel), the new machine is stopped at once."""
         instance_id = getattr(inst, "instance_id", "")
         self._backoff.pop(job.id, None)
+        if volume is not None and job.volume_name:
+            # first, whatever became of the attempt: the volume exists at the provider now and
+            # must stay on the books (listed, priced, deletable) even if the job was cancelled
+            # and the volume's row removed while this launch was in flight
+            spec = JobSpec.model_validate_json(job.spec_json).volume
+            if not await self.store.run(self.store.set_volume_location, job.volume_name, volume.provider,
+                                        volume.region, volume.volume_id, spec):
+                log.warning("volume %s was removed while a launch created it at %s (%s); recorded it again",
+                            job.volume_name, volume.provider, volume.volume_id)
         recorded = await self.store.run(self.store.record_launch, row.id or 0, instance_id,
                                         row.launched_at or time.time())
         if not recorded:
@@ -343,9 +352,6 @@ class Workers:
             self.terminate_soon(TerminateOrder(row.provider, instance_id, attempt_id=row.id,
                                                price_per_hour=row.price_per_hour, started_at=time.time()))
             return
-        if volume is not None and job.volume_name:
-            await self.store.run(self.store.set_volume_location, job.volume_name, volume.provider,
-                                 volume.region, volume.volume_id)
         await self.store.run(
             self.store.apply, job.id,
             {"next_try_at": None, "message": f"attempt {row.number} on {row.provider} {row.region}"},

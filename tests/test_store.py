@@ -10,7 +10,7 @@ from alembic.migration import MigrationContext
 from sqlmodel import SQLModel
 
 from orchestrator.models import AttemptStatus, EndReason, JobSpec
-from orchestrator.store import AttemptRow, Conflict, Store
+from orchestrator.store import AttemptRow, Conflict, Store, VolumeRow
 
 
 def spec(**extra: object) -> JobSpec:
@@ -144,3 +144,23 @@ def test_active_state_reloads_exactly_the_rows_that_changed(store: Store) -> Non
     assert sorted(j.id for j in jobs) == ["j1", "j2"] and attempts["j2"] == []
     assert [a.number for a in attempts["j1"]] == [1, 2]
     assert plain((jobs, attempts)) == uncached()
+
+
+def test_a_volume_created_after_its_row_was_removed_is_recorded_again(store: Store) -> None:
+    """`gpuhop volume rm` of a cancelled job's volume can run while that job's launch is still
+    creating it at the provider: when the launch reports where it lives, the row comes back, so
+    the volume is listed, priced and deletable instead of billing unseen."""
+    from orchestrator.models import VolumeSpec
+
+    vol = VolumeSpec(name="ckpt", size_gb=30, mount_path="/data")
+    store.create_job("j1", spec(volume=vol.model_dump()))
+    assert store.set_volume_location("ckpt", "runpod", "EU-RO-1", "vol-1", vol) is True
+    with store._write() as s:  # as a finished deletion leaves it
+        s.delete(s.get(VolumeRow, store.volume("ckpt").id))
+        s.commit()
+    assert store.volume("ckpt") is None
+    assert store.set_volume_location("ckpt", "runpod", "EU-RO-1", "vol-2", vol) is False
+    again = store.volume("ckpt")
+    assert again is not None and (again.provider_volume_id, again.size_gb, again.mount_path) == ("vol-2", 30, "/data")
+    assert store.set_volume_location("other", "runpod", "EU-RO-1", "vol-3") is False  # no spec: nothing made
+    assert store.volume("other") is None

@@ -511,14 +511,23 @@ class Store:
             ).all())
         return {str(name): (int(n), active.get(name), last) for name, n, last in rows}
 
-    def set_volume_location(self, name: str, provider: str, region: str, provider_volume_id: str) -> None:
+    def set_volume_location(self, name: str, provider: str, region: str, provider_volume_id: str,
+                            spec: VolumeSpec | None = None) -> bool:
+        """Record where volume `name` lives. If its row is gone (`gpuhop volume rm` ran while a
+        launch was creating it), the row is made again from `spec`, so that a volume that now
+        exists at the provider is listed, priced and deletable, never orphaned. Returns whether
+        the row was there."""
         with self._write() as s:
             vol = s.exec(select(VolumeRow).where(VolumeRow.name == name)).first()
+            found = vol is not None
             if vol is None:
-                return
+                if spec is None:
+                    return False
+                vol = VolumeRow(name=name, size_gb=spec.size_gb, mount_path=spec.mount_path, created_at=time.time())
             vol.provider, vol.region, vol.provider_volume_id = provider, region, provider_volume_id
             s.add(vol)
             s.commit()
+            return found
 
     # Deleting a volume takes two transactions around the provider's call, which is too slow to
     # hold a lock over: `begin_volume_delete` claims the row (refused while a job that has not
