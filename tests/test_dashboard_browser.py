@@ -107,6 +107,10 @@ def test_submit_watch_cancel_in_the_browser(page: Page, tmp_path: Path) -> None:
         page.get_by_test_id("nav-volumes").click()
         expect(page.get_by_test_id("volumes")).to_contain_text("warm-vol")
         shot(page, "4-volumes")
+        page.once("dialog", lambda dialog: dialog.accept())  # the warm-up job ended: its volume may go
+        page.locator('[data-testid=delete-volume][data-volume="warm-vol"]').click()
+        expect(page.get_by_test_id("volumes")).not_to_contain_text("warm-vol")
+        assert all(v["name"] != "warm-vol" for v in client.volumes()["volumes"])
         page.get_by_test_id("nav-costs").click()
         expect(page.get_by_test_id("cost-chart").locator("rect")).not_to_have_count(0)
         expect(page.get_by_test_id("costs-provider")).to_contain_text("local")

@@ -273,7 +273,9 @@ function jobView(jobId) {
        el("h2", { text: "Output" }), pre, el("h2", { text: "Events" }), events,
        every(async () => {
          const job = await api(`/v1/jobs/${jobId}`);
-         const vol = job.volume ? `${job.volume.name} (${job.volume.size_gb} GB${job.volume.provider ? ", " + job.volume.provider + " " + job.volume.region : ""})` : "none";
+         const v = job.volume;
+         const vol = v ? `${v.name} (${v.size_gb} GB${v.provider ? ", " + v.provider + " " + v.region : ""}` +
+           `${v.storage_usd_per_month ? ", " + money(v.storage_usd_per_month) + "/month" : ""})` : "none";
          head.replaceChildren(el("h1", {}, job.name, " ", statusSpan(job.status)),
            el("div", { class: "cards" },
              ...[["cost", money(job.cost_usd)], ["attempts", job.attempt_count], ["relaunches", job.relaunches],
@@ -308,9 +310,10 @@ function offersView() {
 
 function volumesView() {
   const holder = el("div");
-  show(el("h1", { text: "Volumes" }), holder, every(async () => {
+  const err = el("div", { class: "error", "data-testid": "volume-error" });
+  show(el("h1", { text: "Volumes" }), err, holder, every(async () => {
     const data = await api("/v1/volumes");
-    const head = ["name", "provider", "region", "size", "jobs", "in use by", "last used", "$/month", "so far"];
+    const head = ["name", "provider", "region", "size", "jobs", "in use by", "last used", "$/month", "so far", ""];
     holder.replaceChildren(el("p", { class: "muted", text: `Storage: ${money(data.storage_usd_per_month)} per month for all volumes.` }),
       el("table", { "data-testid": "volumes" },
         el("thead", {}, el("tr", {}, ...head.map((h) => el("th", { text: h })))),
@@ -319,7 +322,16 @@ function volumesView() {
           el("td", { class: "num", text: v.size_gb + " GB" }), el("td", { class: "num", text: v.jobs }),
           el("td", {}, v.active_job ? el("a", { href: "#/jobs/" + v.active_job, text: v.active_job.slice(0, 12) }) : "-"),
           el("td", { text: ago(v.last_used_at) }), el("td", { class: "num", text: money(v.storage_usd_per_month) }),
-          el("td", { class: "num", text: money(v.storage_usd_so_far) }))))));
+          el("td", { class: "num", text: money(v.storage_usd_so_far) }),
+          el("td", {}, v.active_job ? "" : el("button", {
+            class: "secondary", "data-testid": "delete-volume", "data-volume": v.name,
+            onclick: async (ev) => {
+              if (!confirm(`Delete volume ${v.name}? Its checkpoints are lost for good.`)) return;
+              ev.target.disabled = true;
+              try { await api(`/v1/volumes/${encodeURIComponent(v.name)}`, { method: "DELETE" }); }
+              catch (exc) { err.textContent = exc.message; ev.target.disabled = false; }
+            },
+          }, "Delete")))))));
   }));
 }
 
