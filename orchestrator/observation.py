@@ -15,6 +15,7 @@ run).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -78,6 +79,7 @@ class Observer:
         self._offer_tasks: dict[str, asyncio.Task[None]] = {}
         self._start_tasks: dict[str, asyncio.Task[None]] = {}
         self._tried: set[str] = set()  # providers whose start was tried at least once
+        self._all_tried = asyncio.Event()  # set once every provider's start was tried
         self._index: OfferIndex | None = None
         self._index_key: tuple[tuple[str, int], ...] = ()
         self._index_lists: list[list[Offer]] = []
@@ -101,12 +103,14 @@ class Observer:
                 raise
             except Exception as exc:
                 self._tried.add(name)
+                self._note_tried()
                 self._degrade(name, f"could not start: {describe(exc)}", "start")
                 log.warning("provider %s could not start (retrying in %.1f s): %s", name, delay, describe(exc))
                 await asyncio.sleep(delay)
                 delay = min(self.start_backoff_max, delay * 2)
                 continue
             self._tried.add(name)
+            self._note_tried()
             h = self.health[name]
             h.started = True
             h.ok, h.error, h.last_ok = True, "", time.time()
@@ -118,6 +122,10 @@ class Observer:
         pending = [t for t in self._start_tasks.values() if not t.done()]
         if pending:
             await asyncio.wait(pending, timeout=seconds)
+
+    def _note_tried(self) -> None:
+        if self.settled():
+            self._all_tried.set()
 
     def settled(self) -> bool:
         """Every provider has started or failed its first try: placement may compare them all
@@ -261,6 +269,14 @@ class Observer:
         `wait` seconds for refreshes; a slower one finishes in the background and serves the
         next caller."""
         max_age = self.offer_max_age if max_age is None else max_age
+        deadline = time.monotonic() + wait
+        # right after start-up, a provider still starting would be missing from the answer
+        # (`gpuhop offers` listed RunPod alone while the local provider started under load):
+        # wait, within the same budget, until each has started or failed its first try
+        if not self.settled() and self._start_tasks:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_tried.wait(), wait)
+        wait = max(0.0, deadline - time.monotonic())
         now = time.time()
         waiting: list[asyncio.Task[None]] = []
         for name in self.adapters:
