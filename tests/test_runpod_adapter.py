@@ -175,7 +175,7 @@ async def test_command_runs_with_the_volume(sim: RunPodSimulator, adapter: RunPo
     script = "import os; open(os.path.join(os.environ['GPUHOP_VOLUME'], 'marker'), 'w').write('hi')"
     inst = await adapter.launch(request(offer, script=script, volume=vol))
     marker = sim.runtime.volume_dir(vol.volume_id) / "marker"
-    await wait_until(marker.exists)
+    await wait_until(lambda: marker.exists() and marker.read_text())  # written, not just created
     assert marker.read_text() == "hi"
     assert sim.world.pods[inst.instance_id].network_volume == vol.volume_id
     # a volume in another data center, or a Community offer, is refused before RunPod is asked

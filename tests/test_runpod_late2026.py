@@ -181,7 +181,8 @@ async def test_min_cuda_keeps_the_pod_off_old_hosts(sim: RunPodSimulator, adapte
     assert sim.world.pods[new.instance_id].host_cuda == "12.8"
     assert sim.world.pods[old.instance_id].host_cuda == "11.8"  # without the filter: an old host
     out = sim.runtime.volume_dir(f"pod-{new.instance_id}") / "cuda"
-    await wait_until(out.exists, within=20)
+    # the job opens the file before it writes it: wait for what it wrote, not for the name
+    await wait_until(lambda: out.exists() and out.read_text(), within=20)
     assert out.read_text() == "12.8"
 
 

@@ -81,7 +81,7 @@ async def test_sdk_helpers_work_unchanged(runpod_sim: RunPodSimulator) -> None:
 
     await wait_until(up)
     out = runpod_sim.runtime.volume_dir(f"pod-{pod_id}") / "out.txt"
-    await wait_until(out.exists)
+    await wait_until(lambda: out.exists() and out.read_text())  # written, not just created
     assert out.read_text() == "hello pod\n"
     pods = await sdk(runpod.get_pods)
     assert [p["id"] for p in pods] == [pod_id]
