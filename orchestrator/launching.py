@@ -309,7 +309,7 @@ class Workers:
                 log.info("job %s: %s", job.id, what)
                 await self.store.run(self.store.add_event, job.id, "launch_retry", what, number)
                 return
-            await self._launched(job, row, inst, volume, f"attempt {number} launched"
+            await self._launched(job, spec, row, inst, volume, f"attempt {number} launched"
                                  f"{' ahead of a reclaim' if early else ''}: {cand.reason}")
             self.observer.invalidate_offers(offer.provider)
             metrics.LAUNCHES.labels(offer.provider, offer.capacity.value).inc()
@@ -330,8 +330,8 @@ class Workers:
             {}, [(None, "no_capacity", f"nothing launched, next try in {delay:.0f} s: {why}")],
         )
 
-    async def _launched(self, job: JobRow, row: AttemptRow, inst: object, volume: ProviderVolume | None,
-                        message: str) -> None:
+    async def _launched(self, job: JobRow, spec: JobSpec, row: AttemptRow, inst: object,
+                        volume: ProviderVolume | None, message: str) -> None:
         """Record a launch the provider confirmed. The job's status is the tick's to set; if the
         attempt was ended meanwhile (a cancel), the new machine is stopped at once."""
         instance_id = getattr(inst, "instance_id", "")
@@ -340,9 +340,8 @@ class Workers:
             # first, whatever became of the attempt: the volume exists at the provider now and
             # must stay on the books (listed, priced, deletable) even if the job was cancelled
             # and the volume's row removed while this launch was in flight
-            spec = JobSpec.model_validate_json(job.spec_json).volume
             if not await self.store.run(self.store.set_volume_location, job.volume_name, volume.provider,
-                                        volume.region, volume.volume_id, spec):
+                                        volume.region, volume.volume_id, spec.volume):
                 log.warning("volume %s was removed while a launch created it at %s (%s); recorded it again",
                             job.volume_name, volume.provider, volume.volume_id)
         recorded = await self.store.run(self.store.record_launch, row.id or 0, instance_id,
@@ -386,7 +385,7 @@ class Workers:
         except Exception as exc:
             log.info("relaunch of pending %s unconfirmed: %s", row.name, describe(exc))
             return
-        await self._launched(job, row, inst, volume, f"attempt {row.number} launched (re-issued)")
+        await self._launched(job, spec, row, inst, volume, f"attempt {row.number} launched (re-issued)")
 
     # ------------------------------------------------------------------ terminations
 
