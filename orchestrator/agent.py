@@ -9,7 +9,8 @@ single failure:
 * files in `--dir` (local provider): `agent.pid`, `job.pid`, `started_at`, and `exit.json`;
 * `$GPUHOP_VOLUME/.gpuhop/<attempt name>.exit` (every provider), read after a relaunch;
 * one `gpuhop-exit: {...}` line on its stdout (on EC2 that is the console output);
-* HTTP reports to `$GPUHOP_CALLBACK_URL` with the per-attempt `$GPUHOP_TOKEN` (start,
+* HTTP reports to `$GPUHOP_CALLBACK_URL` (space-separated, one per daemon replica: a failed
+  post moves to the next) with the per-attempt `$GPUHOP_TOKEN` (start,
   heartbeats carrying new log output, an interruption notice, and the exit code). Every line of
   output is shipped before the exit report, which is retried with backoff until the daemon
   acknowledges it (2xx, or 410: the attempt has already ended) or GPUHOP_EXIT_REPORT_MAX
@@ -118,7 +119,10 @@ class Reporter:
     """Posts reports to the daemon; never raises, never blocks the job."""
 
     def __init__(self, url: str, token: str, name: str, log_path: Path | None) -> None:
-        self.url = url
+        # one URL per daemon replica, the launching one first: on a failed post the next one
+        # is tried (each replica records reports alike in the shared database)
+        self.urls = url.split() or [""]
+        self.url = self.urls[0]
         self.token = token
         self.name = name
         self.log_path = log_path
@@ -148,7 +152,7 @@ class Reporter:
             )
             try:
                 with urllib.request.urlopen(req, timeout=10) as resp:
-                    resp.read()
+                    self._learn_urls(resp.read(65536))
             except urllib.error.HTTPError as exc:
                 answer = b""
                 with contextlib.suppress(OSError):
@@ -159,11 +163,33 @@ class Reporter:
                     return GONE
                 if exc.code == 409 and self._resume_at(answer):
                     return FAILED  # retried at once from where the daemon's copy ends
-                return REFUSED if 400 <= exc.code < 500 and exc.code not in (408, 429) else FAILED
+                if 400 <= exc.code < 500 and exc.code not in (408, 429):
+                    return REFUSED
+                self._next_url()
+                return FAILED
             except (urllib.error.URLError, OSError, ValueError):
+                self._next_url()
                 return FAILED
             self.log_offset += len(chunk)
             return OK
+
+    def _learn_urls(self, answer: bytes) -> None:
+        """The acknowledgement lists the live replicas: fail over along that list from now on
+        (kept as it was when the answer holds none, or nothing that looks like a URL)."""
+        try:
+            urls = json.loads(answer.decode("utf-8")).get("report_urls")
+        except (ValueError, AttributeError):
+            return
+        if not isinstance(urls, list):
+            return
+        good = [u for u in urls[:16] if isinstance(u, str) and u.startswith(("http://", "https://"))
+                and len(u) < 2048 and not any(c.isspace() for c in u)]
+        if good:
+            self.urls = [self.url, *[u for u in good if u != self.url]]
+
+    def _next_url(self) -> None:
+        """This replica did not answer: the next report goes to the next one."""
+        self.url = self.urls[(self.urls.index(self.url) + 1) % len(self.urls)]
 
     def _resume_at(self, answer: bytes) -> bool:
         """A 409 names the size of the daemon's copy of the log: send from there on."""

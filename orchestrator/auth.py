@@ -47,6 +47,23 @@ def api_token(state_dir: Path, configured: str | None = None) -> str:
     return configured or os.environ.get("GPUHOP_TOKEN") or _read_or_create(state_dir / TOKEN_FILE, 32)
 
 
+def keep(path: Path, value: str) -> str:
+    """Make `path` hold `value` (mode 0600): a replica's copy of a secret the cluster shares."""
+    try:
+        if path.read_text().strip() == value:
+            return value
+    except FileNotFoundError:
+        pass
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, (value + "\n").encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return value
+
+
 def read_api_token(state_dir: Path) -> str | None:
     """For the CLI on the daemon's host: the token file, if this user may read it."""
     try:

@@ -365,6 +365,9 @@ def status(server: ServerOpt = None, state_dir: StateOpt = None, as_json: JsonOp
     console.print(f"gpuhop {escape(data['version'])}, up {render.duration(data['uptime_seconds'])}; loop {loop} "
                   f"({data['ticks']} ticks, last {'-' if age is None else f'{age:.1f} s'} ago)")
     console.print(f"state dir {escape(data['state_dir'])}; database {escape(data['database'])}")
+    if data.get("peers"):
+        console.print(f"replica {escape(data['replica'])}{' (leader)' if data['leader'] else ''} of "
+                      f"{len(data['peers']) + 1}; others: {escape(', '.join(data['peers']))}")
     table = Table(header_style="bold")
     for col in ("provider", "health", "detail"):
         table.add_column(col)

@@ -103,6 +103,21 @@ class VolumeSettings(_Section):
     )
 
 
+class ClusterSettings(_Section):
+    replica_id: str = Field(
+        default="", pattern=r"^$|^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$",
+        description="this daemon's name among replicas sharing the database; default <hostname>-<hash of state_dir>. "
+        "Keep it across restarts: a restarted replica takes its own jobs back at once",
+    )
+    lease_ttl_seconds: float = Field(
+        default=15.0, ge=2, le=3600,
+        description="a replica silent this long loses its jobs to the others (renewed every third of it)",
+    )
+    claim_interval_seconds: float = Field(
+        default=1.0, gt=0, le=600, description="how often a replica looks for jobs whose owner's lease expired"
+    )
+
+
 class EngineSettings(_Section):
     tick_seconds: float = Field(default=5.0, gt=0, le=3600, description="reconcile period (woken early by hints)")
     launch_grace_seconds: float = Field(
@@ -160,6 +175,7 @@ class Settings(_Section):
     engine: EngineSettings = Field(default_factory=EngineSettings)
     placement: PlacementSettingsModel = Field(default_factory=PlacementSettingsModel)
     volumes: VolumeSettings = Field(default_factory=VolumeSettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     providers: dict[str, dict[str, Any]] = Field(
         default_factory=lambda: {"local": dict[str, Any]()},
         description="one table per provider; each is validated by that provider's adapter",

@@ -35,6 +35,7 @@ from adapters.base import Adapter, AdapterContext, AdapterError, AuthError
 from adapters.registry import create_adapter, validate_settings
 from orchestrator import auth, systemd, volume_deletion
 from orchestrator.api.app import ApiContext, make_app
+from orchestrator.cluster import Cluster, default_replica_id
 from orchestrator.config import ConfigError, Settings, load_settings
 from orchestrator.engine import Engine
 from orchestrator.store import Store
@@ -194,13 +195,19 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     lock_fd = lock_state_dir(state_dir)
     logs_dir = state_dir / "logs"
     logs_dir.mkdir(exist_ok=True, mode=0o700)
-    token = auth.api_token(state_dir, settings.server.token.get_secret_value() if settings.server.token else None)
-    agent_key = auth.agent_key(state_dir)
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_RedactSecrets([token, *configured_secrets(settings)]))
-
     store = Store(settings.database_url(), event_retention_days=settings.database.event_retention_days)
     await store.run(store.migrate)
+    # replicas on one database share the API token (unless configured) and the agent-token key:
+    # the first to start records its own (from its state dir), the others take it and keep a copy
+    # in their state dir, where the CLI on their host looks for the token
+    configured = settings.server.token.get_secret_value() if settings.server.token else None
+    token = configured or os.environ.get("GPUHOP_TOKEN") or auth.keep(
+        state_dir / auth.TOKEN_FILE,
+        await store.run(store.shared_secret, "api_token", auth.api_token(state_dir)))
+    agent_key = auth.keep(state_dir / auth.AGENT_KEY_FILE, await store.run(
+        store.shared_secret, "agent_key", auth.agent_key(state_dir).decode())).encode()
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_RedactSecrets([token, *configured_secrets(settings)]))
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -226,6 +233,14 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         url = f"http://{_url_host(settings.server.host)}:{site[1]}"
         _write_server_file(state_dir, url)
         log.info("gpuhop listening on %s (state %s, providers: %s)", url, state_dir, ", ".join(adapters))
+        cluster = _cluster(settings, store, engine)
+        await cluster.start()
+
+        def fatal(why: str) -> None:
+            log.error("stopping: %s", why)
+            stop.set()
+
+        cluster_task = asyncio.create_task(cluster.run(stop, fatal), name="cluster")
         engine_task = asyncio.create_task(engine.run(stop), name="engine")
         watchdog = asyncio.create_task(systemd.watchdog_loop(stop, engine.healthy), name="watchdog")
         volume_retention = asyncio.create_task(volume_deletion.retention_loop(
@@ -241,6 +256,9 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         stop.set()
         await asyncio.wait_for(engine_task, 60)
         watchdog.cancel()
+        cluster_task.cancel()
+        await asyncio.gather(cluster_task, return_exceptions=True)
+        await cluster.retire()  # after the engine's last write: the other replicas take over now
         with contextlib.suppress(Exception):  # it stops between deletions: let one in flight end
             await asyncio.wait_for(volume_retention, 60)
     finally:
@@ -256,6 +274,19 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
             server_file = state_dir / SERVER_FILE
             if json.loads(server_file.read_text()).get("pid") == os.getpid():
                 server_file.unlink()
+
+
+def _cluster(settings: Settings, store: Store, engine: Engine) -> Cluster:
+    """This daemon's replica: its lease fences the engine's writes, the leader reaps machines of
+    ended jobs, and agents are told every live replica's URL."""
+    c = settings.cluster
+
+    def follow(cluster: Cluster) -> None:
+        engine.leader = cluster.leader
+        engine.workers.peer_urls = cluster.peer_urls
+
+    return Cluster(store, c.replica_id or default_replica_id(settings.state_dir), settings.server.agent_base_url(),
+                   c.lease_ttl_seconds, c.claim_interval_seconds, on_claim=engine.hint, on_refresh=follow)
 
 
 async def _bind(settings: Settings) -> tuple[socket.socket, int]:

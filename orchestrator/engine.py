@@ -37,7 +37,7 @@ from orchestrator.models import (
 from orchestrator.observation import Observer, ProviderHealth, Snapshot, describe, pick_primary
 from orchestrator.placement import PlacementSettings, RateStats
 from orchestrator.retention import prune_logs
-from orchestrator.store import AttemptRow, JobRow, Store
+from orchestrator.store import AttemptRow, JobRow, LeaseLost, Store
 
 log = logging.getLogger("gpuhop.engine")
 
@@ -137,6 +137,9 @@ class Engine:
         self.ticks = 0
         self.last_tick_at = 0.0
         self.started_providers = False
+        # whether this daemon reaps machines of ended jobs (cluster: the leader replica only, so a
+        # duplicate's cost is not added twice); the cluster updates it
+        self.leader = True
 
     # ------------------------------------------------------------------ running
 
@@ -258,7 +261,11 @@ class Engine:
                     self._quiet[job.id] = _Quiet(jv[1], tuple(views), seen, self.cfg, until)
             if not self.workers.fresh(job.id, read_at):
                 continue  # a launch changed this job since it was read: the next tick decides it
-            launch = await self._apply(job, rows, decision, observed, now)
+            try:
+                launch = await self._apply(job, rows, decision, observed, now)
+            except LeaseLost as exc:  # claimed by another replica (or our lease lapsed): theirs now
+                log.warning("job %s: not applied: %s", job.id, exc)
+                continue
             if launch is not None and self.observer.settled():
                 self.workers.launch_soon(job, spec, launch)
             by_id = {r.id: r for r in rows}
@@ -399,12 +406,20 @@ class Engine:
         """Terminate every instance with our prefix that no live attempt owns: leftovers of
         ended attempts whose termination failed, and true orphans (no attempt at all)."""
         live_names = set(live)
+        foreign = self.store.foreign_active  # other replicas' unfinished jobs: theirs to look after
+        mine = self._specs  # this tick's own unfinished jobs
+
+        def ours(name: str) -> bool:
+            parsed = parse_attempt_name(self.prefix, name)
+            if parsed is None or parsed[0] in foreign:
+                return False
+            return self.leader or parsed[0] in mine
+
         candidates = [
-            inst for name, instances in snap.by_name.items() if name not in live_names
+            inst for name, instances in snap.by_name.items() if name not in live_names and ours(name)
             for inst in instances
             if inst.provider in snap.readable and inst.state != InstanceState.TERMINATED
             and not self.workers.stopping_or_stopped(inst.provider, inst.instance_id)
-            and parse_attempt_name(self.prefix, name) is not None
         ]
         if not candidates:
             return
@@ -452,6 +467,10 @@ class Engine:
         if removed:
             log.info("deleted %d output file(s) of attempts ended over %g days ago", removed,
                      self.settings.server.log_retention_days)
+
+    def report_bases(self) -> list[str]:
+        """Where agents reach the daemon: this replica first, then the other live ones."""
+        return [self.settings.server.agent_base_url(), *self.workers.peer_urls]
 
     # ------------------------------------------------------------------ offers
 

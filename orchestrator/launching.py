@@ -53,7 +53,7 @@ from orchestrator.placement import (
     never_satisfiable,
     place,
 )
-from orchestrator.store import AttemptRow, Conflict, JobRow, Store, VolumeRow
+from orchestrator.store import AttemptRow, Conflict, JobRow, LeaseLost, Store, VolumeRow
 
 log = logging.getLogger("gpuhop.engine")
 
@@ -105,6 +105,7 @@ class Workers:
         self._tasks: set[asyncio.Task[None]] = set()
         self._backoff: dict[str, float] = {}
         self._avoid: dict[str, set[str]] = {}  # job -> "provider:offer_id" to skip on its next placement
+        self.peer_urls: list[str] = []  # other live replicas (cluster): agents fail over to them
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -130,6 +131,8 @@ class Workers:
                 await coro
             except asyncio.CancelledError:
                 raise
+            except LeaseLost as exc:  # the job went to another replica: its engine takes over
+                log.warning("worker %s stopped: %s", name, exc)
             except Exception:  # a bug in one worker must not go unnoticed, nor kill the daemon
                 log.exception("worker %s failed", name)
                 metrics.TICK_ERRORS.inc()
@@ -198,7 +201,9 @@ class Workers:
         env = dict(spec.env)
         env.update(
             GPUHOP_JOB_ID=job.id, GPUHOP_ATTEMPT=str(number), GPUHOP_ATTEMPT_NAME=name,
-            GPUHOP_CALLBACK_URL=f"{self.settings.server.agent_base_url()}/v1/agent/report",
+            # this replica first, then the others: an agent whose replica is gone reports to another
+            GPUHOP_CALLBACK_URL=" ".join(f"{base}/v1/agent/report" for base in
+                                         [self.settings.server.agent_base_url(), *self.peer_urls]),
             GPUHOP_TOKEN=self.token_for(name), GPUHOP_HEARTBEAT=str(self.settings.engine.heartbeat_seconds),
         )
         return LaunchRequest(
@@ -344,8 +349,14 @@ class Workers:
                                         volume.region, volume.volume_id, spec.volume):
                 log.warning("volume %s was removed while a launch created it at %s (%s); recorded it again",
                             job.volume_name, volume.provider, volume.volume_id)
-        recorded = await self.store.run(self.store.record_launch, row.id or 0, instance_id,
-                                        row.launched_at or time.time())
+        try:
+            recorded = await self.store.run(self.store.record_launch, row.id or 0, instance_id,
+                                            row.launched_at or time.time())
+        except LeaseLost as exc:
+            # another replica owns the job now: it finds this machine by the attempt's name
+            # (adopting it, or re-issuing the launch, which the provider answers with it)
+            log.warning("attempt %s launched as %s, but %s; its new owner adopts it", row.name, instance_id, exc)
+            return
         if not recorded:
             log.info("attempt %s ended while its launch was in flight; stopping %s", row.name, instance_id)
             self.terminate_soon(TerminateOrder(row.provider, instance_id, attempt_id=row.id,

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -50,8 +51,9 @@ def wait_for(check: Callable[[], Any], within: float = DEADLINE, what: str = "co
 class Receiver:
     """A daemon's report endpoint: records every report and answers what `answer` says."""
 
-    def __init__(self, answer: Answer) -> None:
+    def __init__(self, answer: Answer, reply: bytes = b"{}") -> None:
         self.reports: list[dict[str, Any]] = []
+        self.reply = reply
         self.lock = threading.Lock()
         outer = self
 
@@ -64,9 +66,9 @@ class Receiver:
                     body["_status"] = status
                     outer.reports.append(body)
                 self.send_response(status)
-                self.send_header("Content-Length", "2")
+                self.send_header("Content-Length", str(len(outer.reply)))
                 self.end_headers()
-                self.wfile.write(b"{}")
+                self.wfile.write(outer.reply)
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -89,11 +91,11 @@ class Receiver:
 
 
 @pytest.fixture
-def receivers() -> Iterator[Callable[[Answer], Receiver]]:
+def receivers() -> Iterator[Callable[..., Receiver]]:
     made: list[Receiver] = []
 
-    def make(answer: Answer) -> Receiver:
-        made.append(Receiver(answer))
+    def make(answer: Answer, reply: bytes = b"{}") -> Receiver:
+        made.append(Receiver(answer, reply))
         return made[-1]
 
     yield make
@@ -407,3 +409,41 @@ def test_output_that_is_not_utf8_arrives_byte_exact_and_a_409_resumes_at_the_dae
     finally:
         server.shutdown()
         server.server_close()
+
+
+# --------------------------------------------------------------------------- replicas
+
+
+def _closed_port_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}/v1/agent/report"
+
+
+def test_reports_fail_over_to_the_next_replica_when_one_is_gone(
+    tmp_path: Path, receivers: Callable[..., Receiver]
+) -> None:
+    rx = receivers(always(200))
+    env = agent_env(tmp_path, f"{_closed_port_url()} {rx.url}", GPUHOP_HEARTBEAT="0.05")
+    code, _ = finish(start_agent([PY, "-c", "import sys; sys.exit(4)"], env))
+    assert code == 4
+    assert [r["exit_code"] for r in rx.snapshot() if r["event"] == "exit"] == [4]
+
+
+def test_an_agent_learns_replicas_started_after_its_launch_from_the_acknowledgements(
+    tmp_path: Path, receivers: Callable[..., Receiver]
+) -> None:
+    """Launched knowing one replica; that replica names a second in its answers, then dies:
+    the rest of the reports, the exit among them, reach the second."""
+    second = receivers(always(200))
+    first = receivers(always(200), json.dumps({"ok": True, "report_urls": [second.url]}).encode())
+    go = tmp_path / "go"
+    job = f"import os, time\nwhile not os.path.exists({str(go)!r}): time.sleep(0.02)"
+    env = agent_env(tmp_path, first.url, GPUHOP_HEARTBEAT="0.05")
+    proc = start_agent([PY, "-c", job], env)
+    wait_for(lambda: "start" in first.events(), what="the start report")
+    first.close()  # the launching replica is gone
+    go.write_text("")
+    code, _ = finish(proc)
+    assert code == 0
+    assert "exit" in second.events() and "exit" not in first.events()

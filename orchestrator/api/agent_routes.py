@@ -187,7 +187,9 @@ async def report(request: web.Request) -> web.Response:
     if rep.event in ("exit", "interruption", "start"):
         ctx.engine.hint()
         ctx.followers.notify(row.job_id)
-    return web.json_response(wire(AgentAck(ok=True, attempt_status=AttemptStatus(row.status), log_size=log_size)))
+    urls = [f"{base}/v1/agent/report" for base in ctx.engine.report_bases()]
+    return web.json_response(wire(AgentAck(ok=True, attempt_status=AttemptStatus(row.status), log_size=log_size,
+                                           report_urls=urls)))
 
 
 def setup(app: web.Application) -> None:

@@ -100,6 +100,8 @@ async def status(request: web.Request) -> web.Response:
         ticks=engine.ticks, providers=_health(request),
         jobs={s.value: counts.get(s.value, 0) for s in JobStatus},
         state_dir=str(engine.settings.state_dir), database=ctx.store.engine.dialect.name,
+        replica=ctx.store.fence.replica_id if ctx.store.fence else "", leader=engine.leader,
+        peers=list(engine.workers.peer_urls),
     )
     return web.json_response(wire(body))
 

@@ -152,6 +152,9 @@ class Status(_Out):
     jobs: dict[str, int] = Field(description="how many jobs are in each status")
     state_dir: str
     database: str = Field(description="the database's kind (sqlite or postgresql), never its credentials")
+    replica: str = Field(default="", description="this daemon's replica id among those sharing the database")
+    leader: bool = Field(default=True, description="this replica reaps machines of ended jobs (the lowest live id)")
+    peers: list[str] = Field(default_factory=list, description="the other live replicas' URLs")
 
 
 class OfferOut(_Out):
@@ -207,6 +210,9 @@ class AgentAck(_Out):
     ok: Literal[True]
     attempt_status: AttemptStatus
     log_size: int | None = None  # bytes of this attempt's log the daemon holds
+    # where to report next: every live replica's report URL, this one first (the agent fails
+    # over along this list when a post fails, so replicas started after its launch count too)
+    report_urls: list[str] = []
 
 
 def when(ts: float | None) -> datetime | None:

@@ -25,6 +25,7 @@ from sqlmodel import create_engine
 MIGRATIONS = Path(__file__).with_name("migrations")
 WRITE_OPTION = "gpuhop_write"  # execution option: this connection's transactions will write
 FILE_MODE = 0o600
+MIGRATION_LOCK = 0x67707568  # "gpuh": PostgreSQL advisory lock held while migrating
 
 
 def normalize_url(url: str) -> str:
@@ -94,5 +95,8 @@ def migrate(engine: Engine) -> None:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     with write_engine(engine).begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # replicas starting together: one migrates, the others wait and then find it done
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")

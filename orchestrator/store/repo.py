@@ -21,7 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ParamSpec, TypeVar, cast
 
 from sqlalchemy import CursorResult, and_, delete, func, insert, or_, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
@@ -29,6 +28,8 @@ from sqlmodel import Session, col, select
 from orchestrator.models import AttemptStatus, EndReason, JobSpec, JobStatus, VolumeSpec
 from orchestrator.store.cache import RowCache
 from orchestrator.store.db import make_engine, migrate, write_engine
+from orchestrator.store.errors import Conflict, upsert
+from orchestrator.store.leases import Fence, LeaseStore, check_lease
 from orchestrator.store.tables import AttemptRow, EventRow, JobRow, PreemptionStatsRow, VolumeRow
 
 P = ParamSpec("P")
@@ -48,19 +49,6 @@ AGENT_STATE_ORDER = {"": 0, "started": 1, "exited": 2}
 # What ending an attempt decides; the first end of an attempt is the one kept.
 END_FIELDS = frozenset({"end_reason", "ended_at", "detail", "cost_usd"})
 
-
-class Conflict(Exception):
-    """The write contradicts the current state (e.g. a volume already in use). `code` names the
-    kind for API clients (the message says it in words)."""
-
-    def __init__(self, message: str, code: str = "conflict") -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def _insert(dialect: str, table: type[Any]) -> Any:
-    """INSERT with ON CONFLICT support (both dialects spell it alike)."""
-    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
 
 
 def merge_attempt(row: AttemptRow, fields: dict[str, Any]) -> list[str]:
@@ -121,7 +109,7 @@ def ended_attempt_stats(row: AttemptRow, now: float) -> tuple[int, float] | None
     return (1 if row.end_reason == EndReason.PREEMPTED.value else 0), hours
 
 
-class Store:
+class Store(LeaseStore):
     def __init__(self, url: str, *, engine: Engine | None = None, event_retention_days: float = 30.0,
                  threads: int = 4) -> None:
         self.url = url
@@ -131,6 +119,14 @@ class Store:
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gpuhop-store")
         self._job_cache: RowCache[str, JobRow] = RowCache()  # active_state's rows (store.cache)
         self._attempt_cache: RowCache[int, AttemptRow] = RowCache()
+        # set when this daemon is a replica (store.leases): its engine's writes are fenced, it
+        # reads only its own jobs, and jobs submitted through it are its own
+        self.fence: Fence | None = None
+        self.foreign_active: frozenset[str] = frozenset()  # other replicas' unfinished jobs, as of active_state
+
+    @property
+    def _sqlite(self) -> bool:
+        return self.engine.dialect.name == "sqlite"
 
     def migrate(self) -> None:
         migrate(self.engine)
@@ -169,7 +165,7 @@ class Store:
         volume = spec.volume.name if spec.volume is not None else None
         values: dict[str, Any] = {"id": job_id, "name": spec.name, "spec_json": spec.model_dump_json(),
                   "status": JobStatus.QUEUED.value, "volume_name": volume, "created_at": now, "updated_at": now,
-                  "message": "queued"}
+                  "message": "queued", "lease_owner": self.fence.replica_id if self.fence else None}
         with self._write() as s:
             if spec.volume is not None:
                 self._volume_for_job(s, spec.volume, now, reuse_volume)
@@ -232,8 +228,15 @@ class Store:
             # the two (id, version) reads go straight to the driver's cursor: 20,000 result rows
             # through SQLAlchemy's Row machinery cost more than everything else the tick reads
             cursor = s.connection().connection.cursor()
-            cursor.execute(f"SELECT id, version FROM jobs WHERE status IN {_ACTIVE_SQL}")
-            job_versions = [(str(i), int(v)) for i, v in cursor.fetchall()]
+            cursor.execute(f"SELECT id, version, lease_owner FROM jobs WHERE status IN {_ACTIVE_SQL}")
+            me = self.fence.replica_id if self.fence else None
+            job_versions, foreign = [], []
+            for i, v, owner in cursor.fetchall():
+                if me is None or owner == me:
+                    job_versions.append((str(i), int(v)))
+                else:
+                    foreign.append(str(i))
+            self.foreign_active = frozenset(foreign)
 
             def load_jobs(keys: list[str]) -> list[JobRow]:
                 return [r for n in range(0, len(keys), chunk)
@@ -241,8 +244,9 @@ class Store:
 
             jobs = self._job_cache.refresh(job_versions, load_jobs, lambda r: r.id)
             # joined, not `job_id IN (10,000 ids)`: expanding that list cost more than the read
+            mine = "" if me is None else " AND j.lease_owner = %s" % ("?" if self._sqlite else "%s")
             cursor.execute("SELECT a.id, a.version FROM attempts a JOIN jobs j ON j.id = a.job_id "
-                           f"WHERE j.status IN {_ACTIVE_SQL}")
+                           f"WHERE j.status IN {_ACTIVE_SQL}{mine}", () if me is None else (me,))
             attempt_versions = [(int(i), int(v)) for i, v in cursor.fetchall()]
             cursor.close()
 
@@ -355,7 +359,8 @@ class Store:
         the job already has a live attempt that is not under a reclaim notice (one job runs on
         one machine at a time; only an early replacement may start beside a warned attempt)."""
         with self._write() as s:
-            s.get(JobRow, row.job_id, with_for_update=True)  # one writer of this job's attempts at a time
+            job = s.get(JobRow, row.job_id, with_for_update=True)  # one writer of this job's attempts at a time
+            check_lease(s, self.fence, job, time.time())
             q = select(AttemptRow).where(AttemptRow.job_id == row.job_id, AttemptRow.status != ENDED,
                                          col(AttemptRow.interruption_at).is_(None))
             busy = s.exec(q).first()
@@ -394,7 +399,7 @@ class Store:
         return refused
 
     def _add_history(self, s: Session, provider: str, capacity: str, preemptions: int, hours: float) -> None:
-        ins = _insert(s.get_bind().dialect.name, PreemptionStatsRow).values(
+        ins = upsert(s.get_bind().dialect.name, PreemptionStatsRow).values(
             provider=provider, capacity=capacity, preemptions=preemptions, hours=hours
         )
         s.execute(ins.on_conflict_do_update(
@@ -408,7 +413,7 @@ class Store:
         the tick adopted meanwhile keeps its status (never moved backwards). False when the
         attempt was ended meanwhile (a cancel): the caller stops the machine."""
         with self._write() as s:
-            row = s.get(AttemptRow, attempt_id, with_for_update=True)
+            row = self._lock_attempt(s, attempt_id)
             if row is None or row.status == ENDED:
                 return False
             if row.status == AttemptStatus.PENDING.value:
@@ -418,6 +423,16 @@ class Store:
             s.add(row)
             s.commit()
             return True
+
+    def _lock_attempt(self, s: Session, attempt_id: int) -> AttemptRow | None:
+        """Lock an attempt for an engine write; when fenced, its job first (the order `apply`
+        takes them in, so the two never deadlock) and raise LeaseLost if the job is not ours."""
+        if self.fence is not None:
+            job_id = s.exec(select(AttemptRow.job_id).where(AttemptRow.id == attempt_id)).first()
+            if job_id is None:
+                return None
+            check_lease(s, self.fence, s.get(JobRow, job_id, with_for_update=True), time.time())
+        return s.get(AttemptRow, attempt_id, with_for_update=True)
 
     def finalize_cost(self, attempt_id: int, cost_usd: float, bill_started_at: float | None,
                       bill_ended_at: float | None) -> None:
@@ -439,7 +454,7 @@ class Store:
     def delete_attempt(self, attempt_id: int) -> None:
         """Only for a pending attempt that provably made nothing (every launch said no)."""
         with self._write() as s:
-            row = s.get(AttemptRow, attempt_id, with_for_update=True)
+            row = self._lock_attempt(s, attempt_id)
             if row is not None and row.status == AttemptStatus.PENDING.value:
                 s.delete(row)
                 s.commit()
@@ -466,6 +481,7 @@ class Store:
             job = s.get(JobRow, job_id, with_for_update=True)
             if job is None:
                 return stale
+            check_lease(s, self.fence, job, now)
             dropped_numbers: set[int] = set()
             for attempt_id in sorted(attempt_fields):
                 row = s.get(AttemptRow, attempt_id, with_for_update=True)
@@ -552,7 +568,7 @@ class Store:
         dialect = s.get_bind().dialect.name
         for _ in range(3):
             s.execute(
-                _insert(dialect, VolumeRow).values(
+                upsert(dialect, VolumeRow).values(
                     name=name, size_gb=spec.size_gb, mount_path=spec.mount_path, created_at=now,
                 ).on_conflict_do_nothing(index_elements=["name"])
             )

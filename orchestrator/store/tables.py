@@ -46,8 +46,9 @@ class JobRow(SQLModel, table=True):
     created_at: float
     updated_at: float
     finished_at: float | None = None
-    lease_owner: str | None = Field(default=None, max_length=64)
-    lease_expires: float | None = None
+    # the replica whose engine decides this job (store.leases); None until one claims it
+    lease_owner: str | None = Field(default=None, max_length=64, index=True)
+    lease_expires: float | None = None  # unused: a job's lease expires with its owner's replica row
     # bumped by a database trigger on every UPDATE (migration 0003): the store's read cache key
     version: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
 
@@ -133,3 +134,29 @@ class PreemptionStatsRow(SQLModel, table=True):
     capacity: str = Field(primary_key=True, max_length=16)
     preemptions: int = 0
     hours: float = 0.0  # hours run by ended attempts (from running, else launched, to ended)
+
+
+class ReplicaRow(SQLModel, table=True):
+    """A daemon sharing the database, and its lease: the jobs it owns (`jobs.lease_owner`) are
+    its while `expires_at` is ahead, renewed by its heartbeat. `epoch` is the fencing token:
+    bumped each time the replica (re)registers, and checked in the transaction of every write
+    its engine makes, so a process that lost its lease (or was replaced) cannot write."""
+
+    __tablename__ = "replicas"
+
+    id: str = Field(primary_key=True, max_length=64)
+    epoch: int
+    url: str = Field(max_length=255)  # where its API answers (agents fail over to it)
+    started_at: float
+    heartbeat_at: float
+    expires_at: float
+
+
+class ClusterSecretRow(SQLModel, table=True):
+    """Secrets every replica must hold alike (the API token, the agent-token key): the first
+    replica to start writes them, the others read them."""
+
+    __tablename__ = "cluster_secrets"
+
+    name: str = Field(primary_key=True, max_length=32)
+    value: str = Field(max_length=255)

@@ -1,0 +1,184 @@
+"""Replicas sharing one database (issue 9.6), at the store, on SQLite and PostgreSQL: a job is
+written only by its owner while the owner's lease is current (fencing), a dead replica's jobs are
+claimed once its lease expires and never while it is live, concurrent claimers never take one
+job twice, a restarted replica fences its older self, and the shared secrets are the first
+replica's."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from orchestrator.models import AttemptStatus, JobSpec, JobStatus
+from orchestrator.store import AttemptRow, Fence, LeaseLost, Store
+
+TTL = 30.0
+
+
+def spec() -> JobSpec:
+    return JobSpec.model_validate({"name": "t", "command": ["true"]})
+
+
+@pytest.fixture
+def url(db_url: str) -> str:
+    Store(db_url).migrate()
+    return db_url
+
+
+def replica(url: str, name: str, ttl: float = TTL) -> Store:
+    s = Store(url)
+    s.fence = s.register_replica(name, f"http://{name}", ttl)
+    return s
+
+
+@pytest.fixture
+def pair(url: str) -> Iterator[tuple[Store, Store]]:
+    a, b = replica(url, "a"), replica(url, "b")
+    yield a, b
+    a.close()
+    b.close()
+
+
+def attempt(job_id: str, number: int = 1) -> AttemptRow:
+    return AttemptRow(job_id=job_id, number=number, name=f"gpuhop-{job_id}-{number}", provider="local",
+                      status=AttemptStatus.PENDING.value, created_at=time.time())
+
+
+def expire(store: Store, fence: Fence) -> None:
+    store.retire_replica(fence)  # its lease ends now, as a dead replica's would after the TTL
+
+
+def test_a_job_submitted_through_a_replica_is_its_own_and_only_it_decides_it(pair: tuple[Store, Store]) -> None:
+    a, b = pair
+    job = a.create_job("j1", spec())
+    assert job.lease_owner == "a"
+    jobs, _ = a.active_state()
+    assert [j.id for j in jobs] == ["j1"] and a.foreign_active == frozenset()
+    jobs, _ = b.active_state()
+    assert jobs == [] and b.foreign_active == {"j1"}
+    a.apply("j1", {"message": "a decides"}, {}, [])
+    with pytest.raises(LeaseLost, match="owned by a"):
+        b.apply("j1", {"message": "b must not"}, {}, [])
+    with pytest.raises(LeaseLost):
+        b.add_attempt(attempt("j1"))
+    assert b.claim_jobs(b.fence) == []  # a is live: nothing to take  # type: ignore[arg-type]
+    assert a.get_job("j1").message == "a decides"  # type: ignore[union-attr]
+
+
+def test_a_replica_whose_lease_expired_cannot_write(pair: tuple[Store, Store]) -> None:
+    a, _ = pair
+    a.create_job("j1", spec())
+    row = a.add_attempt(attempt("j1"))
+    assert a.fence is not None
+    expire(a, a.fence)
+    with pytest.raises(LeaseLost, match="expired"):
+        a.apply("j1", {"status": JobStatus.RUNNING.value}, {}, [])
+    with pytest.raises(LeaseLost):
+        a.record_launch(row.id or 0, "i-1", time.time())
+    with pytest.raises(LeaseLost):
+        a.delete_attempt(row.id or 0)
+    assert not a.renew_replica(a.fence, TTL)  # an expired lease is not silently extended
+    got = a.attempts("j1")
+    assert [(r.status, r.instance_id) for r in got] == [(AttemptStatus.PENDING.value, None)]
+    assert a.get_job("j1").status == JobStatus.QUEUED.value  # type: ignore[union-attr]
+
+
+def test_a_dead_replicas_jobs_are_claimed_and_its_writes_fenced(pair: tuple[Store, Store]) -> None:
+    a, b = pair
+    for n in range(5):
+        a.create_job(f"j{n}", spec())
+    a.create_job("done", spec())
+    a.apply("done", {"status": JobStatus.SUCCEEDED.value}, {}, [])
+    assert a.fence is not None and b.fence is not None
+    expire(a, a.fence)
+    claimed = b.claim_jobs(b.fence)
+    assert sorted(claimed) == [f"j{n}" for n in range(5)]  # not the finished one
+    assert b.claim_jobs(b.fence) == []  # once
+    jobs, _ = b.active_state()
+    assert sorted(j.id for j in jobs) == sorted(claimed)
+    b.apply("j0", {"message": "b decides"}, {}, [])
+    # a comes back (it was only paused): a new epoch, but the jobs are b's now
+    a.fence = a.register_replica("a", "http://a", TTL)
+    with pytest.raises(LeaseLost, match="owned by b"):
+        a.apply("j0", {"message": "a must not"}, {}, [])
+    assert a.active_state()[0] == [] and a.foreign_active == frozenset(claimed)
+
+
+def test_a_restarted_replica_keeps_its_jobs_and_fences_its_older_self(url: str) -> None:
+    old = replica(url, "r")
+    old.create_job("j1", spec())
+    new = replica(url, "r")  # the same replica id: a restart (or a second process by mistake)
+    assert new.fence is not None and old.fence is not None and new.fence.epoch == old.fence.epoch + 1
+    new.apply("j1", {"message": "new"}, {}, [])  # its jobs are its own at once, no TTL to wait
+    with pytest.raises(LeaseLost, match="replaced"):
+        old.apply("j1", {"message": "old"}, {}, [])
+    assert not old.renew_replica(old.fence, TTL)
+    assert new.renew_replica(new.fence, TTL)
+    old.close()
+    new.close()
+
+
+def test_concurrent_claimers_take_each_job_exactly_once(url: str) -> None:
+    dead = replica(url, "dead")
+    for n in range(300):
+        dead.create_job(f"j{n:03}", spec())
+    assert dead.fence is not None
+    expire(dead, dead.fence)
+    claimers = [replica(url, f"c{n}") for n in range(5)]
+    with ThreadPoolExecutor(len(claimers)) as pool:
+        rounds = list(pool.map(lambda s: [j for _ in range(3) for j in s.claim_jobs(s.fence, limit=40)], claimers))
+    taken = [j for r in rounds for j in r]
+    leftovers = claimers[0].claim_jobs(claimers[0].fence)  # type: ignore[arg-type]
+    assert len(taken) == len(set(taken))  # no job claimed by two replicas
+    assert sorted(taken + leftovers) == [f"j{n:03}" for n in range(300)]
+    owners = {j.id: j.lease_owner for j in claimers[0].list_jobs(limit=1000)}
+    for store, got in zip(claimers, rounds, strict=True):
+        assert all(owners[j] == store.fence.replica_id for j in got)  # type: ignore[union-attr]
+    for s in [dead, *claimers]:
+        s.close()
+
+
+def test_replicas_share_the_first_ones_secrets(pair: tuple[Store, Store]) -> None:
+    a, b = pair
+    assert a.shared_secret("api_token", "from-a") == "from-a"
+    assert b.shared_secret("api_token", "from-b") == "from-a"
+    assert b.shared_secret("agent_key", "k-b") == "k-b"
+    assert {r.id for r in a.replicas()} == {"a", "b"}
+
+
+def test_without_a_fence_the_store_decides_every_job(url: str) -> None:
+    """A store no cluster fenced (unit tests, tools) reads and writes every job, as before."""
+    s = Store(url)
+    other = replica(url, "x")
+    other.create_job("j1", spec())
+    s.create_job("j2", spec())
+    assert sorted(j.id for j in s.active_state()[0]) == ["j1", "j2"]
+    s.apply("j1", {"message": "unfenced"}, {}, [])
+    s.close()
+    other.close()
+
+
+def test_a_claim_skips_a_job_whose_row_a_writer_holds(url: str) -> None:
+    """PostgreSQL: a claimer passes over a job some transaction has locked (the old owner
+    mid-write) instead of waiting for it, and takes it on a later round."""
+    if not url.startswith("postgresql"):
+        pytest.skip("SKIP LOCKED is PostgreSQL's; SQLite serializes every writer anyway")
+    from orchestrator.store import JobRow
+
+    a, b = replica(url, "a"), replica(url, "b")
+    a.create_job("j1", spec())
+    a.create_job("j2", spec())
+    assert a.fence is not None and b.fence is not None
+    expire(a, a.fence)
+    with a._write() as held:
+        held.get(JobRow, "j1", with_for_update=True)  # a writer of j1, in flight
+        with ThreadPoolExecutor(1) as pool:  # a claim that waited for the lock would never return
+            claim = pool.submit(b.claim_jobs, b.fence)
+            assert claim.result(timeout=60) == ["j2"]
+        held.rollback()
+    assert b.claim_jobs(b.fence) == ["j1"]
+    a.close()
+    b.close()
