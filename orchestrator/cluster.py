@@ -36,7 +36,8 @@ def default_replica_id(state_dir: Path) -> str:
 class Cluster:
     def __init__(self, store: Store, replica_id: str, url: str, ttl: float, claim_interval: float,
                  on_claim: Callable[[], None] = lambda: None,
-                 on_refresh: Callable[[Cluster], None] = lambda cluster: None) -> None:
+                 on_refresh: Callable[[Cluster], None] = lambda cluster: None,
+                 host_bound: frozenset[str] = frozenset()) -> None:
         self.store = store
         self.replica_id = replica_id
         self.url = url
@@ -44,6 +45,7 @@ class Cluster:
         self.claim_interval = claim_interval
         self.on_claim = on_claim
         self.on_refresh = on_refresh  # told after each look at the live replicas
+        self.host_bound = host_bound  # providers whose machines only their own replica sees (local)
         self.fence: Fence | None = None
         self.leader = False
         self.peer_urls: list[str] = []  # the other live replicas' API URLs
@@ -91,7 +93,7 @@ class Cluster:
                 await self.start()
                 return
         try:
-            claimed = await self.store.run(self.store.claim_jobs, fence)
+            claimed = await self.store.run(self.store.claim_jobs, fence, host_bound=self.host_bound)
         except LeaseLost:
             self._renewed_at = 0.0  # renew (or re-register) on the next step
             return

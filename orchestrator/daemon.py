@@ -286,7 +286,8 @@ def _cluster(settings: Settings, store: Store, engine: Engine) -> Cluster:
         engine.workers.peer_urls = cluster.peer_urls
 
     return Cluster(store, c.replica_id or default_replica_id(settings.state_dir), settings.server.agent_base_url(),
-                   c.lease_ttl_seconds, c.claim_interval_seconds, on_claim=engine.hint, on_refresh=follow)
+                   c.lease_ttl_seconds, c.claim_interval_seconds, on_claim=engine.hint, on_refresh=follow,
+                   host_bound=frozenset(name for name, a in engine.adapters.items() if not a.remote))
 
 
 async def _bind(settings: Settings) -> tuple[socket.socket, int]:

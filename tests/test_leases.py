@@ -182,3 +182,20 @@ def test_a_claim_skips_a_job_whose_row_a_writer_holds(url: str) -> None:
     assert b.claim_jobs(b.fence) == ["j1"]
     a.close()
     b.close()
+
+
+def test_a_job_running_on_its_replicas_own_machine_waits_for_that_replica(pair: tuple[Store, Store]) -> None:
+    """A live attempt on a host-bound provider (local) is visible only to the replica that
+    launched it: another replica adopting the job would run it twice on one volume."""
+    a, b = pair
+    a.create_job("local-job", spec())
+    a.create_job("cloud-job", spec())
+    a.add_attempt(attempt("local-job"))
+    cloud = attempt("cloud-job")
+    cloud.provider = "runpod"
+    a.add_attempt(cloud)
+    assert a.fence is not None and b.fence is not None
+    expire(a, a.fence)
+    assert b.claim_jobs(b.fence, host_bound=frozenset({"local"})) == ["cloud-job"]
+    a.fence = a.register_replica("a", "http://a", TTL)  # its replica is back: still its own
+    a.apply("local-job", {"message": "back"}, {}, [])

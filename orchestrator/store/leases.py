@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from sqlalchemy import or_, update
 from sqlmodel import Session, col, select
 
-from orchestrator.models import JobStatus
+from orchestrator.models import AttemptStatus, JobStatus
 from orchestrator.store.errors import Conflict, upsert
-from orchestrator.store.tables import ClusterSecretRow, JobRow, ReplicaRow
+from orchestrator.store.tables import AttemptRow, ClusterSecretRow, JobRow, ReplicaRow
 
 ACTIVE_STATUSES = [s.value for s in JobStatus if not s.terminal]
 
@@ -114,9 +114,12 @@ class LeaseStore:
         with self._session() as s:
             return list(s.exec(select(ReplicaRow).order_by(col(ReplicaRow.id))))
 
-    def claim_jobs(self, fence: Fence, now: float | None = None, limit: int = 2000) -> list[str]:
+    def claim_jobs(self, fence: Fence, now: float | None = None, limit: int = 2000,
+                   host_bound: frozenset[str] = frozenset()) -> list[str]:
         """Take unfinished jobs that no live replica owns (their owner's lease expired, or none).
-        Raises LeaseLost if this replica's own lease is not current."""
+        Not those with a live attempt on a `host_bound` provider (the local machine of the
+        replica that launched it, which no other replica can see or stop): they wait for their
+        replica to come back. Raises LeaseLost if this replica's own lease is not current."""
         now = now or time.time()
         with self._write() as s:
             me = s.get(ReplicaRow, fence.replica_id)
@@ -129,6 +132,10 @@ class LeaseStore:
                         or_(col(JobRow.lease_owner).is_(None), col(JobRow.lease_owner).in_(expired),
                             col(JobRow.lease_owner).not_in(known)))
                  .order_by(col(JobRow.created_at)).limit(limit))
+            if host_bound:
+                pinned = select(AttemptRow.job_id).where(col(AttemptRow.status) != AttemptStatus.ENDED.value,
+                                                         col(AttemptRow.provider).in_(sorted(host_bound)))
+                q = q.where(col(JobRow.id).not_in(pinned))
             if s.get_bind().dialect.name == "postgresql":
                 q = q.with_for_update(skip_locked=True)  # a row being written or claimed: next round
             ids = list(s.exec(q))
