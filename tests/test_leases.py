@@ -199,3 +199,27 @@ def test_a_job_running_on_its_replicas_own_machine_waits_for_that_replica(pair: 
     assert b.claim_jobs(b.fence, host_bound=frozenset({"local"})) == ["cloud-job"]
     a.fence = a.register_replica("a", "http://a", TTL)  # its replica is back: still its own
     a.apply("local-job", {"message": "back"}, {}, [])
+
+
+async def test_a_replica_whose_lease_lapsed_registers_again_and_one_whose_id_was_taken_stops(url: str) -> None:
+    from orchestrator.cluster import Cluster
+
+    store, other = Store(url), Store(url)
+    cluster = Cluster(store, "r", "http://r", TTL, claim_interval=0.1)
+    first = await cluster.start()
+    assert store.fence == first and cluster.leader
+    store.retire_replica(first)  # the lease ran out (a long stall)
+    cluster._renewed_at = 0.0  # renewal due
+    await cluster.step()
+    assert store.fence is not None and store.fence.epoch == first.epoch + 1  # a new epoch fences the old
+    store.create_job("j1", spec())
+    store.apply("j1", {"message": "writes again"}, {}, [])
+    other.register_replica("r", "http://elsewhere", TTL)  # a second daemon under the same id
+    reasons: list[str] = []
+    cluster._renewed_at = 0.0
+    await cluster.step(reasons.append)
+    assert reasons and "another daemon registered as replica r" in reasons[0]
+    with pytest.raises(LeaseLost):
+        store.apply("j1", {"message": "fenced"}, {}, [])
+    store.close()
+    other.close()
