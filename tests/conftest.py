@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -85,3 +86,18 @@ def no_child_left_behind() -> Iterator[None]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     pytest.fail(f"the test left child processes behind: {left}")
+
+
+async def stop_every_machine(adapters: dict[str, Any]) -> None:
+    """Fixture teardown for tests that drive an engine by hand: a test that failed before its
+    own clean-up must not leave its jobs (re-parented to init, so `no_child_left_behind`
+    cannot see them) running on the host."""
+    for adapter in adapters.values():
+        try:
+            instances = await adapter.list_instances()
+        except Exception:
+            continue
+        for inst in instances:
+            if inst.state.value != "terminated":
+                with contextlib.suppress(Exception):
+                    await adapter.terminate(inst.instance_id)

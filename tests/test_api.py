@@ -26,6 +26,7 @@ from orchestrator.daemon import build_adapters
 from orchestrator.engine import Engine
 from orchestrator.models import JobSpec as JobSpecModel
 from orchestrator.store import Store
+from tests.conftest import stop_every_machine
 
 TOKEN = "test-token-0123456789"
 H = {"Authorization": f"Bearer {TOKEN}"}
@@ -60,6 +61,7 @@ async def api(tmp_path: Path) -> AsyncIterator[Api]:
     client = TestClient(DaemonServer(app))
     await client.start_server()
     yield client, engine, key
+    await stop_every_machine(engine.adapters)
     await client.close()
     store.close()
 

@@ -147,7 +147,14 @@ async def test_budget_stops_the_attempt_and_the_job(tmp_path: Path) -> None:
         r.close()
 
 
-async def test_a_succeeded_job_stops_its_machine(rig: Rig) -> None:
+async def test_a_succeeded_job_stops_its_machine(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """By the step that ends the job, not by the orphan reaper's next pass (which would also
+    stop it, and has tests of its own): without the reaper the machine must still stop."""
+
+    async def no_reaper(*_args: object) -> None:
+        return None
+
+    monkeypatch.setattr(rig.engine, "_reap", no_reaper)
     rig.store.create_job(JOB, spec())
     first = await rig.until(lambda: running(rig), "attempt 1 running")
     rig.fake.exit(first.instance_id or "", 0)

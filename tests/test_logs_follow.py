@@ -20,6 +20,7 @@ from orchestrator.config import load_settings
 from orchestrator.daemon import build_adapters
 from orchestrator.engine import Engine
 from orchestrator.store import Store
+from tests.conftest import stop_every_machine
 from tests.test_api import TOKEN, DaemonServer, H, finish, job_of, until
 
 Api = tuple[TestClient, Engine, Path]
@@ -52,6 +53,7 @@ async def api(tmp_path: Path) -> AsyncIterator[Api]:
     client = TestClient(DaemonServer(app))
     await client.start_server()
     yield client, engine, tmp_path
+    await stop_every_machine(engine.adapters)
     await client.close()
     store.close()
 
