@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import sys
 import tempfile
 import time
@@ -23,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from orchestrator.daemon import tune_gc  # noqa: E402
 from orchestrator.models import JobSpec  # noqa: E402
 from tests.fake_provider import FakeAdapter, Rig  # noqa: E402
 
@@ -59,8 +59,7 @@ async def churn(rig: Rig, jobs: int, batch: int) -> None:
         fake.ledger.clear()
         fake.requests.clear()
         done += batch
-        gc.collect()
-        now = rss_mb()
+        now = rss_mb()  # no gc.collect() here: the daemon's own collector settings decide
         if done // batch == warm:
             baseline = now
             print(f"after {done:,} jobs (warm-up): RSS {now:.0f} MB", flush=True)
@@ -80,6 +79,7 @@ def main() -> None:
         fake = FakeAdapter.create(root, capacity={"r1": args.batch * 2}, prices={"r1": 0.5})
         rig = Rig.create(root, fake, tick_seconds=0.05, offer_refresh_seconds=30.0, retry_backoff_max_seconds=1.0,
                          launch_concurrency=32, provider_concurrency=32)
+        tune_gc()  # as the daemon does at start-up
         try:
             asyncio.run(churn(rig, args.jobs, args.batch))
         finally:

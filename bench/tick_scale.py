@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from orchestrator.daemon import tune_gc  # noqa: E402
 from orchestrator.models import AttemptStatus, JobSpec  # noqa: E402
 from orchestrator.store import AttemptRow  # noqa: E402
 from tests.fake_provider import FakeAdapter, Rig  # noqa: E402
@@ -132,6 +133,7 @@ def main() -> None:
         t0 = time.perf_counter()
         fill(rig, args.jobs)
         print(f"  done in {time.perf_counter() - t0:.0f} s", flush=True)
+        tune_gc()  # as the daemon does at start-up
         asyncio.run(_both(rig, args))
         rig.close()
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import gc
 import ipaddress
 import json
 import logging
@@ -165,6 +166,18 @@ async def check_providers(settings: Settings, per_provider_seconds: float = 30.0
         return list(await asyncio.gather(*(one(n, t) for n, t in settings.providers.items())))
 
 
+def tune_gc() -> None:
+    """At 10,000 jobs the daemon holds about a million long-lived objects (rows, views), and a
+    tick makes tens of thousands of short-lived ones (a listing's instances). With Python's
+    default thresholds those were promoted and a full collection ran every tick or two: a
+    100-300 ms stall of the loop (issue 9). Objects made at start-up are frozen out of
+    collection, and the young generation is collected per 50,000 allocations instead of 700,
+    so a tick's short-lived objects die by reference count before a collection promotes them
+    (bench/tick_scale.py measures both; bench/churn_memory.py that memory stays flat)."""
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
 class StateDirBusy(OSError):
     """Another daemon holds this state dir."""
 
@@ -197,6 +210,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     logs_dir.mkdir(exist_ok=True, mode=0o700)
     store = Store(settings.database_url(), event_retention_days=settings.database.event_retention_days)
     await store.run(store.migrate)
+    tune_gc()
     # replicas on one database share the API token (unless configured) and the agent-token key:
     # the first to start records its own (from its state dir), the others take it and keep a copy
     # in their state dir, where the CLI on their host looks for the token

@@ -26,7 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from orchestrator.models import AttemptStatus, EndReason, JobSpec, JobStatus, VolumeSpec
-from orchestrator.store.cache import RowCache
+from orchestrator.store.cache import PlainRows, RowCache
 from orchestrator.store.db import make_engine, migrate, write_engine
 from orchestrator.store.errors import Conflict, upsert
 from orchestrator.store.leases import Fence, LeaseStore, check_lease
@@ -39,6 +39,10 @@ ACTIVE_STATUSES = [s.value for s in JobStatus if not s.terminal]
 _ACTIVE_SQL = "(" + ", ".join(f"'{s}'" for s in ACTIVE_STATUSES) + ")"  # our own constants, for raw SQL
 TERMINAL_STATUSES = [s.value for s in JobStatus if s.terminal]
 ENDED = AttemptStatus.ENDED.value
+
+# the tick's cached rows (store.cache.PlainRows), typed as the models whose attributes they carry
+_PLAIN_JOBS = PlainRows(JobRow)
+_PLAIN_ATTEMPTS = PlainRows(AttemptRow)
 
 # Event kinds that repeat while nothing changes (every backoff try, every retry of one launch, every
 # failed listing): a repeat of the job's latest event updates that row instead of adding one.
@@ -220,13 +224,15 @@ class Store(LeaseStore):
             return list(s.exec(q))
 
     def active_state(self) -> tuple[list[JobRow], dict[str, list[AttemptRow]]]:
-        """Every unfinished job and all its attempts (in number order), as `active_jobs` and
-        `attempts_for` would read them, but loading in full only rows that changed since the
-        last call (see store.cache). One read transaction: a consistent snapshot."""
-        chunk = 5000
+        """Every unfinished job (of this replica, when fenced) and all its attempts (in number
+        order), as `active_jobs` and `attempts_for` would read them, but loading in full only
+        rows that changed since the last call (see store.cache), as plain read-only copies
+        (`PlainRows`: same attributes, cheap to read). One read transaction: a consistent
+        snapshot."""
+        ph = "?" if self._sqlite else "%s"
         with self._session() as s:
-            # the two (id, version) reads go straight to the driver's cursor: 20,000 result rows
-            # through SQLAlchemy's Row machinery cost more than everything else the tick reads
+            # the reads go straight to the driver's cursor: 20,000 result rows through
+            # SQLAlchemy's Row machinery cost more than everything else the tick reads
             cursor = s.connection().connection.cursor()
             cursor.execute(f"SELECT id, version, lease_owner FROM jobs WHERE status IN {_ACTIVE_SQL}")
             me = self.fence.replica_id if self.fence else None
@@ -237,24 +243,16 @@ class Store(LeaseStore):
                 else:
                     foreign.append(str(i))
             self.foreign_active = frozenset(foreign)
-
-            def load_jobs(keys: list[str]) -> list[JobRow]:
-                return [r for n in range(0, len(keys), chunk)
-                        for r in s.exec(select(JobRow).where(col(JobRow.id).in_(keys[n:n + chunk])))]
-
-            jobs = self._job_cache.refresh(job_versions, load_jobs, lambda r: r.id)
+            jobs = self._job_cache.refresh(job_versions, lambda keys: _PLAIN_JOBS.load(cursor, "id", keys, ph),
+                                           lambda r: r.id)
             # joined, not `job_id IN (10,000 ids)`: expanding that list cost more than the read
-            mine = "" if me is None else " AND j.lease_owner = %s" % ("?" if self._sqlite else "%s")
+            mine = "" if me is None else f" AND j.lease_owner = {ph}"
             cursor.execute("SELECT a.id, a.version FROM attempts a JOIN jobs j ON j.id = a.job_id "
                            f"WHERE j.status IN {_ACTIVE_SQL}{mine}", () if me is None else (me,))
             attempt_versions = [(int(i), int(v)) for i, v in cursor.fetchall()]
+            attempts = self._attempt_cache.refresh(
+                attempt_versions, lambda keys: _PLAIN_ATTEMPTS.load(cursor, "id", keys, ph), lambda r: r.id or 0)
             cursor.close()
-
-            def load_attempts(keys: list[int]) -> list[AttemptRow]:
-                return [r for n in range(0, len(keys), chunk)
-                        for r in s.exec(select(AttemptRow).where(col(AttemptRow.id).in_(keys[n:n + chunk])))]
-
-            attempts = self._attempt_cache.refresh(attempt_versions, load_attempts, lambda r: r.id or 0)
         by_job: dict[str, list[AttemptRow]] = {j: [] for j in jobs}
         for row in attempts.values():
             if row.job_id in by_job:
