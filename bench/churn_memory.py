@@ -55,9 +55,7 @@ async def churn(rig: Rig, jobs: int, batch: int) -> None:
         for inst in fake.live():
             fake.exit(inst.instance_id, 0)
         await rig.until(lambda: not fake.live(), "the batch finished and its machines stopped", timeout=600)
-        fake.instances.clear()  # the provider forgets terminated machines, as real ones do after a while
-        fake.ledger.clear()
-        fake.requests.clear()
+        fake.forget()  # the provider forgets terminated machines, as real ones do after a while
         done += batch
         now = rss_mb()  # no gc.collect() here: the daemon's own collector settings decide
         if done // batch == warm:

@@ -74,6 +74,9 @@ class TerminateOrder:
     last_bill: Bill | None = None  # the latest bill a listing showed for this instance
 
 
+RATE_STATS_MAX_AGE = 5.0  # seconds a read of the preemption history serves placement
+
+
 class Workers:
     def __init__(
         self,
@@ -106,6 +109,8 @@ class Workers:
         self._backoff: dict[str, float] = {}
         self._avoid: dict[str, set[str]] = {}  # job -> "provider:offer_id" to skip on its next placement
         self.peer_urls: list[str] = []  # other live replicas (cluster): agents fail over to them
+        self._rates: tuple[float, dict[tuple[str, CapacityType], RateStats]] | None = None
+        self._rates_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -216,14 +221,21 @@ class Workers:
         )
 
     async def rate_stats(self) -> dict[tuple[str, CapacityType], RateStats]:
-        rows = await self.store.run(self.store.preemption_history)
-        out: dict[tuple[str, CapacityType], RateStats] = {}
-        for provider, capacity, n, hours in rows:
-            try:
-                out[(provider, CapacityType(capacity))] = RateStats(n, hours)
-            except ValueError:
-                continue
-        return out
+        """Preemptions and hours per kind of capacity, for placement. Read at most every
+        RATE_STATS_MAX_AGE seconds: it adds up every live attempt's hours, and a hundred jobs
+        relaunched at once (a zone reclaimed) each asked for it (issue 9: detection to launch)."""
+        async with self._rates_lock:
+            if self._rates is not None and time.monotonic() - self._rates[0] < RATE_STATS_MAX_AGE:
+                return self._rates[1]
+            rows = await self.store.run(self.store.preemption_history)
+            out: dict[tuple[str, CapacityType], RateStats] = {}
+            for provider, capacity, n, hours in rows:
+                try:
+                    out[(provider, CapacityType(capacity))] = RateStats(n, hours)
+                except ValueError:
+                    continue
+            self._rates = (time.monotonic(), out)
+            return out
 
     async def _volume_for(self, spec: JobSpec, offer: Offer, pinned: VolumeRow | None
                           ) -> tuple[ProviderVolume | None, bool]:

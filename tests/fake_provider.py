@@ -126,6 +126,14 @@ class FakeAdapter(Adapter, VolumeSupport):
     calls: Counter[str] = field(default_factory=Counter)
     _faults: dict[str, deque[_Fault]] = field(default_factory=dict)
     _ids: Any = field(default_factory=lambda: itertools.count(1))
+    # indexes, so a launch or an offer list does not scan 10,000 instances (bench/tick_scale.py
+    # measures the daemon, not this double): instances by name, and live ones per region,
+    # recounted only when an instance may have stopped being live or `instances` was edited
+    _by_name: dict[str, list[FakeInstance]] = field(default_factory=dict)
+    _ended: int = 0
+    _created: int = 0
+    _in_use_at: tuple[int, int, int] = (-1, -1, -1)
+    _in_use_by_region: Counter[str] = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
         super().__init__(FakeSettings(), self.ctx)
@@ -167,6 +175,16 @@ class FakeAdapter(Adapter, VolumeSupport):
         """The provider ended the instance for a reason of its own (see InstanceFault)."""
         inst = self.instances[instance_id]
         inst.state, inst.fault, inst.reason = state, fault, reason
+        self._ended += 1
+
+    def forget(self) -> None:
+        """Forget every machine and call so far (the provider's history ages out, as real
+        ones' does): for long benchmarks."""
+        self.instances.clear()
+        self._by_name.clear()
+        self.ledger.clear()
+        self.requests.clear()
+        self._ended += 1
 
     def boot(self, instance_id: str) -> None:
         inst = self.instances[instance_id]
@@ -187,7 +205,9 @@ class FakeAdapter(Adapter, VolumeSupport):
         return out
 
     def live(self, name: str | None = None) -> list[FakeInstance]:
-        return [i for i in self.instances.values() if i.live and (name is None or i.name == name)]
+        if name is not None:
+            return [i for i in self._by_name.get(name, ()) if i.live and self.instances.get(i.instance_id) is i]
+        return [i for i in self.instances.values() if i.live]
 
     def bill(self, instance_id: str) -> Bill:
         inst = self.instances[instance_id]
@@ -248,6 +268,7 @@ class FakeAdapter(Adapter, VolumeSupport):
             return None
         if inst.live:
             inst.state, inst.stopped_by_us = InstanceState.TERMINATED, True
+            self._ended += 1
             inst.billing_ended_at = inst.billing_ended_at or self.clock()
             self.ledger.append(LedgerEntry("terminated", inst.instance_id, inst.name, inst.region,
                                            self.bill(instance_id)))
@@ -294,7 +315,11 @@ class FakeAdapter(Adapter, VolumeSupport):
         return self.prices.get(region, 1.0)
 
     def _in_use(self, region: str) -> int:
-        return sum(1 for i in self.instances.values() if i.live and i.region == region)
+        key = (len(self.instances), self._created, self._ended)
+        if key != self._in_use_at:
+            self._in_use_by_region = Counter(i.region for i in self.instances.values() if i.live)
+            self._in_use_at = key
+        return self._in_use_by_region[region]
 
     def _create(self, name: str, region: str, offer_id: str, volume_id: str | None,
                 state: InstanceState) -> FakeInstance:
@@ -303,6 +328,8 @@ class FakeAdapter(Adapter, VolumeSupport):
             price_per_hour=self._price(region), state=state, created_at=self.clock(), volume_id=volume_id,
         )
         self.instances[inst.instance_id] = inst
+        self._by_name.setdefault(name, []).append(inst)
+        self._created += 1
         self.ledger.append(LedgerEntry("created", inst.instance_id, name, region))
         return inst
 
