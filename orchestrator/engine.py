@@ -411,22 +411,23 @@ class Engine:
     async def _reap(self, snap: Snapshot, live: dict[str, AttemptRow]) -> None:
         """Terminate every instance with our prefix that no live attempt owns: leftovers of
         ended attempts whose termination failed, and true orphans (no attempt at all)."""
-        live_names = set(live)
-        foreign = self.store.foreign_active  # other replicas' unfinished jobs: theirs to look after
         mine = self._specs  # this tick's own unfinished jobs
 
-        def ours(name: str) -> bool:
+        def unknown(name: str) -> bool:  # ours by prefix, but of no live attempt of this replica's
             parsed = parse_attempt_name(self.prefix, name)
-            if parsed is None or parsed[0] in foreign:
-                return False
-            return self.leader or parsed[0] in mine
+            return parsed is not None and name not in live and (self.leader or parsed[0] in mine)
 
         candidates = [
-            inst for name, instances in snap.by_name.items() if name not in live_names and ours(name)
+            inst for name, instances in snap.by_name.items() if unknown(name)
             for inst in instances
             if inst.provider in snap.readable and inst.state != InstanceState.TERMINATED
             and not self.workers.stopping_or_stopped(inst.provider, inst.instance_id)
         ]
+        if candidates and self.leader:
+            # other replicas' unfinished jobs are theirs to look after (read only when needed:
+            # with several replicas most names here are theirs)
+            foreign = await self.store.run(self.store.foreign_active)
+            candidates = [i for i in candidates if (parse_attempt_name(self.prefix, i.name) or ("",))[0] not in foreign]
         if not candidates:
             return
         # an attempt made since the listing may own one: look again before stopping anything

@@ -56,9 +56,9 @@ def test_a_job_submitted_through_a_replica_is_its_own_and_only_it_decides_it(pai
     job = a.create_job("j1", spec())
     assert job.lease_owner == "a"
     jobs, _ = a.active_state()
-    assert [j.id for j in jobs] == ["j1"] and a.foreign_active == frozenset()
+    assert [j.id for j in jobs] == ["j1"] and a.foreign_active() == set()
     jobs, _ = b.active_state()
-    assert jobs == [] and b.foreign_active == {"j1"}
+    assert jobs == [] and b.foreign_active() == {"j1"}
     a.apply("j1", {"message": "a decides"}, {}, [])
     with pytest.raises(LeaseLost, match="owned by a"):
         b.apply("j1", {"message": "b must not"}, {}, [])
@@ -104,7 +104,7 @@ def test_a_dead_replicas_jobs_are_claimed_and_its_writes_fenced(pair: tuple[Stor
     a.fence = a.register_replica("a", "http://a", TTL)
     with pytest.raises(LeaseLost, match="owned by b"):
         a.apply("j0", {"message": "a must not"}, {}, [])
-    assert a.active_state()[0] == [] and a.foreign_active == frozenset(claimed)
+    assert a.active_state()[0] == [] and a.foreign_active() == set(claimed)
 
 
 def test_a_restarted_replica_keeps_its_jobs_and_fences_its_older_self(url: str) -> None:
@@ -119,6 +119,24 @@ def test_a_restarted_replica_keeps_its_jobs_and_fences_its_older_self(url: str) 
     assert new.renew_replica(new.fence, TTL)
     old.close()
     new.close()
+
+
+def test_a_dead_replicas_jobs_are_shared_out_among_the_survivors(url: str) -> None:
+    """Each survivor claims up to an equal share of all unfinished jobs, so the first to look
+    does not take everything; once the others are gone it takes the rest."""
+    dead, b, c = replica(url, "dead"), replica(url, "b"), replica(url, "c")
+    for n in range(30):
+        dead.create_job(f"d{n:02}", spec())
+    for n in range(10):
+        b.create_job(f"b{n:02}", spec())
+    assert dead.fence is not None and b.fence is not None and c.fence is not None
+    expire(dead, dead.fence)
+    assert len(b.claim_jobs(b.fence)) == 10  # 40 jobs, 2 live replicas: 20 each, b had 10
+    assert len(c.claim_jobs(c.fence)) == 20
+    assert b.claim_jobs(b.fence) == [] and c.claim_jobs(c.fence) == []
+    assert sorted(j.lease_owner or "" for j in b.list_jobs(limit=100)).count("b") == 20
+    for s in (dead, b, c):
+        s.close()
 
 
 def test_concurrent_claimers_take_each_job_exactly_once(url: str) -> None:

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import or_, update
+from sqlalchemy import func, or_, update
 from sqlmodel import Session, col, select
 
 from orchestrator.models import AttemptStatus, JobStatus
@@ -125,6 +125,20 @@ class LeaseStore:
             me = s.get(ReplicaRow, fence.replica_id)
             if me is None or me.epoch != fence.epoch or me.expires_at <= now:
                 raise LeaseLost(f"replica {fence.replica_id} cannot claim: its lease is not current")
+            # a fair share, not all: each live replica takes up to an equal part of every
+            # unfinished job (counting what it has), so a dead replica's jobs are spread over the
+            # survivors; once every survivor is at its share the sum covers them all
+            live = s.exec(select(func.count()).select_from(ReplicaRow)
+                          .where(col(ReplicaRow.expires_at) > now)).one()
+            total = s.exec(select(func.count()).select_from(JobRow)
+                           .where(col(JobRow.status).in_(ACTIVE_STATUSES))).one()
+            mine = s.exec(select(func.count()).select_from(JobRow)
+                          .where(col(JobRow.status).in_(ACTIVE_STATUSES),
+                                 col(JobRow.lease_owner) == fence.replica_id)).one()
+            limit = min(limit, -(-int(total) // max(1, int(live))) - int(mine))
+            if limit <= 0:
+                s.commit()
+                return []
             expired = select(ReplicaRow.id).where(col(ReplicaRow.expires_at) <= now)
             known = select(ReplicaRow.id)
             q = (select(JobRow.id)

@@ -126,7 +126,6 @@ class Store(LeaseStore):
         # set when this daemon is a replica (store.leases): its engine's writes are fenced, it
         # reads only its own jobs, and jobs submitted through it are its own
         self.fence: Fence | None = None
-        self.foreign_active: frozenset[str] = frozenset()  # other replicas' unfinished jobs, as of active_state
 
     @property
     def _sqlite(self) -> bool:
@@ -234,15 +233,11 @@ class Store(LeaseStore):
             # the reads go straight to the driver's cursor: 20,000 result rows through
             # SQLAlchemy's Row machinery cost more than everything else the tick reads
             cursor = s.connection().connection.cursor()
-            cursor.execute(f"SELECT id, version, lease_owner FROM jobs WHERE status IN {_ACTIVE_SQL}")
             me = self.fence.replica_id if self.fence else None
-            job_versions, foreign = [], []
-            for i, v, owner in cursor.fetchall():
-                if me is None or owner == me:
-                    job_versions.append((str(i), int(v)))
-                else:
-                    foreign.append(str(i))
-            self.foreign_active = frozenset(foreign)
+            # only this replica's jobs (the other replicas' are theirs to read: see foreign_active)
+            cursor.execute(f"SELECT id, version FROM jobs WHERE status IN {_ACTIVE_SQL}"
+                           + ("" if me is None else f" AND lease_owner = {ph}"), () if me is None else (me,))
+            job_versions = [(str(i), int(v)) for i, v in cursor.fetchall()]
             jobs = self._job_cache.refresh(job_versions, lambda keys: _PLAIN_JOBS.load(cursor, "id", keys, ph),
                                            lambda r: r.id)
             # joined, not `job_id IN (10,000 ids)`: expanding that list cost more than the read
@@ -260,6 +255,17 @@ class Store(LeaseStore):
         for rows in by_job.values():
             rows.sort(key=lambda r: r.number)
         return list(jobs.values()), by_job
+
+    def foreign_active(self) -> set[str]:
+        """The unfinished jobs this replica does not own (other replicas', or nobody's yet):
+        read by the reaper only when it sees machines of jobs it does not know."""
+        if self.fence is None:
+            return set()
+        with self._session() as s:
+            q = select(JobRow.id).where(col(JobRow.status).in_(ACTIVE_STATUSES),
+                                        or_(col(JobRow.lease_owner).is_(None),
+                                            col(JobRow.lease_owner) != self.fence.replica_id))
+            return set(s.exec(q))
 
     def active_jobs(self) -> list[JobRow]:
         with self._session() as s:
