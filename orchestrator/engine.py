@@ -83,19 +83,29 @@ def job_view(row: JobRow, spec: JobSpec) -> reconcile.JobView:
 @dataclass(frozen=True)
 class _Quiet:
     """A job's inputs when deciding it last asked for nothing, and until when (by the clock
-    alone) it would keep asking for nothing (reconcile.quiet_until). Views are compared by
-    identity: the store hands back the same row, hence the same view, while a row is unchanged."""
+    alone) it would keep asking for nothing (reconcile.quiet_until). Rows are compared by
+    identity: the store hands back the same row object while its row is unchanged (store.cache),
+    so a quiet job is passed over without building its views: at 10,000 jobs most of a tick."""
 
-    job: reconcile.JobView
-    attempts: tuple[reconcile.AttemptView, ...]
-    seen: tuple[tuple[bool, tuple[object, ...] | None], ...]
+    job: JobRow
+    rows: tuple[AttemptRow, ...]
+    live: tuple[tuple[str, str], ...]  # (name, provider) of each live attempt, in order
+    seen: tuple[tuple[bool, tuple[object, ...] | None], ...]  # what the providers showed of them
     cfg: reconcile.Settings
     until: float
 
-    def same(self, job: reconcile.JobView, attempts: list[reconcile.AttemptView],
-             seen: tuple[tuple[bool, tuple[object, ...] | None], ...], cfg: reconcile.Settings) -> bool:
-        return (job is self.job and cfg is self.cfg and len(attempts) == len(self.attempts)
-                and all(a is b for a, b in zip(attempts, self.attempts, strict=True)) and seen == self.seen)
+    def still(self, job: JobRow, rows: list[AttemptRow], readable: set[str],
+              observed: dict[str, Instance], cfg: reconcile.Settings) -> bool:
+        """Nothing `decide` reads of this job has changed since (the clock is checked apart)."""
+        if job is not self.job or cfg is not self.cfg or len(rows) != len(self.rows):
+            return False
+        for a, b in zip(rows, self.rows, strict=True):
+            if a is not b:
+                return False
+        for (name, provider), was in zip(self.live, self.seen, strict=True):
+            if (provider in readable, reconcile.seen_as(observed.get(name))) != was:
+                return False
+        return True
 
 
 class Engine:
@@ -233,8 +243,12 @@ class Engine:
             if time.perf_counter() >= yield_at:  # let the API and agents in every few ms, not once per
                 await asyncio.sleep(0)          # job: an idle pass of the loop costs a poll each time
                 yield_at = time.perf_counter() + YIELD_EVERY_SECONDS
-            spec = self._spec(job)
             rows = attempts.get(job.id, [])
+            quiet = quiet_jobs.get(job.id)
+            if quiet is not None and now < quiet.until and quiet.still(job, rows, snap.readable, observed, self.cfg):
+                self._quiet[job.id] = quiet  # nothing it reads has changed, nor has the clock
+                continue                     # reached a rule: deciding again would ask for nothing
+            spec = self._spec(job)
             # the store hands back the same row object while its row is unchanged (store.cache):
             # the same object means the same view, built once
             jv = job_views.get(job.id)
@@ -248,17 +262,14 @@ class Engine:
                     av = (r, attempt_view(r))
                 self._attempt_views[r.id or 0] = av
                 views.append(av[1])
-            seen = tuple((a.provider in snap.readable, reconcile.seen_as(observed.get(a.name)))
-                         for a in views if a.live)
-            quiet = quiet_jobs.get(job.id)
-            if quiet is not None and quiet.same(jv[1], views, seen, self.cfg) and now < quiet.until:
-                self._quiet[job.id] = quiet  # nothing it reads has changed, nor has the clock
-                continue                     # reached a rule: deciding again would ask for nothing
             decision = reconcile.decide(jv[1], views, observed, snap.readable, now, self.cfg, snap.asked_at)
             if not decision.actions and not decision.relaunches and not decision.retries:
                 until = reconcile.quiet_until(jv[1], views, now, self.cfg, snap.asked_at)
                 if until > now:
-                    self._quiet[job.id] = _Quiet(jv[1], tuple(views), seen, self.cfg, until)
+                    live_rows = tuple((a.name, a.provider) for a in views if a.live)
+                    seen = tuple((provider in snap.readable, reconcile.seen_as(observed.get(name)))
+                                 for name, provider in live_rows)
+                    self._quiet[job.id] = _Quiet(job, tuple(rows), live_rows, seen, self.cfg, until)
             if not self.workers.fresh(job.id, read_at):
                 continue  # a launch changed this job since it was read: the next tick decides it
             try:
@@ -415,10 +426,10 @@ class Engine:
 
         def unknown(name: str) -> bool:  # ours by prefix, but of no live attempt of this replica's
             parsed = parse_attempt_name(self.prefix, name)
-            return parsed is not None and name not in live and (self.leader or parsed[0] in mine)
+            return parsed is not None and (self.leader or parsed[0] in mine)
 
         candidates = [
-            inst for name, instances in snap.by_name.items() if unknown(name)
+            inst for name, instances in snap.by_name.items() if name not in live and unknown(name)
             for inst in instances
             if inst.provider in snap.readable and inst.state != InstanceState.TERMINATED
             and not self.workers.stopping_or_stopped(inst.provider, inst.instance_id)
