@@ -328,7 +328,7 @@ class Workers:
                 return
             await self._launched(job, spec, row, inst, volume, f"attempt {number} launched"
                                  f"{' ahead of a reclaim' if early else ''}: {cand.reason}")
-            self.observer.invalidate_offers(offer.provider)
+            self.observer.refresh_offers_soon(offer.provider)
             metrics.LAUNCHES.labels(offer.provider, offer.capacity.value).inc()
             return
         # nothing could be launched: wait, with a growing pause

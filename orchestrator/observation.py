@@ -262,7 +262,18 @@ class Observer:
         return {name: list(offers) for name, offers in self._offers.items() if self._offers_at[name] > 0 or offers}
 
     def invalidate_offers(self, name: str) -> None:
+        """The provider's offers are wrong (a launch found no capacity): the next caller waits
+        for fresh ones."""
         self._offers_at[name] = 0.0
+
+    def refresh_offers_soon(self, name: str) -> None:
+        """The provider's offers are getting stale (a launch took some of its capacity): fetch
+        them again in the background, while launches go on with the ones in hand (one that
+        finds no capacity tries its next candidate). A hundred relaunches at once waited for a
+        refresh and an index rebuild each (issue 9: detection to launch)."""
+        task = self._offer_tasks.get(name)
+        if self.started(name) and (task is None or task.done()):
+            self._offer_tasks[name] = asyncio.create_task(self._refresh_offers(name), name=f"offers-{name}")
 
     async def offers(self, max_age: float | None = None, wait: float = 30.0) -> dict[str, list[Offer]]:
         """Every started provider's offers, refreshed when older than `max_age`. Waits at most
