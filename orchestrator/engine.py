@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from adapters.base import Adapter, InterruptionSupport
 from orchestrator import metrics, reconcile
@@ -37,7 +38,7 @@ from orchestrator.models import (
 from orchestrator.observation import Observer, ProviderHealth, Snapshot, describe, pick_primary
 from orchestrator.placement import PlacementSettings, RateStats
 from orchestrator.retention import prune_logs
-from orchestrator.store import AttemptRow, JobRow, LeaseLost, Store
+from orchestrator.store import AttemptRow, JobRow, Store
 
 log = logging.getLogger("gpuhop.engine")
 
@@ -106,6 +107,21 @@ class _Quiet:
             if (provider in readable, reconcile.seen_as(observed.get(name))) != was:
                 return False
         return True
+
+
+APPLY_BATCH = 64  # jobs whose transitions a tick commits in one transaction (store.apply_many)
+
+
+@dataclass
+class _Planned:
+    """One job's decision, planned: the rows to write, then what to start once they are written."""
+
+    job: JobRow
+    spec: JobSpec
+    writes: tuple[str, dict[str, Any], dict[int, dict[str, Any]], list[tuple[int | None, str, str]]] | None
+    terminations: list[TerminateOrder]
+    launch: bool | None
+    relaunch: list[AttemptRow]
 
 
 class Engine:
@@ -237,6 +253,7 @@ class Engine:
             job_id, number, message = self._pending_events.pop()
             await self.store.run(self.store.add_event, job_id, "duplicate", message, number)
         yield_at = time.perf_counter() + YIELD_EVERY_SECONDS
+        batch: list[_Planned] = []
         job_views, attempt_views, quiet_jobs = self._job_views, self._attempt_views, self._quiet
         self._job_views, self._attempt_views, self._quiet = {}, {}, {}  # this tick's only: nothing piles up
         for job in jobs:
@@ -272,17 +289,11 @@ class Engine:
                     self._quiet[job.id] = _Quiet(job, tuple(rows), live_rows, seen, self.cfg, until)
             if not self.workers.fresh(job.id, read_at):
                 continue  # a launch changed this job since it was read: the next tick decides it
-            try:
-                launch = await self._apply(job, rows, decision, observed, now)
-            except LeaseLost as exc:  # claimed by another replica (or our lease lapsed): theirs now
-                log.warning("job %s: not applied: %s", job.id, exc)
-                continue
-            if launch is not None and self.observer.settled():
-                self.workers.launch_soon(job, spec, launch)
-            by_id = {r.id: r for r in rows}
-            for action in decision.actions:
-                if isinstance(action, reconcile.RetryLaunch):
-                    self.workers.relaunch_soon(job, spec, by_id[action.attempt_id])
+            batch.append(self._plan(job, spec, rows, decision, observed, now))
+            if len(batch) >= APPLY_BATCH:
+                await self._commit(batch)
+                batch = []
+        await self._commit(batch)
         active = {j.id for j in jobs}
         for job_id in [k for k in self._specs if k not in active]:
             del self._specs[job_id]
@@ -345,12 +356,27 @@ class Engine:
 
     # ------------------------------------------------------------------ applying decisions
 
-    async def _apply(
-        self, job: JobRow, rows: list[AttemptRow], d: reconcile.Decision, observed: dict[str, Instance],
-        now: float,
-    ) -> bool | None:
-        """Commit one job's transitions, then start its terminations. Returns None, or whether
-        a launch is wanted early (True) or normally (False)."""
+    async def _commit(self, batch: list[_Planned]) -> None:
+        """Write the planned transitions (one transaction), then act on them: terminations,
+        launches and re-issued launches start only once what led to them is committed."""
+        writes = [p.writes for p in batch if p.writes is not None]
+        refused = await self.store.run(self.store.apply_many, writes) if writes else set()
+        for p in batch:
+            if p.job.id in refused:  # claimed by another replica (or our lease lapsed): theirs now
+                log.warning("job %s: not applied: this replica no longer owns it", p.job.id)
+                continue
+            for order in p.terminations:
+                self.workers.terminate_soon(order)
+            if p.launch is not None and self.observer.settled():
+                self.workers.launch_soon(p.job, p.spec, p.launch)
+            for row in p.relaunch:
+                self.workers.relaunch_soon(p.job, p.spec, row)
+
+    def _plan(
+        self, job: JobRow, spec: JobSpec, rows: list[AttemptRow], d: reconcile.Decision,
+        observed: dict[str, Instance], now: float,
+    ) -> _Planned:
+        """One job's decision as the rows to write and what to do once they are written."""
         by_id = {r.id: r for r in rows}
         job_fields: dict[str, object] = {}
         attempt_fields: dict[int, dict[str, object]] = {}
@@ -413,11 +439,9 @@ class Engine:
             job_fields["relaunches"] = job.relaunches + d.relaunches
         if d.retries:
             job_fields["retries"] = job.retries + d.retries
-        if job_fields or attempt_fields or events:
-            await self.store.run(self.store.apply, job.id, job_fields, attempt_fields, events)
-        for order in terminations:
-            self.workers.terminate_soon(order)
-        return launch
+        writes = (job.id, job_fields, attempt_fields, events) if job_fields or attempt_fields or events else None
+        relaunch = [by_id[a.attempt_id] for a in d.actions if isinstance(a, reconcile.RetryLaunch)]
+        return _Planned(job, spec, writes, terminations, launch, relaunch)
 
     async def _reap(self, snap: Snapshot, live: dict[str, AttemptRow]) -> None:
         """Terminate every instance with our prefix that no live attempt owns: leftovers of

@@ -241,3 +241,17 @@ async def test_a_replica_whose_lease_lapsed_registers_again_and_one_whose_id_was
         store.apply("j1", {"message": "fenced"}, {}, [])
     store.close()
     other.close()
+
+
+def test_a_batch_of_transitions_skips_the_jobs_no_longer_ours_and_writes_the_rest(pair: tuple[Store, Store]) -> None:
+    """The tick's one-transaction commit (store.apply_many): a job another replica took over
+    meanwhile is reported back, unwritten; the others are written."""
+    a, b = pair
+    a.create_job("mine", spec())
+    b.create_job("theirs", spec())
+    refused = a.apply_many([("theirs", {"message": "a must not"}, {}, []),
+                            ("mine", {"message": "a decides"}, {}, [(None, "note", "written")])])
+    assert refused == {"theirs"}
+    assert a.get_job("mine").message == "a decides"  # type: ignore[union-attr]
+    assert b.get_job("theirs").message == "queued"  # type: ignore[union-attr]
+    assert [e.kind for e in a.events("mine")][-1] == "note"
