@@ -122,6 +122,7 @@ class _Planned:
     terminations: list[TerminateOrder]
     launch: bool | None
     relaunch: list[AttemptRow]
+    next_number: int  # the number a new attempt takes (the tick read every attempt of the job)
 
 
 class Engine:
@@ -249,6 +250,7 @@ class Engine:
         now = time.time()
         live = {a.name: a for rows in attempts.values() for a in rows if a.status != AttemptStatus.ENDED.value}
         observed = self._primaries(snap, live)
+        await asyncio.sleep(0)  # each pass over every job or machine is a few ms: let others in between
         while self._pending_events:
             job_id, number, message = self._pending_events.pop()
             await self.store.run(self.store.add_event, job_id, "duplicate", message, number)
@@ -298,7 +300,9 @@ class Engine:
         for job_id in [k for k in self._specs if k not in active]:
             del self._specs[job_id]
         self.workers.forget(active)
+        await asyncio.sleep(0)
         await self._record_bill_starts(observed, live)
+        await asyncio.sleep(0)
         await self._reap(snap, live)
         await self._prune(now, set(live))
         self.ticks += 1
@@ -368,7 +372,7 @@ class Engine:
             for order in p.terminations:
                 self.workers.terminate_soon(order)
             if p.launch is not None and self.observer.settled():
-                self.workers.launch_soon(p.job, p.spec, p.launch)
+                self.workers.launch_soon(p.job, p.spec, p.launch, p.next_number)
             for row in p.relaunch:
                 self.workers.relaunch_soon(p.job, p.spec, row)
 
@@ -441,7 +445,8 @@ class Engine:
             job_fields["retries"] = job.retries + d.retries
         writes = (job.id, job_fields, attempt_fields, events) if job_fields or attempt_fields or events else None
         relaunch = [by_id[a.attempt_id] for a in d.actions if isinstance(a, reconcile.RetryLaunch)]
-        return _Planned(job, spec, writes, terminations, launch, relaunch)
+        return _Planned(job, spec, writes, terminations, launch, relaunch,
+                        max((r.number for r in rows), default=0) + 1)
 
     async def _reap(self, snap: Snapshot, live: dict[str, AttemptRow]) -> None:
         """Terminate every instance with our prefix that no live attempt owns: leftovers of

@@ -173,13 +173,15 @@ class Workers:
             for job_id in [k for k in table if k not in active]:
                 del table[job_id]
 
-    def launch_soon(self, job: JobRow, spec: JobSpec, early: bool) -> None:
+    def launch_soon(self, job: JobRow, spec: JobSpec, early: bool, number: int | None = None) -> None:
+        """Start a launch of the job's next attempt (`number`: as the caller's fresh read of its
+        attempts says; None: read it)."""
         if job.id in self._launching:
             return
         if not early and job.next_try_at is not None and time.time() < job.next_try_at:
             return
         self._launching.add(job.id)
-        self._spawn(self._guarded(job.id, self._launch(job, spec, early)), f"launch-{job.id}")
+        self._spawn(self._guarded(job.id, self._launch(job, spec, early, number)), f"launch-{job.id}")
 
     def relaunch_soon(self, job: JobRow, spec: JobSpec, row: AttemptRow) -> None:
         if job.id in self._launching:
@@ -267,7 +269,7 @@ class Workers:
         await self.store.run(self.store.add_event, job_id, "volume_deleted",
                              f"deleted volume {vol.volume_id} in {vol.region}, created for a launch that failed: {why}")
 
-    async def _launch(self, job: JobRow, spec: JobSpec, early: bool) -> None:
+    async def _launch(self, job: JobRow, spec: JobSpec, early: bool, number: int | None = None) -> None:
         """Place the job and start a new attempt, trying candidates best first."""
         timeout = self.settings.engine.provider_timeout_seconds
         offers_by_provider = await self.observer.offers(wait=timeout)
@@ -282,7 +284,8 @@ class Workers:
         avoid = frozenset(self._avoid.pop(job.id, ()))  # offers whose launch just failed after acceptance
         result = place(spec, index, location, await self.rate_stats(), self.placement, exclude=avoid,
                        limit=TRIED_PER_PLACEMENT)
-        number = await self.store.run(self.store.next_attempt_number, job.id)
+        if number is None:
+            number = await self.store.run(self.store.next_attempt_number, job.id)
         tried: list[str] = []
         for cand in result.candidates:
             offer = cand.offer
@@ -362,8 +365,10 @@ class Workers:
                 log.warning("volume %s was removed while a launch created it at %s (%s); recorded it again",
                             job.volume_name, volume.provider, volume.volume_id)
         try:
-            recorded = await self.store.run(self.store.record_launch, row.id or 0, instance_id,
-                                            row.launched_at or time.time())
+            recorded = await self.store.run(
+                self.store.record_launch, row.id or 0, instance_id, row.launched_at or time.time(),
+                {"next_try_at": None, "message": f"attempt {row.number} on {row.provider} {row.region}"},
+                [(row.number, "launched", message)])
         except LeaseLost as exc:
             # another replica owns the job now: it finds this machine by the attempt's name
             # (adopting it, or re-issuing the launch, which the provider answers with it)
@@ -373,12 +378,6 @@ class Workers:
             log.info("attempt %s ended while its launch was in flight; stopping %s", row.name, instance_id)
             self.terminate_soon(TerminateOrder(row.provider, instance_id, attempt_id=row.id,
                                                price_per_hour=row.price_per_hour, started_at=time.time()))
-            return
-        await self.store.run(
-            self.store.apply, job.id,
-            {"next_try_at": None, "message": f"attempt {row.number} on {row.provider} {row.region}"},
-            {}, [(row.number, "launched", message)],
-        )
 
     async def _relaunch_pending(self, job: JobRow, spec: JobSpec, row: AttemptRow) -> None:
         """Re-issue a pending attempt's launch under its own name (idempotent)."""

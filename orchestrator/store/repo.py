@@ -412,12 +412,16 @@ class Store(LeaseStore):
                   "hours": PreemptionStatsRow.hours + ins.excluded.hours},
         ))
 
-    def record_launch(self, attempt_id: int, instance_id: str, launched_at: float) -> bool:
+    def record_launch(self, attempt_id: int, instance_id: str, launched_at: float,
+                      job_fields: dict[str, Any] | None = None,
+                      events: Sequence[tuple[int | None, str, str]] = ()) -> bool:
         """A launch worker's confirmed machine: a pending attempt becomes launching with it; one
         the tick adopted meanwhile keeps its status (never moved backwards). False when the
-        attempt was ended meanwhile (a cancel): the caller stops the machine."""
+        attempt was ended meanwhile (a cancel): the caller stops the machine. `job_fields` and
+        `events`, when given, are written with it (one transaction per launch, not two)."""
+        now = time.time()
         with self._write() as s:
-            row = self._lock_attempt(s, attempt_id)
+            row = self._lock_attempt(s, attempt_id, job_first=bool(job_fields or events))
             if row is None or row.status == ENDED:
                 return False
             if row.status == AttemptStatus.PENDING.value:
@@ -425,13 +429,18 @@ class Store(LeaseStore):
             row.instance_id = row.instance_id or instance_id
             row.launched_at = row.launched_at or launched_at
             s.add(row)
+            if job_fields or events:
+                job = s.get(JobRow, row.job_id)  # locked by _lock_attempt
+                if job is not None:
+                    self._apply_locked(s, job, job_fields or {}, {}, events, now)
             s.commit()
             return True
 
-    def _lock_attempt(self, s: Session, attempt_id: int) -> AttemptRow | None:
-        """Lock an attempt for an engine write; when fenced, its job first (the order `apply`
-        takes them in, so the two never deadlock) and raise LeaseLost if the job is not ours."""
-        if self.fence is not None:
+    def _lock_attempt(self, s: Session, attempt_id: int, job_first: bool = False) -> AttemptRow | None:
+        """Lock an attempt for an engine write; when fenced (or asked), its job first (the order
+        `apply` takes them in, so the two never deadlock), raising LeaseLost if the job is not
+        ours."""
+        if self.fence is not None or job_first:
             job_id = s.exec(select(AttemptRow.job_id).where(AttemptRow.id == attempt_id)).first()
             if job_id is None:
                 return None
