@@ -24,6 +24,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from adapters.base import (
     Adapter,
@@ -75,6 +76,7 @@ class TerminateOrder:
 
 
 RATE_STATS_MAX_AGE = 5.0  # seconds a read of the preemption history serves placement
+WRITE_GATHER_SECONDS = 0.01  # how long a "nothing launched" note waits for others to share its commit
 
 
 class Workers:
@@ -111,6 +113,7 @@ class Workers:
         self.peer_urls: list[str] = []  # other live replicas (cluster): agents fail over to them
         self._rates: tuple[float, dict[tuple[str, CapacityType], RateStats]] | None = None
         self._rates_lock = asyncio.Lock()
+        self._open_batch: tuple[list[Any], asyncio.Future[None]] | None = None  # see _write_soon
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -343,12 +346,35 @@ class Workers:
                      for name, h in self.observer.health.items() if h.suspended_until and name in offers_by_provider]
         if suspended:
             why = "; ".join([why, *suspended])
-        await self.store.run(
-            self.store.apply, job.id,
-            {"next_try_at": time.time() + delay,
-             "message": (never or f"waiting for capacity: {why}")[:1024]},
-            {}, [(None, "no_capacity", f"nothing launched, next try in {delay:.0f} s: {why}")],
-        )
+        await self._write_soon((job.id, {"next_try_at": time.time() + delay,
+                                         "message": (never or f"waiting for capacity: {why}")[:1024]},
+                                {}, [(None, "no_capacity", f"nothing launched, next try in {delay:.0f} s: {why}")]))
+
+    async def _write_soon(self, item: tuple[str, dict[str, Any], dict[int, dict[str, Any]],
+                                            list[tuple[int | None, str, str]]]) -> None:
+        """Write a job's "nothing launched" note together with the other launches' that end
+        within WRITE_GATHER_SECONDS (one transaction for them all: with a thousand jobs queued
+        for capacity, these notes were most of the daemon's database time, issue 9). Returns
+        once it is written."""
+        loop = asyncio.get_running_loop()
+        batch = self._open_batch
+        if batch is None:
+            batch = self._open_batch = ([], loop.create_future())
+            loop.call_later(WRITE_GATHER_SECONDS, lambda: self._spawn(self._flush(batch), "flush-notes"))
+        batch[0].append(item)
+        await asyncio.shield(batch[1])
+
+    async def _flush(self, batch: tuple[list[Any], asyncio.Future[None]]) -> None:
+        if self._open_batch is batch:
+            self._open_batch = None  # what arrives from now on goes into the next batch
+        try:
+            await self.store.run(self.store.apply_many, batch[0])
+        except BaseException as exc:
+            if not batch[1].done():
+                batch[1].set_exception(exc)
+            raise
+        if not batch[1].done():
+            batch[1].set_result(None)
 
     async def _launched(self, job: JobRow, spec: JobSpec, row: AttemptRow, inst: object,
                         volume: ProviderVolume | None, message: str) -> None:
