@@ -24,6 +24,9 @@ from orchestrator.store import Fence, LeaseLost, Store
 
 log = logging.getLogger("gpuhop.cluster")
 
+FORGET_REPLICAS_AFTER_SECONDS = 86400.0  # a replica gone this long (and owning nothing) is forgotten
+PRUNE_EVERY_SECONDS = 3600.0
+
 
 def default_replica_id(state_dir: Path) -> str:
     """Stable across restarts of one daemon (so it takes its own jobs back at once), distinct
@@ -51,6 +54,7 @@ class Cluster:
         self.peer_urls: list[str] = []  # the other live replicas' API URLs
         self.claimed = 0  # jobs taken over from other replicas since start
         self._renewed_at = 0.0
+        self._pruned_at = float("-inf")
 
     async def start(self) -> Fence:
         """Register (a new epoch) and fence the store's engine writes with it."""
@@ -97,6 +101,9 @@ class Cluster:
         except LeaseLost:
             self._renewed_at = 0.0  # renew (or re-register) on the next step
             return
+        if self.leader and time.monotonic() - self._pruned_at > PRUNE_EVERY_SECONDS:
+            self._pruned_at = time.monotonic()
+            await self.store.run(self.store.prune_replicas, FORGET_REPLICAS_AFTER_SECONDS)
         if claimed:
             self.claimed += len(claimed)
             log.info("replica %s took over %d job(s) whose owner's lease expired", self.replica_id, len(claimed))

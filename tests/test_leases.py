@@ -179,11 +179,10 @@ def test_without_a_fence_the_store_decides_every_job(url: str) -> None:
     other.close()
 
 
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)  # SQLite serializes every writer anyway
 def test_a_claim_skips_a_job_whose_row_a_writer_holds(url: str) -> None:
     """PostgreSQL: a claimer passes over a job some transaction has locked (the old owner
     mid-write) instead of waiting for it, and takes it on a later round."""
-    if not url.startswith("postgresql"):
-        pytest.skip("SKIP LOCKED is PostgreSQL's; SQLite serializes every writer anyway")
     from orchestrator.store import JobRow
 
     a, b = replica(url, "a"), replica(url, "b")
@@ -255,3 +254,16 @@ def test_a_batch_of_transitions_skips_the_jobs_no_longer_ours_and_writes_the_res
     assert a.get_job("mine").message == "a decides"  # type: ignore[union-attr]
     assert b.get_job("theirs").message == "queued"  # type: ignore[union-attr]
     assert [e.kind for e in a.events("mine")][-1] == "note"
+
+
+def test_replicas_that_never_came_back_are_forgotten_once_they_own_nothing(url: str) -> None:
+    gone, owner, live = replica(url, "gone"), replica(url, "owner"), replica(url, "live")
+    owner.create_job("j1", spec())
+    assert gone.fence is not None and owner.fence is not None
+    expire(gone, gone.fence)
+    expire(owner, owner.fence)
+    later = time.time() + 2 * 86400
+    assert live.prune_replicas(86400, now=later) == 2  # "live" too: its lease is long over by then
+    assert {r.id for r in live.replicas()} == {"owner"}  # still owns an unfinished job
+    for s in (gone, owner, live):
+        s.close()

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import func, or_, update
+from sqlalchemy import delete, func, or_, update
 from sqlmodel import Session, col, select
 
 from orchestrator.models import AttemptStatus, JobStatus
@@ -157,6 +157,19 @@ class LeaseStore:
                 s.execute(update(JobRow).where(col(JobRow.id).in_(ids)).values(lease_owner=fence.replica_id))
             s.commit()
             return ids
+
+    def prune_replicas(self, older_than: float, now: float | None = None) -> int:
+        """Forget replicas whose lease ended more than `older_than` seconds ago and that own no
+        unfinished job (replicas that never came back: a container's random host name, a
+        state dir moved). Returns how many were removed."""
+        now = now or time.time()
+        with self._write() as s:
+            owning = select(JobRow.lease_owner).where(col(JobRow.status).in_(ACTIVE_STATUSES),
+                                                      col(JobRow.lease_owner).is_not(None))
+            result = s.execute(delete(ReplicaRow).where(col(ReplicaRow.expires_at) < now - older_than,
+                                                        col(ReplicaRow.id).not_in(owning)))
+            s.commit()
+            return int(getattr(result, "rowcount", 0) or 0)
 
     def shared_secret(self, name: str, candidate: str) -> str:
         """The cluster's value of a secret: `candidate` if no replica recorded one yet."""
