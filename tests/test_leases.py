@@ -267,3 +267,17 @@ def test_replicas_that_never_came_back_are_forgotten_once_they_own_nothing(url: 
     assert {r.id for r in live.replicas()} == {"owner"}  # still owns an unfinished job
     for s in (gone, owner, live):
         s.close()
+
+
+def test_jobs_from_before_replicas_are_claimed_whatever_they_run_on(url: str) -> None:
+    """An upgrade: jobs written before leases existed own no replica. The daemon that opens
+    the database takes them all, a job running on its local machine too (it launched it)."""
+    old = Store(url)  # no fence: the version before replicas
+    old.create_job("local-job", spec())
+    old.add_attempt(attempt("local-job"))
+    old.create_job("queued", spec())
+    new = replica(url, "upgraded")
+    assert new.fence is not None
+    assert sorted(new.claim_jobs(new.fence, host_bound=frozenset({"local"}))) == ["local-job", "queued"]
+    old.close()
+    new.close()

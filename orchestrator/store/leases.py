@@ -117,9 +117,9 @@ class LeaseStore:
     def claim_jobs(self, fence: Fence, now: float | None = None, limit: int = 2000,
                    host_bound: frozenset[str] = frozenset()) -> list[str]:
         """Take unfinished jobs that no live replica owns (their owner's lease expired, or none).
-        Not those with a live attempt on a `host_bound` provider (the local machine of the
-        replica that launched it, which no other replica can see or stop): they wait for their
-        replica to come back. Raises LeaseLost if this replica's own lease is not current."""
+        Not those of another replica with a live attempt on a `host_bound` provider (the local
+        machine of the replica that launched it, which no other replica can see or stop): they
+        wait for their replica to come back. Raises LeaseLost if this replica's own lease is not current."""
         now = now or time.time()
         with self._write() as s:
             me = s.get(ReplicaRow, fence.replica_id)
@@ -149,7 +149,9 @@ class LeaseStore:
             if host_bound:
                 pinned = select(AttemptRow.job_id).where(col(AttemptRow.status) != AttemptStatus.ENDED.value,
                                                          col(AttemptRow.provider).in_(sorted(host_bound)))
-                q = q.where(col(JobRow.id).not_in(pinned))
+                # a job nobody owns yet (written before replicas existed: by the one daemon
+                # that ran, whose database this is) is claimed whatever it runs on
+                q = q.where(or_(col(JobRow.lease_owner).is_(None), col(JobRow.id).not_in(pinned)))
             if s.get_bind().dialect.name == "postgresql":
                 q = q.with_for_update(skip_locked=True)  # a row being written or claimed: next round
             ids = list(s.exec(q))
