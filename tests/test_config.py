@@ -31,6 +31,9 @@ def test_the_example_config_loads_as_is() -> None:
     ("[database]\nurl = 'mysql://x'\n", "database.url: expected a sqlite:// or postgresql:// URL"),
     ("[placement.spot_preemption_priors]\nrunpod = -1\n", "placement.spot_preemption_priors"),
     ("server = 3\n", "server: Input should be a valid dictionary"),
+    ("[cluster]\nreplica_id = 'a b; rm -rf /'\n", "cluster.replica_id: String should match pattern"),
+    ("[cluster]\nlease_ttl_seconds = 0.5\n", "cluster.lease_ttl_seconds: Input should be greater than or equal to 2"),
+    ("[cluster]\nleader = true\n", "cluster.leader: unknown key"),
     ("[server\n", "not valid TOML"),
 ])
 def test_mistakes_name_the_file_and_key(tmp_path: Path, text: str, expected: str) -> None:
