@@ -52,7 +52,6 @@ class Cluster:
         self.fence: Fence | None = None
         self.leader = False
         self.peer_urls: list[str] = []  # the other live replicas' API URLs
-        self.claimed = 0  # jobs taken over from other replicas since start
         self._renewed_at = 0.0
         self._pruned_at = float("-inf")
 
@@ -105,7 +104,6 @@ class Cluster:
             self._pruned_at = time.monotonic()
             await self.store.run(self.store.prune_replicas, FORGET_REPLICAS_AFTER_SECONDS)
         if claimed:
-            self.claimed += len(claimed)
             log.info("replica %s took over %d job(s) whose owner's lease expired", self.replica_id, len(claimed))
             self.on_claim()
         await self._refresh()

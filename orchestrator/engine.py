@@ -315,13 +315,11 @@ class Engine:
         observed: dict[str, Instance] = {}
         for name, instances in snap.by_name.items():
             attempt = live.get(name)
-            if len(instances) == 1:  # the usual case: one machine per name, no duplicate possible
-                only = instances[0]
-                known = attempt.instance_id if attempt is not None else None
-                if known is None or known == only.instance_id:
-                    observed[name] = only
-                    continue
-            primary, extras = pick_primary(instances, attempt.instance_id if attempt else None)
+            known = attempt.instance_id if attempt is not None else None
+            if len(instances) == 1 and known in (None, instances[0].instance_id):
+                observed[name] = instances[0]  # the usual case: one machine per name, no duplicate
+                continue
+            primary, extras = pick_primary(instances, known)
             if primary is not None:
                 observed[name] = primary
             if attempt is None:

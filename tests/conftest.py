@@ -32,24 +32,34 @@ def _pg_available() -> str | None:
 _PG_SKIP = _pg_available()
 
 
+@contextlib.contextmanager
+def pg_schema(prefix: str = "t") -> Iterator[str]:
+    """A URL to a fresh, empty schema of its own in the test PostgreSQL (skips the test where
+    none answers), dropped afterwards."""
+    if _PG_SKIP:
+        pytest.skip(_PG_SKIP)
+    import psycopg
+
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = PG_URL.replace("+psycopg", "")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    sep = "&" if "?" in PG_URL else "?"
+    try:
+        yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A fresh, empty database on each engine."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'gpuhop.db'}"
         return
-    if _PG_SKIP:
-        pytest.skip(_PG_SKIP)
-    import psycopg
-
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = PG_URL.replace("+psycopg", "")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    sep = "&" if "?" in PG_URL else "?"
-    yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    with pg_schema() as url:
+        yield url
 
 
 def _children() -> dict[int, str]:

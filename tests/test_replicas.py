@@ -7,7 +7,6 @@ machine per attempt name, one attempt per job that was not preempted, every step
 from __future__ import annotations
 
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.store import Store
-from tests.conftest import _PG_SKIP, PG_URL
+from tests.conftest import pg_schema
 from tests.daemon_harness import TRAIN, Daemon, SimProcess, steps_done, wait_for
 from tests.daemon_harness import sim_volume_dir as volume_dir
 
@@ -27,18 +26,8 @@ STEPS = 50
 
 @pytest.fixture
 def pg_url() -> Iterator[str]:
-    if _PG_SKIP:
-        pytest.skip(_PG_SKIP)
-    import psycopg
-
-    schema = f"r_{uuid.uuid4().hex[:12]}"
-    admin = PG_URL.replace("+psycopg", "")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    sep = "&" if "?" in PG_URL else "?"
-    yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    with pg_schema("r") as url:
+        yield url
 
 
 def config(sim: SimProcess, url: str) -> str:
