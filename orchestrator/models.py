@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import (
     BaseModel,
@@ -226,6 +226,11 @@ class VolumeSpec(_Strict):
     name: str = Field(json_schema_extra=_NAME_SCHEMA)
     size_gb: StrictInt = Field(default=20, ge=1, le=65536)
     mount_path: str = Field(default="/workspace", json_schema_extra=_MOUNT_SCHEMA)
+    sync: Literal["none", "object-store"] = Field(
+        default="none",
+        description="'object-store': the volume's content is checkpointed to the daemon's [storage] "
+        "bucket and restored on each attempt, so the job may move to another data center or provider; "
+        "'none': the volume stays where it was made and the job waits for capacity there.")
 
     @field_validator("name")
     @classmethod
