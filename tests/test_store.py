@@ -164,3 +164,29 @@ def test_a_volume_created_after_its_row_was_removed_is_recorded_again(store: Sto
     assert again is not None and (again.provider_volume_id, again.size_gb, again.mount_path) == ("vol-2", 30, "/data")
     assert store.set_volume_location("other", "runpod", "EU-RO-1", "vol-3") is False  # no spec: nothing made
     assert store.volume("other") is None
+
+
+def test_pages_filtered_by_several_statuses_are_the_full_list_filtered(store: Store) -> None:
+    """A list by several statuses is read one status at a time and merged (the index order
+    serves one status only): the pages must still be exactly the newest-first list filtered,
+    each job once, ties on the creation time broken by id."""
+    statuses = ["queued", "running", "failed", "succeeded"]
+    for i in range(40):
+        store.create_job(f"{i:08x}", JobSpec.model_validate({"name": f"j{i}", "command": ["true"]}),
+                         now=1_000.0 + (i // 3))  # threes share a creation time
+        status = statuses[i * 7 % 4]
+        if status != "queued":
+            store.update_job(f"{i:08x}", status=status)
+    every = store.list_jobs(limit=1000)
+    assert [(j.created_at, j.id) for j in every] == sorted(((j.created_at, j.id) for j in every), reverse=True)
+    for wanted in (["running", "failed"], ["queued", "succeeded", "running"], ["failed", "failed"]):
+        expected = [j.id for j in every if j.status in wanted]
+        seen: list[str] = []
+        before = None
+        while True:
+            page = store.list_jobs(wanted, limit=4, before=before)
+            seen += [j.id for j in page]
+            if len(page) < 4:
+                break
+            before = (page[-1].created_at, page[-1].id)
+        assert seen == expected, wanted

@@ -20,6 +20,8 @@ from sqlmodel import Session, col
 
 from orchestrator.models import AttemptStatus, EndReason, JobSpec, JobStatus
 from orchestrator.store import AttemptRow, Conflict, JobRow, Store
+from orchestrator.store.repo import NewJob
+from orchestrator.store.submits import SubmitQueue
 from orchestrator.store.tables import TERMINAL_JOB_STATUSES
 
 THREADS = 20
@@ -73,6 +75,48 @@ def test_concurrent_submissions_on_one_volume_record_exactly_one(store: Store) -
         store.apply(winner, {"status": ends[burst % 3]}, {}, [])
     assert len(store.list_jobs()) == BURSTS
     assert [v.name for v in store.list_volumes()] == ["shared"]
+
+
+def test_a_batch_of_submits_takes_back_only_the_refused_ones(store: Store) -> None:
+    """Group commit (Store.create_jobs): one transaction, a savepoint per job. Within one batch
+    a second job on a volume, a job id already taken and a job on a volume being deleted are
+    refused with their own reasons; every other job of the batch is recorded."""
+    store.create_job("old", spec())
+    store.create_job("gone", spec("deleting"))
+    store.update_job("gone", status="cancelled")
+    assert store.begin_volume_delete("deleting", "tok") is not None
+    batch = [NewJob("a", spec("v")), NewJob("b", spec("v")), NewJob("c", spec()), NewJob("old", spec("w")),
+             NewJob("d", spec("deleting")), NewJob("e", spec("w"))]
+    results = store.create_jobs(batch)
+    assert [isinstance(r, Conflict) for r in results] == [False, True, False, True, True, False]
+    assert [r.id for r in results if not isinstance(r, Conflict)] == ["a", "c", "e"]
+    assert "volume 'v' is in use by job a" in str(results[1])
+    assert isinstance(results[3], Conflict) and results[3].code == "job_exists"
+    assert isinstance(results[4], Conflict) and results[4].code == "volume_deleting"
+    assert sorted(j.id for j in store.list_jobs()) == ["a", "c", "e", "gone", "old"]
+    # the refused job 'old' (its id was taken) did not take volume 'w' with it: 'e' holds it
+    assert {j.id: j.volume_name for j in store.active_jobs()} == {"a": "v", "c": None, "e": "w", "old": None}
+    submitted = {j: sum(e.kind == "submitted" for e in store.events(j)) for j in ("a", "b", "c", "d", "e", "old")}
+    assert submitted == {"a": 1, "b": 0, "c": 1, "d": 0, "e": 1, "old": 1}  # events only for what was recorded
+
+
+def test_submits_racing_through_the_queue_record_one_job_per_volume(store: Store) -> None:
+    """The API's path: many submits at once go through SubmitQueue in a few transactions; of the
+    ones naming one volume exactly one is recorded, and every submit hears its own answer."""
+    async def race() -> tuple[list[object], int]:
+        queue = SubmitQueue(store)
+        calls = [queue.create(f"q{i}", spec("shared" if i % 2 else None), True) for i in range(60)]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        return results, queue.batches
+
+    results, batches = asyncio.run(race())
+    shared = [r for i, r in enumerate(results) if i % 2]
+    plain = [r for i, r in enumerate(results) if not i % 2]
+    assert all(not isinstance(r, (Conflict, BaseException)) for r in plain), plain
+    winners = [r for r in shared if not isinstance(r, (Conflict, BaseException))]
+    assert len(winners) == 1 and all(isinstance(r, Conflict) for r in shared if r is not winners[0])
+    assert batches < 60, "the submits were not grouped: one transaction each"
+    assert len(store.list_jobs()) == 31
 
 
 def test_the_database_itself_refuses_a_second_unfinished_job_on_a_volume(store: Store) -> None:

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, SkipValidation, ValidationErr
 from orchestrator import auth
 from orchestrator.api.app import CTX, bearer, error
 from orchestrator.api.body import MAX_BODY, parse_json, read_body, validation_message
-from orchestrator.api.views import AgentAck, wire
+from orchestrator.api.views import AgentAck, respond
 from orchestrator.models import AttemptStatus
 
 ATTEMPT_HEADER = "X-Gpuhop-Attempt"
@@ -188,8 +188,8 @@ async def report(request: web.Request) -> web.Response:
         ctx.engine.hint()
         ctx.followers.notify(row.job_id)
     urls = [f"{base}/v1/agent/report" for base in ctx.engine.report_bases()]
-    return web.json_response(wire(AgentAck(ok=True, attempt_status=AttemptStatus(row.status), log_size=log_size,
-                                           report_urls=urls)))
+    return respond(AgentAck(ok=True, attempt_status=AttemptStatus(row.status), log_size=log_size,
+                                           report_urls=urls))
 
 
 def setup(app: web.Application) -> None:

@@ -21,6 +21,7 @@ from orchestrator.api.body import MAX_BODY
 from orchestrator.api.follow import Followers
 from orchestrator.engine import Engine
 from orchestrator.store import Store
+from orchestrator.store.submits import SubmitQueue
 
 log = logging.getLogger("gpuhop.api")
 
@@ -37,9 +38,11 @@ class ApiContext:
     logs_dir: Path
     max_followers_per_token: int = DEFAULT_MAX_FOLLOWERS  # concurrent logs?follow=true streams
     followers: Followers = field(default_factory=Followers)
+    submits: SubmitQueue = field(init=False)
 
     def __post_init__(self) -> None:
         self.followers.max_per_token = self.max_followers_per_token
+        self.submits = SubmitQueue(self.store)
 
 
 CTX = web.AppKey("ctx", ApiContext)

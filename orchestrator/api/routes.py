@@ -31,7 +31,7 @@ from orchestrator.api.views import (
     ProviderHealth,
     Status,
     job_out,
-    wire,
+    respond,
 )
 from orchestrator.engine import attempt_view
 from orchestrator.models import JobSpec, JobStatus, Offer
@@ -85,7 +85,7 @@ async def healthz(request: web.Request) -> web.Response:
     ok = engine.healthy()
     age = round(time.time() - engine.last_tick_at, 3) if engine.last_tick_at else None
     body = Health(ok=ok, tick_age_seconds=age, ticks=engine.ticks, providers=_health(request))
-    return web.json_response(wire(body), status=200 if ok else 503)
+    return respond(body, status=200 if ok else 503)
 
 
 async def status(request: web.Request) -> web.Response:
@@ -103,7 +103,7 @@ async def status(request: web.Request) -> web.Response:
         replica=ctx.store.fence.replica_id if ctx.store.fence else "", leader=engine.leader,
         peers=list(engine.workers.peer_urls),
     )
-    return web.json_response(wire(body))
+    return respond(body)
 
 
 _SINCE_RE = re.compile(r"([0-9]{1,6})([mhd])")
@@ -140,7 +140,7 @@ async def costs_view(request: web.Request) -> web.Response:
                              costs.cheapest_on_demand(o for lst in known.values() for o in lst))
     body = Costs(by=by, since=datetime.fromtimestamp(since, UTC), lines=[_line(x) for x in report.lines],
                  total=_line(report.total))
-    return web.json_response(wire(body))
+    return respond(body)
 
 
 async def submit(request: web.Request) -> web.Response:
@@ -167,13 +167,13 @@ async def submit(request: web.Request) -> web.Response:
         # 32 random bits: the primary key catches the rare collision, and a new id is drawn
         job_id = secrets.token_hex(4)
         try:
-            job = await ctx.store.run(ctx.store.create_job, job_id, spec, reuse_volume=reuse_volume)
+            job = await ctx.submits.create(job_id, spec, reuse_volume)
             break
         except Conflict as exc:
             if exc.code != "job_exists" or not tries_left:
                 return error(409, exc.code, str(exc))
     ctx.engine.hint()
-    return web.json_response(wire(job_out(job, [])), status=201)
+    return respond(job_out(job, []), status=201)
 
 
 def _never_runs(known_offers: dict[str, list[Offer]], spec: JobSpec, configured: set[str]) -> str | None:
@@ -211,8 +211,9 @@ async def list_jobs(request: web.Request) -> web.Response:
     jobs = jobs[:limit]
     attempts = await ctx.store.run(ctx.store.attempts_for, [j.id for j in jobs])
     next_cursor = encode_cursor(jobs[-1].created_at, jobs[-1].id) if more and jobs else None
-    return web.json_response(wire(JobList(jobs=[job_out(j, attempts.get(j.id, [])) for j in jobs],
-                                          next_cursor=next_cursor)))
+    # serialised by pydantic itself: json.dumps of model_dump was a third of a page's time
+    page = JobList(jobs=[job_out(j, attempts.get(j.id, [])) for j in jobs], next_cursor=next_cursor)
+    return web.Response(body=page.model_dump_json(), content_type="application/json")
 
 
 async def get_job(request: web.Request) -> web.Response:
@@ -225,7 +226,7 @@ async def get_job(request: web.Request) -> web.Response:
     events = await ctx.store.run(ctx.store.events, job_id)
     volume = await ctx.store.run(ctx.store.volume, job.volume_name) if job.volume_name else None
     monthly = monthly_storage_usd(volume, ctx.engine.adapters) if volume is not None else 0.0
-    return web.json_response(wire(job_out(job, attempts, events, volume, volume_usd_per_month=monthly)))
+    return respond(job_out(job, attempts, events, volume, volume_usd_per_month=monthly))
 
 
 async def cancel(request: web.Request) -> web.Response:
@@ -237,7 +238,7 @@ async def cancel(request: web.Request) -> web.Response:
     ctx.engine.hint()
     ctx.followers.notify(job_id)
     attempts = await ctx.store.run(ctx.store.attempts, job_id)
-    return web.json_response(wire(job_out(job, attempts)), status=202)
+    return respond(job_out(job, attempts), status=202)
 
 
 def log_path(logs_dir: Path, attempt_name: str) -> Path:
@@ -342,7 +343,7 @@ async def offers(request: web.Request) -> web.Response:
     by_provider = await ctx.engine.offers()
     flat = [o for lst in by_provider.values() for o in lst]
     ranked = rank_offers_for_display(flat, ctx.engine.placement, await ctx.engine.rate_stats())
-    return web.json_response(wire(Offers(
+    return respond(Offers(
         offers=[
             OfferOut(
                 provider=o.provider, region=o.region, gpu=o.gpu, gpu_count=o.gpu_count, vram_gb=o.vram_gb,
@@ -353,7 +354,7 @@ async def offers(request: web.Request) -> web.Response:
             for o, cost in ranked
         ],
         providers=_health(request),
-    )))
+    ))
 
 
 async def openapi(request: web.Request) -> web.Response:

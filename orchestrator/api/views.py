@@ -9,6 +9,7 @@ import time
 from datetime import UTC, datetime
 from typing import Literal
 
+from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from orchestrator import reconcile
@@ -262,6 +263,12 @@ def job_out(
             for e in events
         ],
     )
+
+
+def respond(model: BaseModel, status: int = 200) -> web.Response:
+    """A response model as the HTTP answer, serialised by pydantic itself (json.dumps of
+    `wire`'s output cost three times as much on a page of jobs, issue 9)."""
+    return web.Response(body=model.model_dump_json(), status=status, content_type="application/json")
 
 
 def wire(model: BaseModel) -> object:

@@ -17,7 +17,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from orchestrator.api.app import CTX, error
-from orchestrator.api.views import DeletedVolume, VolumeOut, Volumes, when, wire
+from orchestrator.api.views import DeletedVolume, VolumeOut, Volumes, respond, when
 from orchestrator.models import VolumeSpec
 from orchestrator.store import Conflict
 from orchestrator.volume_deletion import DeleteFailed, delete_volume, monthly_storage_usd, where
@@ -41,7 +41,7 @@ async def list_volumes(request: web.Request) -> web.Response:
             storage_usd_so_far=round(monthly * max(0.0, now - v.created_at) / SECONDS_PER_MONTH, 6),
         ))
     total = round(sum(v.storage_usd_per_month for v in out), 4)
-    return web.json_response(wire(Volumes(volumes=out, storage_usd_per_month=total)))
+    return respond(Volumes(volumes=out, storage_usd_per_month=total))
 
 
 async def remove_volume(request: web.Request) -> web.Response:
@@ -64,8 +64,8 @@ async def remove_volume(request: web.Request) -> web.Response:
         return error(404, "not_found", f"no volume {name!r}; `gpuhop volumes` lists them")
     message = (f"deleted volume {name!r} ({where(vol)})" if vol.provider
                else f"forgot volume {name!r}: no job had created it on a provider yet")
-    return web.json_response(wire(DeletedVolume(name=name, provider=vol.provider, region=vol.region,
-                                                volume_id=vol.provider_volume_id, message=message)))
+    return respond(DeletedVolume(name=name, provider=vol.provider, region=vol.region,
+                                                volume_id=vol.provider_volume_id, message=message))
 
 
 def setup(app: web.Application) -> None:

@@ -15,12 +15,16 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import heapq
+import itertools
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar, cast
 
-from sqlalchemy import CursorResult, and_, delete, func, insert, or_, update
+from sqlalchemy import CursorResult, and_, delete, func, or_, update
+from sqlalchemy import select as sa_select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
@@ -43,6 +47,15 @@ ENDED = AttemptStatus.ENDED.value
 # the tick's cached rows (store.cache.PlainRows), typed as the models whose attributes they carry
 _PLAIN_JOBS = PlainRows(JobRow)
 _PLAIN_ATTEMPTS = PlainRows(AttemptRow)
+_JOBS_INSERT = JobRow.__table__.insert()  # type: ignore[attr-defined]
+_EVENTS_INSERT = EventRow.__table__.insert()  # type: ignore[attr-defined]
+_JOB_DEFAULTS = {c.name: c.default.arg if c.default is not None and not callable(c.default.arg) else None
+                 for c in JobRow.__table__.columns}  # type: ignore[attr-defined]
+
+
+def _plain_job(values: dict[str, Any]) -> Any:
+    """The row just inserted, as the tick's plain copies are (store.cache.PlainRows)."""
+    return _PLAIN_JOBS.build([values.get(n, _JOB_DEFAULTS[n]) for n in _PLAIN_JOBS.names])
 
 # Event kinds that repeat while nothing changes (every backoff try, every retry of one launch, every
 # failed listing): a repeat of the job's latest event updates that row instead of adding one.
@@ -113,6 +126,15 @@ def ended_attempt_stats(row: AttemptRow, now: float) -> tuple[int, float] | None
     return (1 if row.end_reason == EndReason.PREEMPTED.value else 0), hours
 
 
+@dataclass(frozen=True)
+class NewJob:
+    """One submit for `Store.create_jobs`."""
+
+    job_id: str
+    spec: JobSpec
+    reuse_volume: bool = True
+
+
 class Store(LeaseStore):
     def __init__(self, url: str, *, engine: Engine | None = None, event_retention_days: float = 30.0,
                  threads: int = 4) -> None:
@@ -164,26 +186,65 @@ class Store(LeaseStore):
         being deleted (the volume row is locked, so a deletion and a submit serialize; see
         `begin_volume_delete`) and, with `reuse_volume=False` (the API's default), a volume
         whose newest job succeeded (a job on it would resume from that job's final state)."""
+        (result,) = self.create_jobs([NewJob(job_id, spec, reuse_volume)], now)
+        if isinstance(result, Conflict):
+            raise result
+        return JobRow(**result.model_dump())
+
+    def create_jobs(self, jobs: Sequence[NewJob], now: float | None = None) -> list[Any]:
+        """Record several jobs in one transaction (group commit: the API's submits arrive
+        together under load), each refused one (see `create_job`) taking back only its own rows.
+        The answer is in the order given: the recorded row (a plain read-only copy, see
+        store.cache.PlainRows) or the Conflict that refused it.
+
+        Jobs without a volume go in with one multi-row insert, inside a savepoint: only a taken
+        id can refuse one, and then they are retried one by one. A job with a volume has its
+        volume row locked and checked first, in a savepoint of its own; volumes are locked in
+        name order, so two batches cannot deadlock on PostgreSQL. Core statements with bound
+        parameters: building an ORM insert per job was most of a submit's cost (issue 9)."""
         now = now or time.time()
-        volume = spec.volume.name if spec.volume is not None else None
-        values: dict[str, Any] = {"id": job_id, "name": spec.name, "spec_json": spec.model_dump_json(),
-                  "status": JobStatus.QUEUED.value, "volume_name": volume, "created_at": now, "updated_at": now,
-                  "message": "queued", "lease_owner": self.fence.replica_id if self.fence else None}
+        owner = self.fence.replica_id if self.fence else None
+        rows: list[dict[str, Any]] = [{"id": j.job_id, "name": j.spec.name, "spec_json": j.spec.model_dump_json(),
+                 "status": JobStatus.QUEUED.value, "volume_name": j.spec.volume.name if j.spec.volume else None,
+                 "created_at": now, "updated_at": now, "message": "queued", "lease_owner": owner}
+                for j in jobs]
+        results: list[Any] = [None] * len(jobs)
+        plain = [i for i, j in enumerate(jobs) if j.spec.volume is None]
         with self._write() as s:
-            if spec.volume is not None:
-                self._volume_for_job(s, spec.volume, now, reuse_volume)
-            try:
-                # plain inserts, not ORM objects flushed: a submit is two rows, and the ORM's
-                # unit of work was most of its cost (issue 9: submits per second)
-                s.execute(insert(JobRow).values(**values))
-                s.execute(insert(EventRow).values(job_id=job_id, at=now, kind="submitted", attempt=None, repeats=0,
-                                                  message=f"job {spec.name!r} submitted"))
-                s.commit()
-            except IntegrityError:
-                s.rollback()
-            else:
-                return JobRow(**values)
-        raise self._create_conflict(job_id, volume)
+            conn = s.connection()
+            if plain and not self._insert_jobs(conn, [rows[i] for i in plain], now):
+                plain = []  # a taken id among them: each goes alone below
+            for i in plain:
+                results[i] = _plain_job(rows[i])
+            for i in sorted((i for i in range(len(jobs)) if results[i] is None), key=lambda i: rows[i]["volume_name"] or ""):
+                spec = jobs[i].spec
+                try:
+                    with conn.begin_nested():
+                        if spec.volume is not None:
+                            self._volume_for_job(s, spec.volume, now, jobs[i].reuse_volume)
+                        if not self._insert_jobs(conn, [rows[i]], now):
+                            continue  # refused (its savepoint taken back); why is read once committed
+                except Conflict as exc:
+                    results[i] = exc
+                else:
+                    results[i] = _plain_job(rows[i])
+            s.commit()
+        return [r if r is not None else self._create_conflict(row["id"], row["volume_name"])
+                for r, row in zip(results, rows, strict=True)]
+
+    @staticmethod
+    def _insert_jobs(conn: Any, rows: list[dict[str, Any]], now: float) -> bool:
+        """Insert jobs and their `submitted` events in a savepoint; False (and nothing written)
+        when the database refuses one of them."""
+        try:
+            with conn.begin_nested():
+                conn.execute(_JOBS_INSERT, rows)
+                conn.execute(_EVENTS_INSERT, [
+                    {"job_id": r["id"], "at": now, "kind": "submitted", "attempt": None, "repeats": 0,
+                     "message": f"job {r['name']!r} submitted"} for r in rows])
+        except IntegrityError:
+            return False
+        return True
 
     def _create_conflict(self, job_id: str, volume: str | None) -> Conflict:
         """Why a job could not be recorded (the constraint's own text is not shown: it may quote
@@ -211,16 +272,25 @@ class Store(LeaseStore):
                   before: tuple[float, str] | None = None) -> list[JobRow]:
         """Newest first (created_at, then id, both descending); `before` = the (created_at, id)
         of the last job of the previous page: the page after it, however many jobs arrive
-        meanwhile (keyset pagination, no OFFSET)."""
+        meanwhile (keyset pagination, no OFFSET). Plain read-only copies (store.cache.PlainRows):
+        a page is read on every `gpuhop list` and dashboard refresh, and loading it as ORM rows
+        was half of the request's time (issue 9)."""
+        table = JobRow.__table__  # type: ignore[attr-defined]
+        base = sa_select(*(table.c[n] for n in _PLAIN_JOBS.names)).order_by(
+            table.c.created_at.desc(), table.c.id.desc()).limit(limit)
+        if before is not None:
+            at, job_id = before
+            base = base.where(or_(table.c.created_at < at, and_(table.c.created_at == at, table.c.id < job_id)))
+        # one walk of an index in list order per status (ix_jobs_status_created_at_id), merged
+        # here: `status IN (...)` made the database sort every job of those statuses
+        queries = [base.where(table.c.status == status) for status in dict.fromkeys(statuses)] if statuses else [base]
         with self._session() as s:
-            q = select(JobRow).order_by(col(JobRow.created_at).desc(), col(JobRow.id).desc()).limit(limit)
-            if statuses:
-                q = q.where(col(JobRow.status).in_(list(statuses)))
-            if before is not None:
-                at, job_id = before
-                q = q.where(or_(col(JobRow.created_at) < at,
-                                and_(col(JobRow.created_at) == at, col(JobRow.id) < job_id)))
-            return list(s.exec(q))
+            conn = s.connection()
+            pages = [list(map(_PLAIN_JOBS.build, conn.execute(q))) for q in queries]
+        if len(pages) == 1:
+            return pages[0]
+        newest_first = heapq.merge(*pages, key=lambda j: (j.created_at, j.id), reverse=True)
+        return list(itertools.islice(newest_first, limit))
 
     def active_state(self) -> tuple[list[JobRow], dict[str, list[AttemptRow]]]:
         """Every unfinished job (of this replica, when fenced) and all its attempts (in number

@@ -30,6 +30,9 @@ class JobRow(SQLModel, table=True):
         # at most one unfinished job per volume, enforced by the database on SQLite and PostgreSQL
         Index("uq_jobs_active_volume", "volume_name", unique=True,
               sqlite_where=text(ACTIVE_VOLUME_WHERE), postgresql_where=text(ACTIVE_VOLUME_WHERE)),
+        # the job list's order, newest first (keyset pagination walks it)
+        Index("ix_jobs_created_at_id", "created_at", "id"),
+        Index("ix_jobs_status_created_at_id", "status", "created_at", "id"),
     )
 
     id: str = Field(primary_key=True, max_length=32)
