@@ -213,6 +213,7 @@ class Engine:
             for task in pollers:
                 task.cancel()
             await asyncio.gather(*pollers, return_exceptions=True)
+            self.workers.stop_launching()
             await self.drain(grace=30.0)
             await self.observer.close()
 

@@ -22,7 +22,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,6 +114,7 @@ class Workers:
         self._rates: tuple[float, dict[tuple[str, CapacityType], RateStats]] | None = None
         self._rates_lock = asyncio.Lock()
         self._open_batch: tuple[list[Any], asyncio.Future[None]] | None = None  # see _write_soon
+        self._closing = False  # see stop_launching
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -148,6 +149,12 @@ class Workers:
         task = asyncio.create_task(run(), name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def stop_launching(self) -> None:
+        """The daemon is stopping: launches still waiting for a slot give up (nothing of theirs
+        is recorded or made yet; the next start places those jobs again). With 20,000 queued
+        jobs the daemon otherwise waited out drain's whole grace. Launches under way finish."""
+        self._closing = True
 
     async def drain(self, grace: float | None = None) -> None:
         """Wait for the launches and terminations in flight (they decide money: never abandon
@@ -192,9 +199,12 @@ class Workers:
         self._launching.add(job.id)
         self._spawn(self._guarded(job.id, self._relaunch_pending(job, spec, row)), f"relaunch-{row.name}")
 
-    async def _guarded(self, job_id: str, coro: Awaitable[None]) -> None:
+    async def _guarded(self, job_id: str, coro: Coroutine[Any, Any, None]) -> None:
         try:
             async with self._launch_slots:
+                if self._closing:  # the daemon is stopping: a launch not yet begun is not begun
+                    coro.close()
+                    return
                 await coro
         finally:
             self._launch_ended[job_id] = time.monotonic()

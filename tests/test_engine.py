@@ -8,6 +8,7 @@ inside the tick or in background workers: every step is `tick()` then `drain()`.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -202,4 +203,32 @@ async def test_a_quiet_job_is_still_judged_when_the_clock_or_the_listing_says_so
         assert second.id != first.id
     finally:
         await r.engine.drain()
+        r.close()
+
+
+async def test_stopping_abandons_launches_not_begun_and_finishes_those_under_way(tmp_path: Path) -> None:
+    """A daemon stopping with many jobs waiting for a launch slot: the launch under way is
+    carried to its end (recorded, its machine owned), the ones not begun are not begun (20,000
+    queued jobs took drain's whole 30 s grace before), and every job is still there to be
+    placed by the next start."""
+    fake = FakeAdapter.create(tmp_path, capacity={"r1": 50}, prices={"r1": 0.5})
+    fake.delays["launch"] = 0.3
+    r = Rig.create(tmp_path, fake, launch_concurrency=1)
+    try:
+        for n in range(20):
+            r.store.create_job(f"j{n:02d}", spec())
+        stop = asyncio.Event()
+        running = asyncio.create_task(r.engine.run(stop))
+        for _ in range(3000):  # the first launch call made (a deadline, not a claim about speed)
+            if fake.created():
+                break
+            await asyncio.sleep(0.01)
+        stop.set()
+        await asyncio.wait_for(running, 30)
+        made = len(fake.created())
+        assert 1 <= made <= 2, f"{made} launches after the stop: the waiting ones went on"
+        attempts = [a for n in range(20) for a in r.store.attempts(f"j{n:02d}")]
+        assert sorted(a.name for a in attempts if a.instance_id) == sorted(e.name for e in fake.created())
+        assert len(r.store.active_jobs()) == 20  # none lost: each is placed again on the next start
+    finally:
         r.close()

@@ -80,6 +80,10 @@ def test_a_replica_whose_lease_expired_cannot_write(pair: tuple[Store, Store]) -
         a.record_launch(row.id or 0, "i-1", time.time())
     with pytest.raises(LeaseLost):
         a.delete_attempt(row.id or 0)
+    # the tick's batch: refused too, job-only items (Core path) and attempt items (ORM) alike
+    assert a.apply_many([("j1", {"message": "a must not"}, {}, [(None, "note", "no")]),
+                         ("j1", {}, {row.id or 0: {"status": AttemptStatus.RUNNING.value}}, [])]) == {"j1"}
+    assert [e.kind for e in a.events("j1")] == ["submitted"]
     assert not a.renew_replica(a.fence, TTL)  # an expired lease is not silently extended
     got = a.attempts("j1")
     assert [(r.status, r.instance_id) for r in got] == [(AttemptStatus.PENDING.value, None)]

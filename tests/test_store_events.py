@@ -4,8 +4,10 @@ aggregate kept in step with the attempts, equal to what scanning every attempt w
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from sqlalchemy import update
@@ -147,3 +149,38 @@ def test_the_preemption_aggregate_equals_a_scan_of_every_attempt(store: Store) -
     assert_same_history(store)  # a1 kept its first end, so a scan agrees
     got_a4 = as_dict(store.preemption_history())[("aws", "on-demand")]
     assert got_a4[0] == 0 and got_a4[1] == pytest.approx(0.5, abs=0.1)
+
+
+def test_a_batch_writes_what_one_write_at_a_time_would(store: Store, tmp_path: Path) -> None:
+    """apply_many writes job-only items with a few Core statements and decides the events'
+    coalescing itself; applied one by one through `apply` (the ORM path) the same items must
+    leave the same jobs and the same event log, repeats folded the same way, within one
+    batch as well as into rows written before it."""
+    other = Store(f"sqlite:///{tmp_path / 'one_by_one.db'}")
+    other.migrate()
+    rng = random.Random(7)
+    ids = [f"j{i}" for i in range(12)]
+    for s in (store, other):
+        for job_id in ids:
+            s.create_job(job_id, spec(), now=1000.0)
+        s.add_event("j0", "no_capacity", "before the batch")  # a row the batch's repeats fold into
+    kinds = ["no_capacity", "no_capacity", "launch_retry", "note"]
+    for _ in range(4):
+        # j0: repeats that fold into the row written before the batch (or by the batch before)
+        batch = [("j0", {}, {}, [(None, "no_capacity", "a"), (None, "no_capacity", "b"), (None, "no_capacity", "c")])]
+        for job_id in rng.sample(ids[1:], 8):
+            fields = rng.choice([{}, {"message": f"m{rng.random():.3f}"}, {"message": "x", "relaunches": rng.randint(0, 3)}])
+            events = [(rng.choice([None, 1]), rng.choice(kinds), f"e{rng.random():.3f}") for _ in range(rng.randint(0, 3))]
+            batch.append((job_id, fields, {}, events))
+        assert store.apply_many(batch) == set()
+        for job_id, fields, attempts, events in batch:
+            other.apply(job_id, fields, attempts, events)
+
+    def jobs(s: Store) -> list[tuple[str, str, int]]:
+        return sorted((j.id, j.message, j.relaunches) for j in s.list_jobs(limit=100))
+
+    assert jobs(store) == jobs(other)
+    assert sum(r for j in ids for *_, r in log(store, j)) > 0, "the trial folded no repeat: it proves nothing"
+    for job_id in ids:
+        assert log(store, job_id) == log(other, job_id), job_id
+    other.close()

@@ -59,6 +59,11 @@ def check_lease(s: Session, fence: Fence | None, job: JobRow | None, now: float)
         return
     if job.lease_owner != fence.replica_id:
         raise LeaseLost(f"job {job.id} is owned by {job.lease_owner or 'nobody'}, not {fence.replica_id}")
+    check_replica(s, fence, now)
+
+
+def check_replica(s: Session, fence: Fence, now: float) -> None:
+    """Raise LeaseLost unless `fence`'s replica still holds its lease, in the same epoch."""
     me = s.get(ReplicaRow, fence.replica_id)
     if me is None or me.epoch != fence.epoch:
         raise LeaseLost(f"replica {fence.replica_id} epoch {fence.epoch} was replaced")

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar, cast
 
-from sqlalchemy import CursorResult, and_, delete, func, or_, update
+from sqlalchemy import CursorResult, and_, bindparam, delete, func, or_, update
 from sqlalchemy import select as sa_select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
@@ -33,7 +33,7 @@ from orchestrator.models import AttemptStatus, EndReason, JobSpec, JobStatus, Vo
 from orchestrator.store.cache import PlainRows, RowCache
 from orchestrator.store.db import make_engine, migrate, write_engine
 from orchestrator.store.errors import Conflict, upsert
-from orchestrator.store.leases import Fence, LeaseLost, LeaseStore, check_lease
+from orchestrator.store.leases import Fence, LeaseLost, LeaseStore, check_lease, check_replica
 from orchestrator.store.tables import AttemptRow, EventRow, JobRow, PreemptionStatsRow, VolumeRow
 
 P = ParamSpec("P")
@@ -573,22 +573,110 @@ class Store(LeaseStore):
         """Several jobs' transitions (each as `apply` takes them) in one transaction: a tick
         that ends a hundred preempted attempts commits once, not a hundred times (issue 9:
         detection to launch). Jobs are locked in id order. A job this replica no longer owns
-        (store.leases) is skipped, not raised: returns the ids of the jobs skipped so."""
+        (store.leases) is skipped, not raised: returns the ids of the jobs skipped so.
+
+        Most of a tick's writes touch only the job row and its events (a queued job's first
+        "waiting" message, a status): those go through Core statements, several rows per
+        statement; an item with attempt fields goes through `_apply_locked` (the ORM, whose
+        per-attempt merge rules it needs)."""
         now = time.time()
         refused: set[str] = set()
+        items = sorted(items, key=lambda item: item[0])
         with self._write() as s:
-            for job_id, job_fields, attempt_fields, events in sorted(items, key=lambda item: item[0]):
-                job = s.get(JobRow, job_id, with_for_update=True)
-                if job is None:
+            conn = s.connection()
+            owners = self._lock_jobs(conn, [item[0] for item in items])
+            fenced_out = self._fenced_out(s, now)
+            plain: list[tuple[str, dict[str, Any], Sequence[tuple[int | None, str, str]]]] = []
+            for job_id, job_fields, attempt_fields, events in items:
+                if job_id not in owners:
                     continue
-                try:
-                    check_lease(s, self.fence, job, now)
-                except LeaseLost:
+                if self.fence is not None and (fenced_out or owners[job_id] != self.fence.replica_id):
                     refused.add(job_id)
                     continue
-                self._apply_locked(s, job, job_fields, attempt_fields, events, now)
+                if attempt_fields:
+                    job = s.get(JobRow, job_id)
+                    if job is not None:
+                        self._apply_locked(s, job, job_fields, attempt_fields, events, now)
+                else:
+                    plain.append((job_id, job_fields, events))
+            s.flush()
+            self._apply_plain(conn, plain, now)
             s.commit()
         return refused
+
+    def _lock_jobs(self, conn: Any, job_ids: list[str]) -> dict[str, str | None]:
+        """Lock the jobs' rows (PostgreSQL; SQLite's write transaction holds the whole file) and
+        read their owners. Absent ids are left out."""
+        table = JobRow.__table__  # type: ignore[attr-defined]
+        owners: dict[str, str | None] = {}
+        for n in range(0, len(job_ids), 900):
+            q = sa_select(table.c.id, table.c.lease_owner).where(table.c.id.in_(job_ids[n:n + 900]))
+            if not self._sqlite:
+                q = q.order_by(table.c.id).with_for_update()
+            owners.update((str(i), o) for i, o in conn.execute(q))
+        return owners
+
+    def _fenced_out(self, s: Session, now: float) -> bool:
+        """Whether this replica's lease forbids writing now (check_lease's replica half)."""
+        if self.fence is None:
+            return False
+        try:
+            check_replica(s, self.fence, now)
+        except LeaseLost:
+            return True
+        return False
+
+    def _apply_plain(self, conn: Any, items: list[tuple[str, dict[str, Any], Sequence[tuple[int | None, str, str]]]],
+                     now: float) -> None:
+        """Job fields and events of jobs whose attempts do not change, in a few statements: one
+        UPDATE per distinct set of columns (executemany), the events' coalescing decided here
+        against each job's latest event, read in one query."""
+        table = JobRow.__table__  # type: ignore[attr-defined]
+        by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for job_id, job_fields, _ in items:
+            if job_fields:
+                keys = tuple(sorted(job_fields))
+                by_columns.setdefault(keys, []).append({**{f"v_{k}": job_fields[k] for k in keys}, "b_id": job_id})
+        for keys, params in by_columns.items():
+            stmt = table.update().where(table.c.id == bindparam("b_id")).values(
+                {**{k: bindparam(f"v_{k}") for k in keys}, "updated_at": now})
+            conn.execute(stmt, params)
+        with_events = [job_id for job_id, _, events in items if events]
+        if not with_events:
+            return
+        events_table = EventRow.__table__  # type: ignore[attr-defined]
+        latest: dict[str, tuple[int | None, str, int | None, dict[str, Any] | None]] = {}
+        if any(kind in COALESCED_KINDS for _, _, events in items for _, kind, _ in events):
+            for n in range(0, len(with_events), 900):
+                newest = sa_select(func.max(events_table.c.id)).where(
+                    events_table.c.job_id.in_(with_events[n:n + 900])).group_by(events_table.c.job_id)
+                q = sa_select(events_table.c.id, events_table.c.job_id, events_table.c.kind,
+                              events_table.c.attempt).where(events_table.c.id.in_(newest.scalar_subquery()))
+                for event_id, job_id, kind, attempt in conn.execute(q):
+                    latest[str(job_id)] = (int(event_id), str(kind), attempt, None)
+        inserts: list[dict[str, Any]] = []
+        repeats: dict[int, dict[str, Any]] = {}
+        for job_id, _, events in items:
+            for attempt, kind, message in events:
+                message = message[:2048]
+                last = latest.get(job_id)
+                if kind in COALESCED_KINDS and last is not None and last[1] == kind and last[2] == attempt:
+                    if last[3] is not None:  # a row of this batch: fold into it
+                        last[3].update(message=message, at=now, repeats=last[3]["repeats"] + 1)
+                    else:
+                        assert last[0] is not None
+                        bump = repeats.setdefault(last[0], {"b_id": last[0], "v_message": message, "v_at": now, "n": 0})
+                        bump.update(v_message=message, n=bump["n"] + 1)
+                    continue
+                row = {"job_id": job_id, "attempt": attempt, "at": now, "kind": kind, "message": message, "repeats": 0}
+                inserts.append(row)
+                latest[job_id] = (None, kind, attempt, row)
+        if inserts:
+            conn.execute(events_table.insert(), inserts)
+        if repeats:
+            conn.execute(events_table.update().where(events_table.c.id == bindparam("b_id")).values(
+                message=bindparam("v_message"), at=bindparam("v_at"),
+                repeats=events_table.c.repeats + bindparam("n")), list(repeats.values()))
 
     def _apply_locked(self, s: Session, job: JobRow, job_fields: dict[str, Any],
                       attempt_fields: dict[int, dict[str, Any]], events: Sequence[tuple[int | None, str, str]],
