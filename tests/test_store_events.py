@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import update
 from sqlmodel import Session, col, select
 
-from orchestrator.models import EndReason, JobSpec
+from orchestrator.models import AttemptStatus, EndReason, JobSpec
 from orchestrator.store import AttemptRow, EventRow, Store
 
 
@@ -163,15 +163,31 @@ def test_a_batch_writes_what_one_write_at_a_time_would(store: Store, tmp_path: P
     for s in (store, other):
         for job_id in ids:
             s.create_job(job_id, spec(), now=1000.0)
+            s.add_attempt(AttemptRow(job_id=job_id, number=1, name=f"gpuhop-{job_id}-1", provider="fake",
+                                     capacity="spot", status=AttemptStatus.RUNNING.value, created_at=1000.0,
+                                     launched_at=1000.0, running_at=1001.0))
         s.add_event("j0", "no_capacity", "before the batch")  # a row the batch's repeats fold into
+    attempt_ids = {a.job_id: a.id for j in ids for a in store.attempts(j)}
+    assert attempt_ids == {a.job_id: a.id for j in ids for a in other.attempts(j)}
+    ended = {"status": AttemptStatus.ENDED.value, "end_reason": EndReason.PREEMPTED.value, "ended_at": 1500.0}
+    attempt_writes = [  # forward, backward (stale snapshots) and ending twice: merge_attempt's rules
+        {}, {}, {"last_heartbeat_at": 1200.0}, {"last_heartbeat_at": 1100.0, "agent_state": "started"},
+        {"agent_state": ""}, {"exit_code": 3}, {"cost_usd": 0.25}, {"cost_usd": 0.5, "cost_final": True},
+        ended, {**ended, "end_reason": EndReason.LOST.value, "ended_at": 1600.0},
+        {"status": AttemptStatus.RUNNING.value},
+    ]
     kinds = ["no_capacity", "no_capacity", "launch_retry", "note"]
-    for _ in range(4):
-        # j0: repeats that fold into the row written before the batch (or by the batch before)
-        batch = [("j0", {}, {}, [(None, "no_capacity", "a"), (None, "no_capacity", "b"), (None, "no_capacity", "c")])]
-        for job_id in rng.sample(ids[1:], 8):
+    for round_ in range(4):
+        # j0: repeats that fold into the row written before the batch (or by the batch before);
+        # j1: ended, then a stale snapshot's "running" whose event must be dropped with it
+        batch = [("j0", {}, {}, [(None, "no_capacity", "a"), (None, "no_capacity", "b"), (None, "no_capacity", "c")]),
+                 ("j1", {}, {attempt_ids["j1"]: ended if round_ == 0 else {"status": AttemptStatus.RUNNING.value}},
+                  [(1, "note", f"attempt 1, round {round_}"), (None, "note", f"job, round {round_}")])]
+        for job_id in rng.sample(ids[2:], 8):
             fields = rng.choice([{}, {"message": f"m{rng.random():.3f}"}, {"message": "x", "relaunches": rng.randint(0, 3)}])
             events = [(rng.choice([None, 1]), rng.choice(kinds), f"e{rng.random():.3f}") for _ in range(rng.randint(0, 3))]
-            batch.append((job_id, fields, {}, events))
+            write = rng.choice(attempt_writes)
+            batch.append((job_id, fields, {attempt_ids[job_id]: write} if write else {}, events))
         assert store.apply_many(batch) == set()
         for job_id, fields, attempts, events in batch:
             other.apply(job_id, fields, attempts, events)
@@ -183,4 +199,10 @@ def test_a_batch_writes_what_one_write_at_a_time_would(store: Store, tmp_path: P
     assert sum(r for j in ids for *_, r in log(store, j)) > 0, "the trial folded no repeat: it proves nothing"
     for job_id in ids:
         assert log(store, job_id) == log(other, job_id), job_id
+        assert [a.model_dump() for a in store.attempts(job_id)] == [a.model_dump() for a in other.attempts(job_id)]
+    def history(s: Store) -> list[tuple[str, str, int, float]]:  # hours to 36 s: each store ran at its own now
+        return [(p, c, n, round(h, 2)) for p, c, n, h in s.preemption_history()]
+
+    assert history(store) == history(other)  # the preemption aggregate, counted once per end
+    assert sum(a.status == AttemptStatus.ENDED.value for j in ids for a in store.attempts(j)) > 2
     other.close()
