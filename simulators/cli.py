@@ -49,6 +49,7 @@ def s3(
     secret_access_key: Annotated[str | None, typer.Option("--secret-access-key", help="its secret (default: random, printed)")] = None,
     region: Annotated[str, typer.Option("--region", help="the region requests must be signed for")] = "us-east-1",
     bucket: Annotated[list[str] | None, typer.Option("--bucket", help="a bucket to create at start (repeatable)")] = None,
+    state_dir: Annotated[Path | None, typer.Option("--state-dir", help="unused: objects are kept in memory")] = None,
 ) -> None:
     """Simulated S3 (moto) that checks SigV4 signatures and presigned URL expiry, for checkpoint sync."""
     from simulators.s3 import main

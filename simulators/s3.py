@@ -6,7 +6,8 @@ tell a working presigned URL from a forged or stale one. This wraps moto's WSGI 
 must be signed (Authorization header or presigned query) with the one access key this simulator
 knows, for its region; a presigned URL is refused after X-Amz-Date + X-Amz-Expires, a signed
 header request more than 15 minutes from its X-Amz-Date. Refusals are S3's own 403 XML errors
-(AccessDenied, SignatureDoesNotMatch, InvalidAccessKeyId). `GET /_sim/health` answers unsigned.
+(AccessDenied, SignatureDoesNotMatch, InvalidAccessKeyId). `GET /_sim/health` answers unsigned,
+and `GET /_sim/requests` lists the last requests (method, URI, headers) for tests to inspect.
 """
 
 from __future__ import annotations
@@ -19,11 +20,16 @@ import logging
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import quote, unquote
 
-from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+from moto.moto_server.werkzeug_app import (
+    DomainDispatcherApplication,
+    MotoRequestHandler,
+    create_backend_app,
+)
 from werkzeug.serving import BaseWSGIServer, make_server
 
 ALGORITHM = "AWS4-HMAC-SHA256"
@@ -73,12 +79,16 @@ class SigV4Check:
 
     def __init__(self, app: WsgiApp, access_key_id: str, secret: str, region: str) -> None:
         self.app, self.key_id, self.secret, self.region = app, access_key_id, secret, region
+        self.seen: deque[dict[str, Any]] = deque(maxlen=5000)  # for tests: what clients sent
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        if environ.get("PATH_INFO") == "/_sim/health":
+        if environ.get("PATH_INFO") in ("/_sim/health", "/_sim/requests"):
             start_response("200 OK", [("Content-Type", "application/json")])
-            return [json.dumps({"ok": True}).encode()]
+            return [json.dumps({"ok": True, "requests": list(self.seen)}).encode()]
         refusal = self.refusal(environ)
+        self.seen.append({"method": environ.get("REQUEST_METHOD"), "uri": environ.get("REQUEST_URI", ""),
+                          "headers": {k: v for k, v in environ.items() if k.startswith("HTTP_")},
+                          "refused": refusal[0] if refusal else None})
         if refusal is None:
             if environ.get("REQUEST_METHOD") == "PUT" and "form" in str(environ.get("CONTENT_TYPE", "")):
                 # S3 stores any body as is; moto's Flask would parse a form body away (urllib's
