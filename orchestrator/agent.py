@@ -598,6 +598,7 @@ def run(
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if syncer is not None:  # the newest complete checkpoint first, or the job does not start
+        threading.Thread(target=heartbeat, daemon=True).start()  # a long restore is not silence
         give_up, delay = time.monotonic() + float(env.get("GPUHOP_RESTORE_MAX", "300")), RETRY_FIRST
         while not _ok(syncer.restore):
             if time.monotonic() > give_up:
@@ -648,7 +649,8 @@ def run(
 
     job_done = threading.Event()
     reporter.post("start", pid=child.pid)
-    threading.Thread(target=heartbeat, daemon=True).start()
+    if syncer is None:
+        threading.Thread(target=heartbeat, daemon=True).start()
     metadata_url = env.get("GPUHOP_METADATA_URL", "")
     if metadata_url:
         threading.Thread(
