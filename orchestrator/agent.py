@@ -459,23 +459,25 @@ class Syncer:
                 return False  # kept changing: next time
             if state.get("committed") == entries:
                 return True
-            ans = self._post("upload", {"blobs": [{"sha256": e["sha256"], "size": e["size"]} for e in entries]})
-            if not isinstance(ans, dict):
-                return False
-            for item in ans["upload"]:
-                blob = staged.get(item["sha256"])
-                if blob is None:  # known unchanged, yet not stored: read it again now
-                    again = next(str(e["path"]) for e in entries if e["sha256"] == item["sha256"])
-                    blob = stage / item["sha256"]
-                    if _sha256(self.vol / again, blob) != item["sha256"]:
-                        return False
-                with open(blob, "rb") as fh:
-                    req = urllib.request.Request(item["url"], data=fh, method="PUT", headers={
-                        "Content-Length": str(blob.stat().st_size), "Content-Type": "application/octet-stream"})
-                    try:
-                        urllib.request.urlopen(req, timeout=300).close()
-                    except (urllib.error.URLError, OSError, ValueError):
-                        return False
+            blobs = sorted({e["sha256"]: e["size"] for e in entries}.items())
+            for i in range(0, len(blobs), 500):  # URLs asked for just before use: they expire
+                ans = self._post("upload", {"blobs": [{"sha256": h, "size": n} for h, n in blobs[i:i + 500]]})
+                if not isinstance(ans, dict):
+                    return False
+                for item in ans["upload"]:
+                    blob = staged.get(item["sha256"])
+                    if blob is None:  # known unchanged, yet not stored: read it again now
+                        again = next(str(e["path"]) for e in entries if e["sha256"] == item["sha256"])
+                        blob = stage / item["sha256"]
+                        if _sha256(self.vol / again, blob) != item["sha256"]:
+                            return False
+                    with open(blob, "rb") as fh:
+                        req = urllib.request.Request(item["url"], data=fh, method="PUT", headers={
+                            "Content-Length": str(blob.stat().st_size), "Content-Type": "application/octet-stream"})
+                        try:
+                            urllib.request.urlopen(req, timeout=300).close()
+                        except (urllib.error.URLError, OSError, ValueError):
+                            return False
             ans = self._post("commit", {"files": entries})
             shutil.rmtree(stage, ignore_errors=True)
             if not isinstance(ans, dict):
