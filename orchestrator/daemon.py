@@ -264,6 +264,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         watchdog = asyncio.create_task(systemd.watchdog_loop(stop, engine.healthy), name="watchdog")
         volume_retention = asyncio.create_task(volume_deletion.retention_loop(
             store, adapters, settings.volumes.delete_after_days, stop, ready=engine.observer.started,
+            objects=objects,
         ), name="volume-retention")
         systemd.notify("READY=1\nSTATUS=serving")
         done, _ = await asyncio.wait({engine_task, asyncio.ensure_future(stop.wait())},

@@ -141,3 +141,16 @@ class ObjectStore:
                 return False
             raise
         return True
+
+    async def delete_volume(self, volume: str) -> int:
+        """Delete every object of the volume (blobs and manifests); how many there were."""
+        root, deleted = cp.volume_root(self.prefix, volume), 0
+        while True:
+            page = await self._call(self._client.list_objects_v2, Bucket=self.bucket, Prefix=root, MaxKeys=1000)
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if not keys:
+                return deleted
+            # manifests first (listed after blobs): a restore never sees a manifest whose blobs went
+            keys.sort(key=lambda k: "/manifests/" not in k["Key"])
+            await self._call(self._client.delete_objects, Bucket=self.bucket, Delete={"Objects": keys, "Quiet": True})
+            deleted += len(keys)

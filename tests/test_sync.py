@@ -300,3 +300,17 @@ async def test_agent_syncer_round_trip(env: Env, tmp_path: Path) -> None:
     assert (dst / "sub" / "model.bin").read_bytes() == b"\x00" * 300_000
     assert not (dst / "stale.txt").exists() and not (dst / ".gpuhop" / "secret-marker").exists()
     assert two._state()["seq"] == 2
+
+
+async def test_volume_rm_deletes_its_checkpoints_so_a_new_job_starts_fresh(env: Env) -> None:
+    job = env.job("gone-vol")
+    h = env.attempt(job, 1)
+    _, up = await env.post("upload", h, {"blobs": [{"sha256": SHA_A, "size": 1}]})
+    env.put(up["upload"][0]["url"], b"a")
+    assert (await env.post("commit", h, {"files": [entry("a", b"a")]}))[0] == 200
+    env.store.update_attempt(env.store.attempts(job)[0].id or 0, status=AttemptStatus.ENDED.value)
+    env.store.update_job(job, status="cancelled")
+    resp = await env.client.delete("/v1/volumes/gone-vol", headers=H)
+    assert resp.status == 200, await resp.text()
+    assert env.s3 is not None
+    assert env.s3.client().list_objects_v2(Bucket=BUCKET, Prefix="u/volumes/gone-vol/")["KeyCount"] == 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import json
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -594,6 +595,13 @@ class Store(LeaseStore):
     # commits first wins and the other sees it. The jobs that used a deleted volume let go of
     # its name (jobs.volume_name, read only by the volume rule and the listings; the spec keeps
     # it), so a new volume of that name starts with no history.
+
+    def volume_synced(self, name: str) -> bool:
+        """Whether a job that named the volume synced it through object storage (its
+        checkpoints in the bucket go with it when it is deleted)."""
+        with self._session() as s:
+            specs = s.exec(select(JobRow.spec_json).where(JobRow.volume_name == name)).all()
+        return any((json.loads(spec).get("volume") or {}).get("sync") == "object-store" for spec in specs)
 
     def _newest_job(self, s: Session, name: str) -> JobRow | None:
         q = (select(JobRow).where(JobRow.volume_name == name)
