@@ -426,7 +426,12 @@ class Syncer:
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.chmod(tmp, f["mode"])
             os.replace(tmp, dest)
-        _write_json_atomic(self.dir / "sync.json", {"seq": ans["seq"]})
+        cache, done = {}, []  # as if this volume had committed the checkpoint: nothing to hash or send again
+        for path, f in sorted(files.items()):
+            st = os.lstat(self.vol / path)
+            cache[path] = [st.st_size, st.st_mtime_ns, st.st_ino, f["sha256"]]
+            done.append({"path": path, "sha256": f["sha256"], "size": f["size"], "mode": st.st_mode & 0o777})
+        _write_json_atomic(self.dir / "sync.json", {"seq": ans["seq"], "files": cache, "committed": done})
         return True
 
     def upload(self) -> bool:

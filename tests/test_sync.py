@@ -300,6 +300,7 @@ async def test_agent_syncer_round_trip(env: Env, tmp_path: Path) -> None:
     assert (dst / "sub" / "model.bin").read_bytes() == b"\x00" * 300_000
     assert not (dst / "stale.txt").exists() and not (dst / ".gpuhop" / "secret-marker").exists()
     assert two._state()["seq"] == 2
+    assert await asyncio.to_thread(two.upload) and two._state()["seq"] == 2  # restored = committed: no new one
 
 
 async def test_volume_rm_deletes_its_checkpoints_so_a_new_job_starts_fresh(env: Env) -> None:
