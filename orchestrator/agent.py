@@ -616,7 +616,8 @@ def run(
                 return 75
             time.sleep(delay)
             delay = min(delay * 2, RETRY_CAP)
-        say(f"volume at checkpoint {syncer._state().get('seq')}")
+        seq = syncer._state().get("seq")
+        say(f"volume at checkpoint {seq}" if seq else "no checkpoint in object storage yet")
     try:
         child = subprocess.Popen(
             command,
