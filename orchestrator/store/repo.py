@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-import json
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -601,7 +600,8 @@ class Store(LeaseStore):
         checkpoints in the bucket go with it when it is deleted)."""
         with self._session() as s:
             specs = s.exec(select(JobRow.spec_json).where(JobRow.volume_name == name)).all()
-        return any((json.loads(spec).get("volume") or {}).get("sync") == "object-store" for spec in specs)
+        return any((v := JobSpec.model_validate_json(spec).volume) is not None and v.sync == "object-store"
+                   for spec in specs)
 
     def _newest_job(self, s: Session, name: str) -> JobRow | None:
         q = (select(JobRow).where(JobRow.volume_name == name)
