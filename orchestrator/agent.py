@@ -16,6 +16,11 @@ single failure:
   acknowledges it (2xx, or 410: the attempt has already ended) or GPUHOP_EXIT_REPORT_MAX
   seconds have passed; heartbeats go on meanwhile, and while the agent lingers.
 
+With GPUHOP_SYNC_SECONDS set (`[volume] sync = "object-store"`), the volume is restored from the
+daemon's object storage before the job starts and uploaded every that many seconds and once more
+after the job ends (`Syncer`), through presigned URLs the daemon hands out: the agent never holds
+a storage credential.
+
 The job sees only GPUHOP_JOB_ID, GPUHOP_ATTEMPT and GPUHOP_VOLUME of gpuhop's variables: never
 the token, the callback URL or the agent's own settings. Standard library only: on a cloud it
 is shipped inside the launch request (`cloud_bootstrap`) and runs with the image's `python3`.
@@ -27,10 +32,13 @@ import ast
 import base64
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import shlex
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -332,6 +340,168 @@ def _watch_metadata(url: str, reporter: Reporter, stop: threading.Event, on_noti
             return
 
 
+def _sha256(path: Path, copy_to: Path | None = None) -> str:
+    """The file's sha256, copying it to `copy_to` on the way when given."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as src, (open(copy_to, "wb") if copy_to else contextlib.nullcontext()) as dst:
+        while chunk := src.read(1 << 20):
+            digest.update(chunk)
+            if dst:
+                dst.write(chunk)
+    return digest.hexdigest()
+
+
+class Syncer:
+    """Keeps `$GPUHOP_VOLUME` in step with the daemon's object storage (checkpoint sync): restores
+    the newest complete checkpoint before the job starts, and uploads the volume as a checkpoint
+    when it changed. A checkpoint is a snapshot taken while no file changed: every file is copied
+    (or known unchanged by size, mtime and inode) between two scans that must agree, else it is
+    taken again; copies are hashed, the blobs the store lacks are PUT, then the daemon commits the
+    manifest. `.gpuhop/` (the agent's own) is never synced."""
+
+    def __init__(self, reporter: Reporter, volume: str) -> None:
+        self.r, self.vol = reporter, Path(volume)
+        self.dir = self.vol / ".gpuhop"
+        self.lock = threading.Lock()
+
+    def _post(self, what: str, body: dict[str, object]) -> Any:
+        url = self.r.url.rsplit("/v1/agent/", 1)[0] + "/v1/agent/sync/" + what
+        req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST", headers={
+            "Authorization": f"Bearer {self.r.token}", "Content-Type": "application/json",
+            "X-Gpuhop-Attempt": self.r.name})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            exc.close()
+        except (urllib.error.URLError, OSError, ValueError):
+            self.r._next_url()
+        return None
+
+    def _state(self) -> dict[str, Any]:
+        try:
+            return dict(json.loads((self.dir / "sync.json").read_text()))
+        except (OSError, ValueError, TypeError):
+            return {}
+
+    def _files(self) -> dict[str, os.stat_result]:
+        found = {}
+        for root, dirs, names in os.walk(self.vol):
+            rel = os.path.relpath(root, self.vol)
+            if rel == ".":
+                dirs[:] = [d for d in dirs if d != ".gpuhop"]
+            for name in names:
+                with contextlib.suppress(OSError):
+                    st = os.lstat(os.path.join(root, name))
+                    if stat.S_ISREG(st.st_mode):
+                        found[os.path.normpath(os.path.join(rel, name))] = st
+        return found
+
+    def restore(self) -> bool:
+        """Bring the volume to the newest complete checkpoint (unless it holds it or newer)."""
+        ans = self._post("restore", {"local_seq": self._state().get("seq")})
+        if not isinstance(ans, dict):
+            return False
+        if not ans.get("restore"):
+            return True
+        files = {f["path"]: f for f in ans["files"]}
+        if any(p.startswith("/") or ".." in p.split("/") or p.split("/")[0] == ".gpuhop" for p in files):
+            return False
+        for path in self._files():
+            if path not in files:
+                os.unlink(self.vol / path)  # the checkpoint's state exactly
+        tmp = self.dir / "restore.tmp"
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for path, f in files.items():
+            dest = self.vol / path
+            if dest.is_file() and not dest.is_symlink() and _sha256(dest) == f["sha256"]:
+                continue
+            digest = hashlib.sha256()
+            with urllib.request.urlopen(f["url"], timeout=60) as resp, open(tmp, "wb") as out:
+                while chunk := resp.read(1 << 20):
+                    digest.update(chunk)
+                    out.write(chunk)
+            if digest.hexdigest() != f["sha256"] or tmp.stat().st_size != f["size"]:
+                return False
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(tmp, f["mode"])
+            os.replace(tmp, dest)
+        cache, done = {}, []  # as if this volume had committed the checkpoint: nothing to hash or send again
+        for path, f in sorted(files.items()):
+            st = os.lstat(self.vol / path)
+            cache[path] = [st.st_size, st.st_mtime_ns, st.st_ino, f["sha256"]]
+            done.append({"path": path, "sha256": f["sha256"], "size": f["size"], "mode": st.st_mode & 0o777})
+        _write_json_atomic(self.dir / "sync.json", {"seq": ans["seq"], "files": cache, "committed": done})
+        return True
+
+    def upload(self) -> bool:
+        """Upload the volume as a new checkpoint if it changed; False: not this time."""
+        with self.lock:
+            state = self._state()
+            known = state.get("files", {})
+            stage = self.dir / "stage"
+            for _ in range(5):
+                shutil.rmtree(stage, ignore_errors=True)
+                stage.mkdir(mode=0o700, parents=True, exist_ok=True)
+                before, entries, staged, cache = self._files(), [], {}, {}  # type: ignore[var-annotated]
+                try:
+                    for path, st in sorted(before.items()):
+                        key = [st.st_size, st.st_mtime_ns, st.st_ino]
+                        sha = known[path][3] if known.get(path, [])[:3] == key else ""
+                        if not sha:
+                            sha = _sha256(self.vol / path, stage / "copy")
+                            os.replace(stage / "copy", stage / sha)
+                            staged[sha] = stage / sha
+                        cache[path] = [*key, sha]
+                        entries.append({"path": path, "sha256": sha, "size": st.st_size, "mode": st.st_mode & 0o777})
+                except OSError:
+                    continue  # a file went away while read
+                if {p: cache[p][:3] for p in cache} == {
+                        p: [s.st_size, s.st_mtime_ns, s.st_ino] for p, s in self._files().items()}:
+                    break
+                time.sleep(0.05)
+            else:
+                return False  # kept changing: next time
+            if state.get("committed") == entries:
+                return True
+            blobs = sorted({e["sha256"]: e["size"] for e in entries}.items())
+            for i in range(0, len(blobs), 500):  # URLs asked for just before use: they expire
+                ans = self._post("upload", {"blobs": [{"sha256": h, "size": n} for h, n in blobs[i:i + 500]]})
+                if not isinstance(ans, dict):
+                    return False
+                for item in ans["upload"]:
+                    blob = staged.get(item["sha256"])
+                    if blob is None:  # known unchanged, yet not stored: read it again now
+                        again = next(str(e["path"]) for e in entries if e["sha256"] == item["sha256"])
+                        blob = stage / item["sha256"]
+                        if _sha256(self.vol / again, blob) != item["sha256"]:
+                            return False
+                    with open(blob, "rb") as fh:
+                        req = urllib.request.Request(item["url"], data=fh, method="PUT", headers={
+                            "Content-Length": str(blob.stat().st_size), "Content-Type": "application/octet-stream"})
+                        try:
+                            urllib.request.urlopen(req, timeout=300).close()
+                        except (urllib.error.URLError, OSError, ValueError):
+                            return False
+            ans = self._post("commit", {"files": entries})
+            shutil.rmtree(stage, ignore_errors=True)
+            if not isinstance(ans, dict):
+                return False
+            _write_json_atomic(self.dir / "sync.json", {"seq": ans["seq"], "files": cache, "committed": entries})
+            return True
+
+    def every(self, seconds: float, stop: threading.Event) -> None:
+        while not stop.wait(seconds):
+            _ok(self.upload)
+
+
+def _ok(action: Callable[[], bool]) -> bool:
+    try:
+        return action()
+    except Exception:  # a sync that failed is tried again later; it never stops the job
+        return False
+
+
 def _as_user(ids: tuple[int, int] | None, action: Callable[[], None]) -> None:
     """Run `action` with the job's uid/gid (in a forked child) when the job runs as another
     user: its volume is its own, and a root agent must not follow the links a job put there."""
@@ -400,6 +570,15 @@ def run(
     stop_requested = threading.Event()
     foreign_sigterm = threading.Event()  # a SIGTERM gpuhop did not ask for: a reclaim notice
     out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) if log_path else None
+    sync_every, vol = float(env.get("GPUHOP_SYNC_SECONDS") or 0), env.get("GPUHOP_VOLUME", "")
+    # a job run as another user (local provider) is not synced: a root agent must not read its files
+    syncer = Syncer(reporter, vol) if sync_every > 0 and vol and reporter.url and not (user or marker_user) else None
+    term_by: list[float] = []  # when the final sync must be done: SIGKILL follows a notice
+
+    def say(text: str) -> None:
+        if log_path is not None:
+            with open(log_path, "a") as fh:
+                fh.write(f"gpuhop-agent: {text}\n")
     libc, parent, kill = _libc(), os.getpid(), int(signal.SIGKILL)
     ids: dict[str, Any] = {}
     if user is not None:  # Python >= 3.9; only the local provider asks for it
@@ -411,6 +590,7 @@ def run(
 
     def forward(signum: int, _frame: object) -> None:
         if signum == signal.SIGTERM:
+            term_by.append(time.monotonic() + float(env.get("GPUHOP_NOTICE_SECONDS", "5")))
             if state_dir and (state_dir / "stop-requested").exists():
                 stop_requested.set()
             else:
@@ -424,6 +604,20 @@ def run(
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    if syncer is not None:  # the newest complete checkpoint first, or the job does not start
+        threading.Thread(target=heartbeat, daemon=True).start()  # a long restore is not silence
+        give_up, delay = time.monotonic() + float(env.get("GPUHOP_RESTORE_MAX", "300")), RETRY_FIRST
+        while not _ok(syncer.restore):
+            if time.monotonic() > give_up:
+                say("could not restore the volume's checkpoint from object storage; the job was not started")
+                now = time.time()
+                finish({"exit_code": 75, "signal": None, "stopped_by_us": False, "started_at": now,
+                        "ended_at": now, "error": "checkpoint restore failed"})
+                return 75
+            time.sleep(delay)
+            delay = min(delay * 2, RETRY_CAP)
+        seq = syncer._state().get("seq")
+        say(f"volume at checkpoint {seq}" if seq else "no checkpoint in object storage yet")
     try:
         child = subprocess.Popen(
             command,
@@ -457,20 +651,29 @@ def run(
     def notice_received() -> None:
         """A reclaim notice seen from inside the machine: tell the job to checkpoint now."""
         foreign_sigterm.set()
+        term_by.append(time.monotonic() + float(env.get("GPUHOP_CHECKPOINT_MARGIN", "30")))
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(child.pid, signal.SIGTERM)
 
     job_done = threading.Event()
     reporter.post("start", pid=child.pid)
-    threading.Thread(target=heartbeat, daemon=True).start()
+    if syncer is None:
+        threading.Thread(target=heartbeat, daemon=True).start()
     metadata_url = env.get("GPUHOP_METADATA_URL", "")
     if metadata_url:
         threading.Thread(
             target=_watch_metadata, args=(metadata_url, reporter, job_done, notice_received), daemon=True
         ).start()
 
+    if syncer is not None:
+        threading.Thread(target=syncer.every, args=(sync_every, job_done), daemon=True).start()
     code = child.wait()
     job_done.set()
+    if syncer is not None:  # the job's last checkpoint, before SIGKILL if a notice came
+        final = threading.Thread(target=_ok, args=(syncer.upload,), daemon=True)
+        final.start()
+        final.join(max(0.0, min(term_by) - time.monotonic() - 1) if term_by else None)
+        say(f"volume at checkpoint {syncer._state().get('seq')}")
     if stop_requested.is_set() or (state_dir and (state_dir / "stop-requested").exists()):
         stop_requested.set()
     finish({

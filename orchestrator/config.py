@@ -15,7 +15,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 DEFAULT_PORT = 8470
 
@@ -169,6 +177,49 @@ class PlacementSettingsModel(_Section):
         return value
 
 
+class StorageSettings(_Section):
+    """An S3-compatible bucket where volumes with `[volume] sync = "object-store"` are checkpointed.
+    Only the daemon holds the keys: agents get short-lived presigned URLs."""
+
+    endpoint_url: str = Field(
+        default="", description="S3 API endpoint, e.g. https://s3.eu-west-1.amazonaws.com or a MinIO/R2 URL; "
+        "empty = AWS's own for `region`",
+    )
+    bucket: str = Field(
+        min_length=3, max_length=63, pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$",
+        description="the bucket (it must exist); required",
+    )
+    prefix: str = Field(
+        default="gpuhop", max_length=200, pattern=r"^$|^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$",
+        description="every key starts with <prefix>/volumes/<volume name>/",
+    )
+    region: str = Field(default="us-east-1", pattern=r"^[a-z0-9-]{2,32}$", description="the bucket's region")
+    access_key_id: SecretStr | None = Field(
+        default=None, description="default: boto3's own chain (AWS_ACCESS_KEY_ID, instance role, ...)"
+    )
+    secret_access_key: SecretStr | None = Field(default=None, description="with access_key_id")
+    presign_ttl_seconds: int = Field(
+        default=900, ge=10, le=7 * 86400, description="how long a URL handed to an agent stays valid"
+    )
+    sync_interval_seconds: float = Field(
+        default=60.0, ge=0.1, le=86400, description="how often an agent uploads a changed volume"
+    )
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("expected an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @field_validator("secret_access_key")
+    @classmethod
+    def _pair(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if (value is None) != (info.data.get("access_key_id") is None):
+            raise ValueError("give access_key_id and secret_access_key together, or neither")
+        return value
+
+
 class Settings(_Section):
     server: ServerSettings = Field(default_factory=ServerSettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
@@ -176,6 +227,9 @@ class Settings(_Section):
     placement: PlacementSettingsModel = Field(default_factory=PlacementSettingsModel)
     volumes: VolumeSettings = Field(default_factory=VolumeSettings)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
+    storage: StorageSettings | None = Field(
+        default=None, description="object storage for volumes synced through it; none: such jobs are refused"
+    )
     providers: dict[str, dict[str, Any]] = Field(
         default_factory=lambda: {"local": dict[str, Any]()},
         description="one table per provider; each is validated by that provider's adapter",

@@ -39,6 +39,7 @@ from orchestrator.api.app import ApiContext, make_app
 from orchestrator.cluster import Cluster, default_replica_id
 from orchestrator.config import ConfigError, Settings, load_settings
 from orchestrator.engine import Engine
+from orchestrator.objectstore import ObjectStore
 from orchestrator.store import Store
 
 log = logging.getLogger("gpuhop.daemon")
@@ -86,6 +87,9 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> S
 def configured_secrets(settings: Settings) -> list[str]:
     """Every credential in the configuration (provider API keys and the like), to redact."""
     found = [settings.server.token.get_secret_value()] if settings.server.token else []
+    if settings.storage is not None:
+        found += [s.get_secret_value() for s in (settings.storage.secret_access_key, settings.storage.access_key_id)
+                  if s is not None]
     for table in settings.providers.values():
         for name, value in table.items():
             if isinstance(value, str) and any(w in name.lower() for w in SECRET_WORDS) and not name.endswith("_name"):
@@ -239,8 +243,9 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         adapters = build_adapters(settings, logs_dir)
         warn_unreachable_agents(settings, adapters)
         engine = Engine(settings, store, adapters, lambda name: auth.attempt_token(agent_key, name))
+        objects = ObjectStore(settings.storage) if settings.storage is not None else None
         app = make_app(ApiContext(store=store, engine=engine, token=token, agent_key=agent_key, logs_dir=logs_dir,
-                                  max_followers_per_token=settings.server.max_log_followers))
+                                  max_followers_per_token=settings.server.max_log_followers, objects=objects))
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         await web.SockSite(runner, sock).start()
@@ -259,6 +264,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         watchdog = asyncio.create_task(systemd.watchdog_loop(stop, engine.healthy), name="watchdog")
         volume_retention = asyncio.create_task(volume_deletion.retention_loop(
             store, adapters, settings.volumes.delete_after_days, stop, ready=engine.observer.started,
+            objects=objects,
         ), name="volume-retention")
         systemd.notify("READY=1\nSTATUS=serving")
         done, _ = await asyncio.wait({engine_task, asyncio.ensure_future(stop.wait())},

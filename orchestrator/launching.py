@@ -226,6 +226,9 @@ class Workers:
                                          [self.settings.server.agent_base_url(), *self.peer_urls]),
             GPUHOP_TOKEN=self.token_for(name), GPUHOP_HEARTBEAT=str(self.settings.engine.heartbeat_seconds),
         )
+        if spec.volume is not None and spec.volume.sync == "object-store" and self.settings.storage is not None:
+            # the agent restores the volume before the job starts and uploads it this often
+            env["GPUHOP_SYNC_SECONDS"] = str(self.settings.storage.sync_interval_seconds)
         return LaunchRequest(
             name=name, idempotency_key=f"{name}-{hashlib.sha1(offer.offer_id.encode()).hexdigest()[:10]}"[-64:],
             job_id=job.id, attempt=number, offer=offer, image=spec.image, command=list(spec.command), env=env,

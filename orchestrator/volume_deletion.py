@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from adapters.base import Adapter, AdapterError, RetryLater, VolumeSupport
+from orchestrator.objectstore import ObjectStore, StorageError
 from orchestrator.store import Store, VolumeRow
 
 log = logging.getLogger("gpuhop.volumes")
@@ -54,8 +55,10 @@ def where(vol: VolumeRow) -> str:
 
 
 async def delete_volume(store: Store, adapters: Mapping[str, Adapter], name: str, why: str, *,
-                        now: float | None = None, unused_since: float | None = None) -> VolumeRow | None:
-    """Delete volume `name` everywhere; returns it as it was (None: there is no such volume).
+                        now: float | None = None, unused_since: float | None = None,
+                        objects: ObjectStore | None = None) -> VolumeRow | None:
+    """Delete volume `name` everywhere, its checkpoints in object storage too (`objects`: a job
+    naming it again would otherwise restore them); returns it as it was (None: there is no such volume).
     Raises store.Conflict when a job that has not ended uses it, another deletion is under way,
     or (given `unused_since`) a job used it since; DeleteFailed when the provider could not
     delete it (the volume stays)."""
@@ -73,6 +76,14 @@ async def delete_volume(store: Store, adapters: Mapping[str, Adapter], name: str
             with contextlib.suppress(Exception):
                 await store.run(store.abort_volume_delete, name, token)
             raise
+    if objects is not None and await store.run(store.volume_synced, name):
+        try:
+            await objects.delete_volume(name)
+        except StorageError as exc:
+            with contextlib.suppress(Exception):
+                await store.run(store.abort_volume_delete, name, token)
+            raise DeleteFailed(f"volume {name!r}: its checkpoints in object storage were not deleted: {exc}; "
+                               "try again", 503, retry_after=10.0) from None
     if not await store.run(store.finish_volume_delete, name, token, f"{why} (was {where(vol)})"):
         log.warning("volume %s: the deletion's claim was taken over meanwhile; its row is the other deleter's", name)
     log.info("deleted volume %s (%s, %d GB): %s", name, where(vol), vol.size_gb, why)
@@ -100,7 +111,7 @@ async def _delete_at_provider(adapters: Mapping[str, Adapter], vol: VolumeRow) -
 
 async def sweep(store: Store, adapters: Mapping[str, Adapter], delete_after_days: float,
                 now: float | None = None, ready: Callable[[str], bool] | None = None,
-                stop: asyncio.Event | None = None) -> list[str]:
+                stop: asyncio.Event | None = None, objects: ObjectStore | None = None) -> list[str]:
     """One retention pass: delete the volumes no job has used for `delete_after_days` (0: none),
     and finish deletions that were interrupted. Volumes on a provider that is not `ready`
     (not started yet) wait for the next pass; a `stop` ends the pass between two volumes.
@@ -121,7 +132,7 @@ async def sweep(store: Store, adapters: Mapping[str, Adapter], delete_after_days
                f"no job used it for {delete_after_days:g} days ([volumes] delete_after_days)")
         try:
             if await delete_volume(store, adapters, name, why, now=now,
-                                   unused_since=None if interrupted else unused_since):
+                                   unused_since=None if interrupted else unused_since, objects=objects):
                 deleted.append(name)
         except DeleteFailed as exc:
             log.warning("retention: %s", exc)
@@ -132,7 +143,8 @@ async def sweep(store: Store, adapters: Mapping[str, Adapter], delete_after_days
 
 async def retention_loop(store: Store, adapters: Mapping[str, Adapter], delete_after_days: float,
                          stop: asyncio.Event, ready: Callable[[str], bool] | None = None,
-                         every: float = SWEEP_EVERY_SECONDS, first_after: float = FIRST_SWEEP_AFTER_SECONDS) -> None:
+                         every: float = SWEEP_EVERY_SECONDS, first_after: float = FIRST_SWEEP_AFTER_SECONDS,
+                         objects: ObjectStore | None = None) -> None:
     """`sweep` every `every` seconds until `stop` is set (the daemon runs it beside the engine)."""
     wait = first_after
     while not stop.is_set():
@@ -141,6 +153,6 @@ async def retention_loop(store: Store, adapters: Mapping[str, Adapter], delete_a
             return
         wait = every
         try:
-            await sweep(store, adapters, delete_after_days, ready=ready, stop=stop)
+            await sweep(store, adapters, delete_after_days, ready=ready, stop=stop, objects=objects)
         except Exception as exc:  # housekeeping: never take the daemon down for it
             log.warning("volume retention failed: %s", exc)

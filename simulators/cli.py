@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-sim_app = typer.Typer(help="Run a provider simulator on loopback (RunPod GraphQL, AWS EC2).", no_args_is_help=True)
+sim_app = typer.Typer(help="Run a provider simulator on loopback (RunPod GraphQL, AWS EC2, S3).", no_args_is_help=True)
 
 
 @sim_app.command("runpod")
@@ -40,3 +40,19 @@ def aws(
     from simulators.aws import main
 
     main(port=port, catalog=catalog, state_dir=state_dir, notice_seconds=notice_seconds, boot_delay=boot_delay)
+
+
+@sim_app.command("s3")
+def s3(
+    port: Annotated[int, typer.Option("--port", help="TCP port on 127.0.0.1")] = 8483,
+    access_key_id: Annotated[str | None, typer.Option("--access-key-id", help="the one key it accepts (default: random, printed)")] = None,
+    secret_access_key: Annotated[str | None, typer.Option("--secret-access-key", help="its secret (default: random, printed)")] = None,
+    region: Annotated[str, typer.Option("--region", help="the region requests must be signed for")] = "us-east-1",
+    bucket: Annotated[list[str] | None, typer.Option("--bucket", help="a bucket to create at start (repeatable)")] = None,
+    state_dir: Annotated[Path | None, typer.Option("--state-dir", help="unused: objects are kept in memory")] = None,
+) -> None:
+    """Simulated S3 (moto) that checks SigV4 signatures and presigned URL expiry, for checkpoint sync."""
+    from simulators.s3 import main
+
+    main(port=port, access_key_id=access_key_id, secret_access_key=secret_access_key, region=region,
+         buckets=bucket or [])

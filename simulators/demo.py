@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich import box
@@ -37,9 +37,13 @@ from orchestrator import render
 from orchestrator.client import Client, ClientError
 from simulators.harness import Daemon, steps_done
 
+if TYPE_CHECKING:  # moto loads only when the demo runs, not with every `gpuhop` command
+    from simulators.s3 import S3Simulator
+
 TRAIN = Path(__file__).resolve().parent / "demo_train.py"
 TERMINAL = {"succeeded", "failed", "cancelled"}
 AWS_NOTICE = 8.0  # AWS gives 120 s; the demo is in a hurry
+DEMO_BUCKET = "gpuhop-demo-checkpoints"
 RUNPOD_NOTICE = 2.0  # SIGTERM to SIGKILL when a pod's host goes away
 WIDE = 112  # narrower than this, the tables leave out what matters least and fold the rest
 TITLE = "gpuhop demo: 5 jobs on RunPod and AWS (simulated) and this machine"
@@ -65,14 +69,14 @@ class DemoJob:
 
 
 def _job(name: str, steps: int, gpu: list[str] | None, disruption: Disruption | None,
-         capacity: str = "auto", providers: list[str] | None = None) -> DemoJob:
+         capacity: str = "auto", providers: list[str] | None = None, sync: str = "none") -> DemoJob:
     spec: dict[str, Any] = {
         "name": name,
         "image": "pytorch/pytorch:2.4.0-cuda12.1-cudnn9-runtime",
         "command": ["python3", str(TRAIN), "--steps", str(steps), "--step-seconds", "0.5"],
         "resources": {"gpu": gpu, "gpu_count": 1} if gpu else {"gpu_count": 0},
         "placement": {"capacity": capacity, **({"providers": providers} if providers else {})},
-        "volume": {"name": f"{name}-ckpt", "size_gb": 20, "mount_path": "/workspace"},
+        "volume": {"name": f"{name}-ckpt", "size_gb": 20, "mount_path": "/workspace", "sync": sync},
         "policy": {"max_relaunches": 5, "checkpoint_interval": 1},
     }
     return DemoJob(spec, f"{name}-ckpt", steps, disruption)
@@ -84,14 +88,23 @@ def demo_jobs() -> list[DemoJob]:
         # RunPod has no spot since September 2026: its interruption is a host that goes away
         _job("sdxl-lora", 20, ["RTX-A6000", "L40S"], Disruption("preempt", 6), capacity="on-demand",
              providers=["runpod"]),
-        _job("whisper-eval", 16, ["L40S"], None, providers=["runpod"]),
+        # checkpoints kept in the simulated S3 bucket too ([storage]), restorable anywhere
+        _job("whisper-eval", 16, ["L40S"], None, providers=["runpod"], sync="object-store"),
         _job("bert-pretrain", 24, ["A10G"], Disruption("interrupt", 6), capacity="spot", providers=["aws"]),
         _job("tokenize-corpus", 18, None, Disruption("kill", 5), providers=["local"]),
     ]
 
 
-def _config(runpod_url: str, runpod_key: str, aws_url: str) -> str:
-    return f"""
+def _config(runpod_url: str, runpod_key: str, aws_url: str, s3: S3Simulator | None = None) -> str:
+    storage = "" if s3 is None else f"""
+[storage]
+endpoint_url = "{s3.url}"
+bucket = "{DEMO_BUCKET}"
+access_key_id = "{s3.access_key_id}"
+secret_access_key = "{s3.secret_access_key}"
+sync_interval_seconds = 2
+"""
+    return storage + f"""
 [server]
 [engine]
 tick_seconds = 0.5
@@ -126,6 +139,7 @@ class Demo:
         self.jobs = demo_jobs()
         self.seen_events: dict[str, int] = {}
         self.narrow = console.width < WIDE
+        self.s3: S3Simulator | None = None
 
     @contextlib.contextmanager
     def _step(self, doing: str, done: str) -> Iterator[None]:
@@ -152,6 +166,12 @@ class Demo:
                 aws = AwsSimulator(self.root / "aws", notice_seconds=AWS_NOTICE, boot_delay=2.0)
                 self.aws_url = await aws.start()
                 started.push_async_callback(aws.stop)
+            with self._step("starting the simulated S3 (checkpoint storage)", "simulated S3: up"):
+                from simulators.s3 import S3Simulator
+
+                self.s3 = S3Simulator(buckets=[DEMO_BUCKET])
+                await asyncio.to_thread(self.s3.start)
+                started.callback(self.s3.stop)
             # the daemon talks to the simulators in this process while it starts and stops: keep
             # this event loop free to answer by waiting on it from a worker thread
             started.push_async_callback(asyncio.to_thread, self._stop_daemon)
@@ -168,7 +188,7 @@ class Demo:
             self.console.print(f"state kept in {self.root}")
 
     def _start_daemon(self, runpod_url: str, runpod_key: str, aws_url: str) -> None:
-        self.daemon = Daemon(self.state, _config(runpod_url, runpod_key, aws_url), log_level="INFO")
+        self.daemon = Daemon(self.state, _config(runpod_url, runpod_key, aws_url, self.s3), log_level="INFO")
         self.daemon.config_path.chmod(0o600)  # it holds the (simulated) RunPod key
         self.client = self.daemon.start()
 

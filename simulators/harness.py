@@ -121,7 +121,7 @@ def free_port() -> int:
 class SimProcess:
     """A provider simulator run as its own process (`gpuhop sim <provider>`), as a user would."""
 
-    def __init__(self, provider: str, state_dir: Path, *args: str) -> None:
+    def __init__(self, provider: str, state_dir: Path, *args: str, ready_path: str = "/_sim/ledger") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.state_dir = state_dir
@@ -137,7 +137,7 @@ class SimProcess:
             if self.proc.poll() is not None:
                 raise AssertionError(f"simulator exited: {self.log_path.read_text()[-2000:]}")
             try:
-                urllib.request.urlopen(f"{self.url}/_sim/ledger", timeout=2).read()
+                urllib.request.urlopen(f"{self.url}{ready_path}", timeout=2).read()
                 return True
             except OSError:
                 return False

@@ -20,6 +20,7 @@ from orchestrator.api import dashboard
 from orchestrator.api.body import MAX_BODY
 from orchestrator.api.follow import Followers
 from orchestrator.engine import Engine
+from orchestrator.objectstore import ObjectStore
 from orchestrator.store import Store
 from orchestrator.store.submits import SubmitQueue
 
@@ -37,6 +38,7 @@ class ApiContext:
     agent_key: bytes
     logs_dir: Path
     max_followers_per_token: int = DEFAULT_MAX_FOLLOWERS  # concurrent logs?follow=true streams
+    objects: ObjectStore | None = None  # [storage]: checkpoint sync of volumes (None: not configured)
     followers: Followers = field(default_factory=Followers)
     submits: SubmitQueue = field(init=False)
 
@@ -47,7 +49,8 @@ class ApiContext:
 
 CTX = web.AppKey("ctx", ApiContext)
 PUBLIC_PATHS = {"/healthz", *dashboard.PATHS}  # the dashboard's files hold no data
-AGENT_PATHS = {"/v1/agent/report"}  # authenticated per attempt, in the handler
+# authenticated per attempt, in the handler
+AGENT_PATHS = {"/v1/agent/report", "/v1/agent/sync/restore", "/v1/agent/sync/upload", "/v1/agent/sync/commit"}
 
 
 def error(status: int, code: str, message: str, headers: dict[str, str] | None = None,
@@ -115,7 +118,7 @@ async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamR
 
 
 def make_app(ctx: ApiContext) -> web.Application:
-    from orchestrator.api import agent_routes, routes, volumes
+    from orchestrator.api import agent_routes, routes, sync_routes, volumes
 
     app = web.Application(middlewares=[errors_and_auth], client_max_size=MAX_BODY)
     app[CTX] = ctx
@@ -123,9 +126,15 @@ def make_app(ctx: ApiContext) -> web.Application:
     async def close_followers(app: web.Application) -> None:
         await app[CTX].followers.close()
 
+    async def close_objects(app: web.Application) -> None:
+        if app[CTX].objects is not None:
+            app[CTX].objects.close()  # type: ignore[union-attr]
+
     app.on_shutdown.append(close_followers)
+    app.on_cleanup.append(close_objects)
     routes.setup(app)
     agent_routes.setup(app)
+    sync_routes.setup(app)
     volumes.setup(app)
     dashboard.setup(app)
     return app

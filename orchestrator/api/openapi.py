@@ -15,6 +15,7 @@ from pydantic.json_schema import models_json_schema
 from orchestrator.api import views
 from orchestrator.api.agent_routes import ATTEMPT_HEADER, AgentReport
 from orchestrator.api.cursor import CURSOR_PATTERN
+from orchestrator.api.sync_routes import CommitRequest, RestoreRequest, UploadRequest
 from orchestrator.models import JobSpec, JobStatus
 
 REF = "#/components/schemas/{model}"
@@ -51,6 +52,7 @@ def openapi_document(providers: tuple[str, ...] = ()) -> dict[str, Any]:
         (views.Status, "serialization"), (views.Costs, "serialization"), (views.Volumes, "serialization"),
         (views.DeletedVolume, "serialization"),
         (views.AgentAck, "serialization"), (views.Error, "serialization"),
+        (RestoreRequest, "validation"), (UploadRequest, "validation"), (CommitRequest, "validation"),
     ]
     refs, top = models_json_schema(wanted, ref_template=REF)
     schemas: dict[str, Any] = top.get("$defs", {})
@@ -173,6 +175,18 @@ def openapi_document(providers: tuple[str, ...] = ()) -> dict[str, Any]:
                     "schema": ref(AgentReport, "validation")}}},
                 "responses": {"200": _resp("Recorded", ref(views.AgentAck)),
                               **errors(400, 401, 404, 409, 410, 413, 422)}}},
+            **{f"/v1/agent/sync/{what}": {"post": {
+                "summary": summary, "security": [{"agent": []}],
+                "parameters": [{"name": ATTEMPT_HEADER, "in": "header", "required": True,
+                                "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$"}}],
+                "requestBody": {"required": True, "content": {"application/json": {"schema": ref(model, "validation")}}},
+                "responses": {"200": _resp("Answer", {"type": "object"}), **errors(400, 401, 404, 409, 410, 413, 422, 503)},
+            }} for what, model, summary in (
+                ("restore", RestoreRequest, "The newest complete checkpoint of the attempt's volume, with presigned "
+                                            "GET URLs (restore: false when the volume holds it already)"),
+                ("upload", UploadRequest, "Presigned PUT URLs for the blobs object storage lacks"),
+                ("commit", CommitRequest, "Commit a checkpoint once every blob is stored with its size (409 if not)"),
+            )},
         },
         "components": {
             "securitySchemes": {

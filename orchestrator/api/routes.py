@@ -157,6 +157,10 @@ async def submit(request: web.Request) -> web.Response:
     if unknown:
         return error(422, "invalid_spec", f"placement.providers: {', '.join(unknown)} not configured "
                                           f"(configured: {', '.join(sorted(known))})")
+    if spec.volume is not None and spec.volume.sync == "object-store" and ctx.objects is None:
+        return error(422, "no_object_store", "volume.sync = \"object-store\" needs object storage: add a "
+                                             "[storage] table (endpoint_url, bucket, ...) to the daemon's "
+                                             "configuration and restart it, or submit with sync = \"none\"")
     if not query_bool(request, "force"):
         why = _never_runs(ctx.engine.observer.known_offers(), spec, known)
         if why is not None:

@@ -53,7 +53,8 @@ async def remove_volume(request: web.Request) -> web.Response:
         shown = name[:70].encode("unicode_escape").decode("ascii")
         return error(404, "not_found", f"no volume '{shown}'")
     try:
-        vol = await delete_volume(ctx.store, ctx.engine.adapters, name, "deleted on request (DELETE /v1/volumes)")
+        vol = await delete_volume(ctx.store, ctx.engine.adapters, name, "deleted on request (DELETE /v1/volumes)",
+                                  objects=ctx.objects)
     except Conflict as exc:
         return error(409, exc.code, str(exc))
     except DeleteFailed as exc:

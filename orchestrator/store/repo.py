@@ -788,6 +788,14 @@ class Store(LeaseStore):
     # its name (jobs.volume_name, read only by the volume rule and the listings; the spec keeps
     # it), so a new volume of that name starts with no history.
 
+    def volume_synced(self, name: str) -> bool:
+        """Whether a job that named the volume synced it through object storage (its
+        checkpoints in the bucket go with it when it is deleted)."""
+        with self._session() as s:
+            specs = s.exec(select(JobRow.spec_json).where(JobRow.volume_name == name)).all()
+        return any((v := JobSpec.model_validate_json(spec).volume) is not None and v.sync == "object-store"
+                   for spec in specs)
+
     def _newest_job(self, s: Session, name: str) -> JobRow | None:
         q = (select(JobRow).where(JobRow.volume_name == name)
              .order_by(col(JobRow.created_at).desc(), col(JobRow.id).desc()).limit(1))
