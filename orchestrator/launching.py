@@ -299,7 +299,7 @@ class Workers:
         if spec.volume is not None:
             pinned = await self.store.run(self.store.volume, spec.volume.name)
             if pinned is not None and pinned.move_attempt is not None:  # a move a crash left: settle it first
-                pinned = await self.relocation.settle(pinned.name, in_flight=False)
+                pinned = await self.relocation.settle(pinned.name)
                 if pinned is not None and pinned.move_attempt is not None:
                     await self.store.run(self.store.add_event, job.id, "launch_retry",
                                          f"volume {pinned.name!r} is still moving for {pinned.move_attempt}")
@@ -447,7 +447,7 @@ class Workers:
     async def _settle(self, volume_name: str) -> None:
         """Settle a move this launch worker gave up on; a failure leaves it recorded for the sweep."""
         try:
-            await self.relocation.settle(volume_name, in_flight=False)
+            await self.relocation.settle(volume_name)
         except Exception as exc:
             log.warning("settling the move of volume %s failed (the sweep retries): %s", volume_name, describe(exc))
 
@@ -501,7 +501,7 @@ class Workers:
             # must stay on the books (listed, priced, deletable) even if the job was cancelled
             # and the volume's row removed while this launch was in flight. A move's volume
             # becomes the row's in the transaction that retires the old one
-            moved = await self.store.run(
+            moved = row.transfer_cost_usd is not None and await self.store.run(  # only moves write it
                 self.store.commit_volume_move, job.volume_name, row.name, volume.volume_id,
                 f"left behind when attempt {row.number} moved the job to {volume.provider} {volume.region}")
             if moved:

@@ -15,6 +15,7 @@ decision in orchestrator/moving.py.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -125,28 +126,32 @@ class Relocation:
 
     # ------------------------------------------------------------------ settling moves
 
-    async def settle(self, name: str, in_flight: bool) -> VolumeRow | None:
+    async def settle(self, name: str, in_flight: Callable[[], bool] = lambda: False) -> VolumeRow | None:
         """Commit or abort volume `name`'s move if its outcome is known: committed when its
         attempt launched; aborted when the attempt is gone or ended unlaunched and no launch of
-        the job is `in_flight`; else left. Returns the row as it is now."""
+        the job is `in_flight` (asked at the last moment: a launch may start meanwhile); else
+        left. Returns the row as it is now."""
         vol = await self.store.run(self.store.volume, name)
         if vol is None or vol.move_attempt is None:
             return vol
         attempt = await self.store.run(self.store.attempt_by_name, vol.move_attempt)
         where = f"{vol.move_provider} {vol.move_region}"
-        if attempt is not None and (attempt.instance_id or attempt.launched_at):
+        ours = attempt is not None and (vol.move_volume_id is None or attempt.volume_id == vol.move_volume_id)
+        if attempt is not None and ours and (attempt.instance_id or attempt.launched_at):
             await self.store.run(self.store.commit_volume_move, name, attempt.name, attempt.volume_id,
                                  f"left behind when attempt {attempt.number} moved the job to {where}")
             await self.store.run(self.store.add_event, attempt.job_id, "volume_moved",
                                  f"volume {name!r} now lives in {where} ({attempt.volume_id or vol.move_volume_id}); "
                                  f"the one in {vol.provider} {vol.region} ({vol.provider_volume_id}) is deleted",
                                  attempt.number)
-        elif (attempt is not None and attempt.status != AttemptStatus.ENDED.value) or in_flight:
+        elif (attempt is not None and ours and attempt.status != AttemptStatus.ENDED.value) or in_flight():
             return vol
         else:
-            volume_id = vol.move_volume_id or (attempt.volume_id if attempt is not None else None)
+            volume_id = vol.move_volume_id or (attempt.volume_id if attempt is not None and ours else None)
             if volume_id is None:  # a crash between making the volume and writing its id: look it up
                 volume_id = await self._find(vol)
+            if in_flight():
+                return vol
             await self.store.run(self.store.abort_volume_move, name, vol.move_attempt, volume_id,
                                  f"made for a move to {where} that never launched")
         await self.delete_retired()
@@ -166,7 +171,16 @@ class Relocation:
         """Delete every retired provider volume its provider will delete; returns how many are
         left (a failing provider keeps its own for the next sweep)."""
         left = 0
-        for retired in await self.store.run(self.store.retired_volumes):
+        retired_rows = await self.store.run(self.store.retired_volumes)
+        if not retired_rows:
+            return 0
+        # a machine still running on an old volume (a replacement started ahead of a reclaim
+        # moved the job) keeps it until that attempt ends: providers refuse to delete it anyway
+        attached = {(a.provider, a.volume_id) for a in await self.store.run(self.store.live_attempts) if a.volume_id}
+        for retired in retired_rows:
+            if (retired.provider, retired.provider_volume_id) in attached:
+                left += 1
+                continue
             vol = await self.store.run(self.store.volume, retired.volume_name)
             in_use = vol is not None and retired.provider_volume_id in (vol.provider_volume_id, vol.move_volume_id)
             adapter = self.adapters.get(retired.provider)
@@ -201,7 +215,7 @@ class Relocation:
                 if not leader or (job is not None and not JobStatus(job.status).terminal):
                     continue
             try:
-                await self.settle(vol.name, in_flight=False)
+                await self.settle(vol.name, in_flight=functools.partial(launching, parsed[0]))
             except Exception as exc:  # housekeeping: the next sweep tries again
                 log.warning("settling the move of volume %s failed: %s", vol.name, describe(exc))
         await self.delete_retired()

@@ -124,6 +124,8 @@ async def test_a_sync_none_job_waits_where_its_volume_is(rig: Rig) -> None:
     rig.fake.capacity["r1"] = 1  # capacity comes back: it resumes where its volume is
     second = await rig.until(lambda: running(rig, 2), "attempt 2 running in r1")
     assert second.region == "r1" and second.volume_id == first.volume_id and second.transfer_cost_usd is None
+    ended, seconds = rig.store.capacity_gap_stats(0, time.time())[("fake", "r1", GPU)]
+    assert ended == 1 and seconds > 0  # the gap is on record, ended when r1 was offered again
 
 
 async def test_a_short_expected_wait_keeps_the_job_waiting(rig: Rig) -> None:
