@@ -202,3 +202,48 @@ async def test_a_retired_volume_whose_delete_fails_is_kept_and_retried(rig: Rig)
     assert first.volume_id in owned_volumes(rig)  # still on the books while its provider refuses
     await rig.until(lambda: set(rig.fake.volumes) == {second.volume_id}, "deleted once the provider agrees")
     assert rig.store.retired_volumes() == []
+
+
+async def crashed_before_the_moved_launch(rig: Rig) -> tuple[AttemptRow, str]:
+    """The daemon recorded the move, made the volume, wrote the pending attempt, and died before
+    asking the provider. Returns attempt 1 and the move's volume id."""
+    first = await r1_runs_out(rig, "object-store")
+    rig.engine.workers.relocation.settings = MovingSettings(enabled=False)  # hold the job still
+    for _ in range(3):
+        await rig.step()
+    name = f"gpuhop-{JOB}-2"
+    assert rig.store.begin_volume_move("ckpt", first.volume_id, "fake", "r2", name) is None
+    made = await rig.fake.ensure_volume("ckpt", 10, "r2")
+    assert rig.store.set_move_volume("ckpt", name, made.volume_id)
+    rig.store.add_attempt(AttemptRow(
+        job_id=JOB, number=2, name=name, provider="fake", region="r2", offer_id=f"r2-{GPU}", capacity="on-demand",
+        gpu=GPU, gpu_count=1, price_per_hour=0.6, volume_id=made.volume_id, status="pending",
+        placement_reason="moved from fake/r1", transfer_cost_usd=0.12, created_at=time.time(),
+    ))
+    return first, made.volume_id
+
+
+async def test_a_crash_before_the_moved_launch_is_reissued_and_the_move_committed(rig: Rig) -> None:
+    """The next daemon re-issues the launch under the attempt's name, with the move's volume,
+    and the launch commits the move."""
+    _, made_id = await crashed_before_the_moved_launch(rig)
+    name = f"gpuhop-{JOB}-2"
+    made = rig.fake.volumes[made_id]
+    second = await rig.until(lambda: running(rig, 2), "the pending moved attempt re-issued and running")
+    assert second.volume_id == made.volume_id and [q.volume for q in rig.fake.requests if q.name == name][-1] == made
+    await rig.until(lambda: set(rig.fake.volumes) == {made.volume_id}, "the old volume deleted")
+    vol = rig.store.volume("ckpt")
+    assert (vol.region, vol.provider_volume_id, vol.move_attempt) == ("r2", made.volume_id, None)
+
+
+async def test_a_job_cancelled_during_its_move_leaves_one_volume(rig: Rig) -> None:
+    """Cancelled before the moved attempt ever launched: the attempt ends unlaunched, the move is
+    aborted by the sweep, and the volume made for it is deleted; the job's volume stays in r1."""
+    first, made_id = await crashed_before_the_moved_launch(rig)
+    rig.store.request_cancel(JOB)
+    rig.fake.fail_next("launch", 50, RetryLater)  # the re-issued launch never gets through
+    await rig.until(lambda: rig.store.get_job(JOB).status == "cancelled", "the job cancelled")
+    await rig.until(lambda: set(rig.fake.volumes) == {first.volume_id}, "the move's volume deleted")
+    vol = rig.store.volume("ckpt")
+    assert (vol.region, vol.provider_volume_id, vol.move_attempt) == ("r1", first.volume_id, None)
+    assert made_id not in rig.fake.volumes and rig.fake.live() == []

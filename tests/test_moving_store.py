@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from orchestrator.models import JobSpec
-from orchestrator.store import Conflict, Store
+from orchestrator.store import Conflict, Store, VolumeRow
 
 
 @pytest.fixture
@@ -23,6 +23,12 @@ def store(db_url: str) -> Iterator[Store]:
     s.close()
 
 
+def volume(store: Store) -> VolumeRow:
+    row = store.volume("ckpt")
+    assert row is not None
+    return row
+
+
 def retired(store: Store) -> list[tuple[str, str, str]]:
     return [(r.provider, r.region, r.provider_volume_id) for r in store.retired_volumes()]
 
@@ -32,7 +38,7 @@ def test_a_committed_move_retires_the_old_volume_in_the_same_step(store: Store) 
     assert store.set_move_volume("ckpt", "gpuhop-j1-2", "vol-new")
     assert not store.commit_volume_move("ckpt", "gpuhop-j1-3", "vol-new", "x")  # not this move's attempt
     assert store.commit_volume_move("ckpt", "gpuhop-j1-2", "vol-new", "left behind")
-    vol = store.volume("ckpt")
+    vol = volume(store)
     assert (vol.provider, vol.region, vol.provider_volume_id, vol.move_attempt) == ("aws", "us-west-2a", "vol-new", None)
     assert retired(store) == [("aws", "us-east-1a", "vol-old")]
     assert not store.commit_volume_move("ckpt", "gpuhop-j1-2", "vol-new", "again")  # settled once only
@@ -41,7 +47,7 @@ def test_a_committed_move_retires_the_old_volume_in_the_same_step(store: Store) 
 def test_an_aborted_move_retires_the_new_volume_and_keeps_the_old(store: Store) -> None:
     assert store.begin_volume_move("ckpt", "vol-old", "aws", "us-west-2a", "gpuhop-j1-2") is None
     assert store.abort_volume_move("ckpt", "gpuhop-j1-2", "vol-new", "never launched")
-    vol = store.volume("ckpt")
+    vol = volume(store)
     assert (vol.region, vol.provider_volume_id, vol.move_attempt, vol.move_region) == ("us-east-1a", "vol-old", None, None)
     assert retired(store) == [("aws", "us-west-2a", "vol-new")]
     # a volume of that name retired in us-west-2a but not deleted yet: a move there would find
