@@ -313,7 +313,8 @@ class Workers:
         tried: list[str] = []
         choice: MoveChoice | None = None
         if (not result.candidates and spec.volume is not None and spec.volume.sync == "object-store"
-                and pinned is not None and pinned.provider is not None and pinned.provider_volume_id):
+                and pinned is not None and pinned.provider is not None and pinned.provider_volume_id
+                and self._lists_offers(pinned.provider, offers_by_provider)):
             # nothing where the volume lives, and its content is in the object store: weigh waiting
             # against moving (orchestrator/moving.py)
             choice = await self.relocation.choose(job.id, spec, index, pinned, rates, avoid)
@@ -383,6 +384,15 @@ class Workers:
         await self._write_soon((job.id, {"next_try_at": time.time() + delay,
                                          "message": (never or f"waiting for capacity: {why}")[:1024]},
                                 {}, [(None, "no_capacity", f"nothing launched, next try in {delay:.0f} s: {why}")]))
+
+    def _lists_offers(self, provider: str, offers_by_provider: dict[str, list[Offer]]) -> bool:
+        """Whether "no capacity" at `provider` can be believed: it is configured here, started,
+        not suspended, and listing offers. A provider that is starting or failing says nothing
+        about its capacity, and a job must not move for an API blip. One no longer configured
+        here cannot take the job back at all: moving is the only way on."""
+        if provider not in self.adapters:
+            return True
+        return self.observer.launchable(provider) and bool(offers_by_provider.get(provider))
 
     async def _launch_moved(self, job: JobRow, spec: JobSpec, number: int, option: MoveOption, pinned: VolumeRow,
                             early: bool) -> str | None:

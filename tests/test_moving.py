@@ -90,3 +90,12 @@ def test_capacity_gaps_open_and_close_on_transitions_only() -> None:
     assert gap_transitions({k1: False, k2: True}, now) == ([], [])  # nothing changed: nothing written
     assert gap_transitions({k1: False, k2: False}, now) == ([], [k2])
     assert gap_transitions({k1: False, k2: True, k3: True}, now) == ([k3], [])  # no longer offered at all
+
+
+def test_the_config_section_and_the_decision_settings_agree() -> None:
+    from orchestrator.config import MovingSettingsModel, Settings
+    from orchestrator.relocation import moving_settings
+
+    assert moving_settings(Settings().moving) == MovingSettings()  # the same defaults, field by field
+    assert set(MovingSettingsModel.model_fields) == set(MovingSettings.__dataclass_fields__)
+    assert moving_settings(MovingSettingsModel(wait_usd_per_hour=3.0)).wait_usd_per_hour == 3.0
