@@ -136,7 +136,8 @@ class Relocation:
             return vol
         attempt = await self.store.run(self.store.attempt_by_name, vol.move_attempt)
         where = f"{vol.move_provider} {vol.move_region}"
-        ours = attempt is not None and (vol.move_volume_id is None or attempt.volume_id == vol.move_volume_id)
+        ours = attempt is not None and attempt.provider == vol.move_provider and (
+            vol.move_volume_id is None or attempt.volume_id == vol.move_volume_id)
         if attempt is not None and ours and (attempt.instance_id or attempt.launched_at):
             await self.store.run(self.store.commit_volume_move, name, attempt.name, attempt.volume_id,
                                  f"left behind when attempt {attempt.number} moved the job to {where}")
@@ -182,7 +183,8 @@ class Relocation:
                 left += 1
                 continue
             vol = await self.store.run(self.store.volume, retired.volume_name)
-            in_use = vol is not None and retired.provider_volume_id in (vol.provider_volume_id, vol.move_volume_id)
+            in_use = vol is not None and (retired.provider, retired.provider_volume_id) in (
+                (vol.provider, vol.provider_volume_id), (vol.move_provider, vol.move_volume_id))
             adapter = self.adapters.get(retired.provider)
             if not in_use:
                 if not isinstance(adapter, VolumeSupport):

@@ -247,3 +247,40 @@ async def test_a_job_cancelled_during_its_move_leaves_one_volume(rig: Rig) -> No
     vol = rig.store.volume("ckpt")
     assert (vol.region, vol.provider_volume_id, vol.move_attempt) == ("r1", first.volume_id, None)
     assert made_id not in rig.fake.volumes and rig.fake.live() == []
+
+
+class OtherCloud(FakeAdapter):
+    name = "other"
+
+
+async def test_a_job_moves_across_providers_but_not_while_its_own_is_down(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its provider suspended (or starting, or failing) says nothing about capacity: the job
+    waits. Once that provider lists offers again and still has nothing in r1, the job moves to
+    the other provider, whose volume is made there, and the old one is deleted through its own."""
+    from orchestrator.engine import Engine
+
+    monkeypatch.setattr(engine_module, "MOVE_SWEEP_SECONDS", 0.0)
+    fake = FakeAdapter.create(tmp_path, capacity={"r1": 1}, prices={"r1": 0.5})
+    other = OtherCloud.create(tmp_path / "other", capacity={"x1": 4}, prices={"x1": 0.7})
+    rig = Rig.create(tmp_path, fake)
+    rig.engine = Engine(rig.engine.settings, rig.store, {"fake": fake, "other": other}, lambda n: f"t-{n}")
+    rig.engine.workers.relocation.settings = EAGER
+    try:
+        first = await r1_runs_out(rig, "object-store")
+        rig.engine.observer.suspend("fake", "insufficient balance (test)", 3600)
+        for _ in range(5):
+            await rig.step()
+        assert [a.number for a in attempts(rig)] == [1] and other.volumes == {}
+        rig.engine.observer.health["fake"].suspended_until = time.time() - 1  # the suspension is over
+        second = await rig.until(lambda: running(rig, 2), "attempt 2 running on the other provider")
+        assert (second.provider, second.region) == ("other", "x1")
+        assert second.placement_reason.startswith("moved from fake/r1, which has no capacity: move to other/x1")
+        await rig.until(lambda: fake.volumes == {}, "the old volume deleted at its own provider")
+        vol = rig.store.volume("ckpt")
+        assert (vol.provider, vol.region, vol.provider_volume_id) == ("other", "x1", second.volume_id)
+        # both fakes number their volumes alike: ids are compared with their provider, never alone
+        assert set(other.volumes) == {second.volume_id} == {first.volume_id}
+    finally:
+        await rig.engine.drain()
+        rig.close()

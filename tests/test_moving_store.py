@@ -84,3 +84,13 @@ def test_capacity_gaps_open_once_and_add_up(store: Store) -> None:
     assert store.capacity_gap_stats(0.0, 230.0) == {("aws", "a", "A100"): (1, 60.0 + 30.0)}
     store.prune_capacity_gaps(150.0)  # the ended gap is forgotten, the open one kept
     assert store.capacity_gap_stats(0.0, 230.0) == {("aws", "a", "A100"): (0, 30.0)}
+
+
+def test_volume_ids_are_compared_with_their_provider(store: Store) -> None:
+    """Two providers may both call a volume vol-old: moving from one to the other still retires
+    the one left behind."""
+    assert store.begin_volume_move("ckpt", "vol-old", "runpod", "EU-RO-1", "gpuhop-j1-2") is None
+    assert store.commit_volume_move("ckpt", "gpuhop-j1-2", "vol-old", "left behind")
+    assert retired(store) == [("aws", "us-east-1a", "vol-old")]
+    store.set_volume_location("ckpt", "aws", "us-east-1a", "vol-old")
+    assert retired(store)[-1] == ("runpod", "EU-RO-1", "vol-old")

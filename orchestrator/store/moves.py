@@ -127,7 +127,9 @@ class MoveStore:
             if vol is None or vol.move_attempt != attempt or vol.move_provider is None:
                 return False
             new_id = volume_id or vol.move_volume_id
-            if vol.provider and vol.provider_volume_id and vol.provider_volume_id != new_id:
+            # ids are the provider's own: two providers may use the same one
+            if vol.provider and vol.provider_volume_id and (vol.provider, vol.provider_volume_id) != (
+                    vol.move_provider, new_id):
                 s.add(RetiredVolumeRow(volume_name=name, provider=vol.provider, region=vol.region or "",
                                        provider_volume_id=vol.provider_volume_id, reason=why[:512],
                                        created_at=time.time()))
@@ -145,7 +147,7 @@ class MoveStore:
             if vol is None or vol.move_attempt != attempt:
                 return False
             new_id = volume_id or vol.move_volume_id
-            if new_id and new_id != vol.provider_volume_id and vol.move_provider:
+            if new_id and vol.move_provider and (vol.move_provider, new_id) != (vol.provider, vol.provider_volume_id):
                 s.add(RetiredVolumeRow(volume_name=name, provider=vol.move_provider, region=vol.move_region or "",
                                        provider_volume_id=new_id, reason=why[:512], created_at=time.time()))
             vol.move_provider = vol.move_region = vol.move_volume_id = vol.move_attempt = None

@@ -747,7 +747,8 @@ class Store(LeaseStore, MoveStore):
                 if spec is None:
                     return False
                 vol = VolumeRow(name=name, size_gb=spec.size_gb, mount_path=spec.mount_path, created_at=time.time())
-            elif vol.provider and vol.provider_volume_id and vol.provider_volume_id != provider_volume_id:
+            elif vol.provider and vol.provider_volume_id and (vol.provider, vol.provider_volume_id) != (
+                    provider, provider_volume_id):
                 # never forget a provider volume that bills: the one replaced is deleted later
                 s.add(RetiredVolumeRow(volume_name=name, provider=vol.provider, region=vol.region or "",
                                        provider_volume_id=vol.provider_volume_id, created_at=time.time(),
