@@ -220,12 +220,43 @@ class StorageSettings(_Section):
         return value
 
 
+class MovingSettingsModel(_Section):
+    """When a job whose volume syncs to object storage (`[volume] sync = "object-store"`) finds no
+    capacity where its volume lives, it moves elsewhere only if moving costs less than waiting
+    (orchestrator/moving.py). Jobs with `sync = "none"` always wait where their volume is."""
+
+    enabled: bool = Field(default=True, description="false: object-store jobs wait pinned like the others")
+    egress_usd_per_gb: float = Field(
+        default=0.09, ge=0, le=100, description="what reading a GB of checkpoint out of the bucket costs (egress)")
+    restore_mb_per_second: float = Field(
+        default=100.0, gt=0, le=1e6,
+        description="how fast a new machine restores the checkpoint from the bucket; the restore's "
+        "machine time is charged at the new place's price")
+    wait_cost_multiple: float = Field(
+        default=1.0, ge=0, le=1000,
+        description="an hour of waiting costs this multiple of the pinned place's price per hour "
+        "(1: an hour of progress is worth what the user pays for it)")
+    wait_usd_per_hour: float | None = Field(
+        default=None, ge=0, le=1e6, description="a fixed cost of an hour of waiting, instead of wait_cost_multiple")
+    premium_hours: float = Field(
+        default=1.0, ge=0, le=1e5,
+        description="hours of the job's run at the new place charged with its price difference from the "
+        "pinned place (a dearer place costs more, a cheaper one saves)")
+    prior_wait_seconds: float = Field(
+        default=1800.0, gt=0, le=30 * 86400, description="expected length of a capacity gap before any history")
+    prior_weight_gaps: float = Field(
+        default=2.0, gt=0, le=1e6, description="how many observed gaps the prior counts as")
+    history_days: float = Field(
+        default=14.0, gt=0, le=3650, description="capacity gaps older than this are forgotten")
+
+
 class Settings(_Section):
     server: ServerSettings = Field(default_factory=ServerSettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     placement: PlacementSettingsModel = Field(default_factory=PlacementSettingsModel)
     volumes: VolumeSettings = Field(default_factory=VolumeSettings)
+    moving: MovingSettingsModel = Field(default_factory=MovingSettingsModel)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     storage: StorageSettings | None = Field(
         default=None, description="object storage for volumes synced through it; none: such jobs are refused"

@@ -48,6 +48,7 @@ YIELD_EVERY_SECONDS = 0.005  # the tick's per-job loop hands the event loop over
 __all__ = ["Engine", "ProviderHealth", "attempt_view", "job_view", "placement_settings"]
 
 PRUNE_EVERY_SECONDS = 3600.0
+MOVE_SWEEP_SECONDS = 5.0
 
 
 def placement_settings(settings: Settings) -> PlacementSettings:
@@ -151,6 +152,8 @@ class Engine:
             silence_since=self.started_at,
         )
         self.workers = Workers(settings, store, adapters, self.observer, self.placement, token_for, self.hint)
+        self.observer.on_offers = self.workers.relocation.observe  # capacity gaps, for wait-or-move
+        self._last_move_sweep = 0.0
         self._wake = asyncio.Event()
         self._specs: dict[str, tuple[str, JobSpec]] = {}
         # views of the rows of the last tick, by id, with the row object they were built from
@@ -305,6 +308,9 @@ class Engine:
         await self._record_bill_starts(observed, live)
         await asyncio.sleep(0)
         await self._reap(snap, live)
+        if now - self._last_move_sweep >= MOVE_SWEEP_SECONDS:  # moves a crash left, retired volumes
+            self._last_move_sweep = now
+            self.workers.sweep_moves_soon(self._specs.__contains__, self.leader)
         await self._prune(now, set(live))
         self.ticks += 1
         self.last_tick_at = time.time()
@@ -504,6 +510,10 @@ class Engine:
                 await self.store.run(prune, now)
             except Exception as exc:  # retention is housekeeping: never fail a tick for it
                 log.warning("pruning old events failed: %s", describe(exc))
+        try:
+            await self.store.run(self.store.prune_capacity_gaps, now - self.settings.moving.history_days * 86400)
+        except Exception as exc:
+            log.warning("pruning old capacity gaps failed: %s", describe(exc))
         cutoff = now - self.settings.server.log_retention_days * 86400
         try:
             removed = await asyncio.to_thread(prune_logs, self.settings.state_dir / "logs", live_names, cutoff)

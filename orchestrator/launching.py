@@ -46,6 +46,7 @@ from orchestrator.models import (
     ProviderVolume,
     attempt_name,
 )
+from orchestrator.moving import MoveChoice, MoveOption
 from orchestrator.observation import Observer, describe
 from orchestrator.placement import (
     PlacementSettings,
@@ -54,6 +55,7 @@ from orchestrator.placement import (
     never_satisfiable,
     place,
 )
+from orchestrator.relocation import Relocation, moving_settings
 from orchestrator.store import AttemptRow, Conflict, JobRow, LeaseLost, Store, VolumeRow
 
 log = logging.getLogger("gpuhop.engine")
@@ -115,6 +117,9 @@ class Workers:
         self._rates_lock = asyncio.Lock()
         self._open_batch: tuple[list[Any], asyncio.Future[None]] | None = None  # see _write_soon
         self._closing = False  # see stop_launching
+        self._sweeping: asyncio.Future[None] | None = None
+        self.relocation = Relocation(store, adapters, moving_settings(settings.moving), placement,
+                                     self._provider_slots, self.prefix)
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -296,13 +301,31 @@ class Workers:
         location: VolumeLocation | None = None
         if spec.volume is not None:
             pinned = await self.store.run(self.store.volume, spec.volume.name)
+            if pinned is not None and pinned.move_attempt is not None:  # a move a crash left: settle it first
+                pinned = await self.relocation.settle(pinned.name)
+                if pinned is not None and pinned.move_attempt is not None:
+                    await self.store.run(self.store.add_event, job.id, "launch_retry",
+                                         f"volume {pinned.name!r} is still moving for {pinned.move_attempt}")
+                    return
             location = VolumeLocation(pinned.provider if pinned else None, pinned.region if pinned else None)
         avoid = frozenset(self._avoid.pop(job.id, ()))  # offers whose launch just failed after acceptance
-        result = place(spec, index, location, await self.rate_stats(), self.placement, exclude=avoid,
-                       limit=TRIED_PER_PLACEMENT)
+        rates = await self.rate_stats()
+        result = place(spec, index, location, rates, self.placement, exclude=avoid, limit=TRIED_PER_PLACEMENT)
         if number is None:
             number = await self.store.run(self.store.next_attempt_number, job.id)
         tried: list[str] = []
+        choice: MoveChoice | None = None
+        if (not result.candidates and spec.volume is not None and spec.volume.sync == "object-store"
+                and pinned is not None and pinned.provider is not None and pinned.provider_volume_id
+                and self._lists_offers(pinned.provider, offers_by_provider)):
+            # nothing where the volume lives, and its content is in the object store: weigh waiting
+            # against moving (orchestrator/moving.py)
+            choice = await self.relocation.choose(job.id, spec, index, pinned, rates, avoid)
+            for option in choice.options:
+                outcome = await self._launch_moved(job, spec, number, option, pinned, early)
+                if outcome is None:
+                    return  # launched, or left pending for the tick to settle
+                tried.append(outcome)
         for cand in result.candidates:
             offer = cand.offer
             row = AttemptRow(
@@ -354,6 +377,8 @@ class Workers:
         delay = min(self.settings.engine.retry_backoff_max_seconds, self._backoff.get(job.id, 1.0) * 2)
         self._backoff[job.id] = delay
         why = "; ".join(tried) if tried else result.summary()
+        if choice is not None:
+            why = f"{choice.reason}; {why}"
         never = None if tried else never_satisfiable(spec, index)  # a job queued with --force
         suspended = [f"{name} suspended for launches ({h.suspended_why})"
                      for name, h in self.observer.health.items() if h.suspended_until and name in offers_by_provider]
@@ -362,6 +387,95 @@ class Workers:
         await self._write_soon((job.id, {"next_try_at": time.time() + delay,
                                          "message": (never or f"waiting for capacity: {why}")[:1024]},
                                 {}, [(None, "no_capacity", f"nothing launched, next try in {delay:.0f} s: {why}")]))
+
+    def _lists_offers(self, provider: str, offers_by_provider: dict[str, list[Offer]]) -> bool:
+        """Whether "no capacity" at `provider` can be believed: it is configured here, started,
+        not suspended, and listing offers. A provider that is starting or failing says nothing
+        about its capacity, and a job must not move for an API blip. One no longer configured
+        here cannot take the job back at all: moving is the only way on."""
+        if provider not in self.adapters:
+            return True
+        return self.observer.launchable(provider) and bool(offers_by_provider.get(provider))
+
+    async def _launch_moved(self, job: JobRow, spec: JobSpec, number: int, option: MoveOption, pinned: VolumeRow,
+                            early: bool) -> str | None:
+        """Launch attempt `number` at a place away from the job's volume, on a new volume made
+        there (the content comes from the object store). None: launched, or left pending for
+        the tick; else why this place did not work (the next one is tried).
+
+        Money safety: the move is recorded on the volume row before the new volume is made and
+        its id as soon as it exists, so a crash at any point leaves every provider volume on the
+        books (store.moves); `_launched` makes the move final and retires the old volume."""
+        offer = option.candidate.offer
+        vol_spec = spec.volume
+        adapter = self.adapters[offer.provider]
+        place_name = f"{offer.provider}/{offer.region} {offer.gpu or 'cpu'}"
+        if vol_spec is None or not isinstance(adapter, VolumeSupport):
+            return f"{place_name}: no volume support"
+        name = attempt_name(self.prefix, job.id, number)
+        refused = await self.store.run(self.store.begin_volume_move, vol_spec.name, pinned.provider_volume_id,
+                                       offer.provider, offer.region, name)
+        if refused is not None:
+            return f"{place_name}: {refused}"
+        try:
+            async with self._provider_slots[offer.provider]:
+                volume = await adapter.ensure_volume(vol_spec.name, vol_spec.size_gb, offer.region)
+        except Exception as exc:  # it may exist or not: the move stays recorded and is settled later
+            await self._settle(vol_spec.name)
+            return f"{place_name}: volume unavailable: {describe(exc)}"
+        await self.store.run(self.store.set_move_volume, vol_spec.name, name, volume.volume_id)
+        row = AttemptRow(
+            job_id=job.id, number=number, name=name, provider=offer.provider, region=offer.region,
+            offer_id=offer.offer_id, capacity=offer.capacity.value, gpu=offer.gpu, gpu_count=offer.gpu_count,
+            price_per_hour=offer.price_per_hour, status=AttemptStatus.PENDING.value, volume_id=volume.volume_id,
+            placement_reason=option.reason[:1024], transfer_cost_usd=round(option.cost.transfer_usd, 6),
+            created_at=time.time(),
+        )
+        try:
+            row = await self.store.run(self.store.add_attempt, row)  # write-ahead
+            inst = await self._call_launch(adapter, self._request(job, spec, number, offer, volume))
+        except (NoCapacity, PermanentError) as exc:
+            if row.id is not None:
+                await self.store.run(self.store.delete_attempt, row.id)
+            await self._settle(vol_spec.name)  # never launched: retire the new volume
+            self.observer.invalidate_offers(offer.provider)
+            return f"{place_name}: {describe(exc)}"
+        except Conflict as exc:
+            log.warning("job %s: moved attempt %s not launched: %s", job.id, number, exc)
+            await self._settle(vol_spec.name)
+            return None
+        except (RetryLater, AdapterError, OSError, TimeoutError) as exc:
+            # maybe launched: the attempt stays pending with the move; the tick adopts the machine or
+            # re-issues the launch, and the move is settled by what becomes of the attempt
+            what = f"launch of moved attempt {number} on {offer.provider} unconfirmed: {describe(exc)}"
+            log.info("job %s: %s", job.id, what)
+            await self.store.run(self.store.add_event, job.id, "launch_retry", what, number)
+            return None
+        await self._launched(job, spec, row, inst, volume, f"attempt {number} launched"
+                             f"{' ahead of a reclaim' if early else ''}: {option.reason}")
+        self.observer.refresh_offers_soon(offer.provider)
+        metrics.LAUNCHES.labels(offer.provider, offer.capacity.value).inc()
+        return None
+
+    async def _settle(self, volume_name: str) -> None:
+        """Settle a move this launch worker gave up on; a failure leaves it recorded for the sweep."""
+        try:
+            await self.relocation.settle(volume_name)
+        except Exception as exc:
+            log.warning("settling the move of volume %s failed (the sweep retries): %s", volume_name, describe(exc))
+
+    async def _delete_retired(self) -> None:
+        await self.relocation.delete_retired()
+
+    async def sweep_moves(self, owned: Callable[[str], bool], leader: bool) -> None:
+        """Settle moves left by a crash or an adopted launch; delete retired volumes."""
+        await self.relocation.sweep(self.launching, owned, leader)
+
+    def sweep_moves_soon(self, owned: Callable[[str], bool], leader: bool) -> None:
+        """`sweep_moves` in the background, one at a time."""
+        if self._sweeping is None or self._sweeping.done():
+            self._sweeping = asyncio.ensure_future(self.sweep_moves(owned, leader))
+            self._spawn(self._sweeping, "sweep-moves")
 
     async def _write_soon(self, item: tuple[str, dict[str, Any], dict[int, dict[str, Any]],
                                             list[tuple[int | None, str, str]]]) -> None:
@@ -398,9 +512,18 @@ class Workers:
         if volume is not None and job.volume_name:
             # first, whatever became of the attempt: the volume exists at the provider now and
             # must stay on the books (listed, priced, deletable) even if the job was cancelled
-            # and the volume's row removed while this launch was in flight
-            if not await self.store.run(self.store.set_volume_location, job.volume_name, volume.provider,
-                                        volume.region, volume.volume_id, spec.volume):
+            # and the volume's row removed while this launch was in flight. A move's volume
+            # becomes the row's in the transaction that retires the old one
+            moved = row.transfer_cost_usd is not None and await self.store.run(  # only moves write it
+                self.store.commit_volume_move, job.volume_name, row.name, volume.volume_id,
+                f"left behind when attempt {row.number} moved the job to {volume.provider} {volume.region}")
+            if moved:
+                await self.store.run(self.store.add_event, job.id, "volume_moved",
+                                     f"volume {job.volume_name!r} now lives in {volume.provider} {volume.region} "
+                                     f"({volume.volume_id}); the old one is deleted", row.number)
+                self._spawn(self._delete_retired(), f"retire-volumes-{job.id}")
+            elif not await self.store.run(self.store.set_volume_location, job.volume_name, volume.provider,
+                                          volume.region, volume.volume_id, spec.volume):
                 log.warning("volume %s was removed while a launch created it at %s (%s); recorded it again",
                             job.volume_name, volume.provider, volume.volume_id)
         try:
@@ -440,7 +563,9 @@ class Workers:
             await self.store.run(self.store.delete_attempt, row.id or 0)
             await self.store.run(self.store.add_event, job.id, "launch_failed",
                                  f"pending attempt {row.number} dropped: {describe(exc)}", row.number)
-            if volume is not None and (pinned is None or pinned.provider_volume_id != volume.volume_id):
+            if pinned is not None and pinned.move_attempt == row.name:
+                await self._settle(pinned.name)  # retires the move's volume
+            elif volume is not None and (pinned is None or pinned.provider_volume_id != volume.volume_id):
                 await self._drop_volume(volume, job.id, describe(exc))
             return
         except Exception as exc:

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from adapters.base import Adapter
@@ -84,6 +85,8 @@ class Observer:
         self._index_key: tuple[tuple[str, int], ...] = ()
         self._index_lists: list[list[Offer]] = []
         self._index_lock = asyncio.Lock()
+        # told of every fresh offer list (the capacity-gap history, orchestrator/relocation.py)
+        self.on_offers: Callable[[str, list[Offer]], Awaitable[None]] | None = None
 
     # ------------------------------------------------------------------ provider start-up
 
@@ -242,6 +245,11 @@ class Observer:
             return
         self._offers[name] = offers
         self._offers_at[name] = time.time()
+        if self.on_offers is not None:
+            try:
+                await self.on_offers(name, offers)
+            except Exception as exc:  # history is for decisions later: never fail a refresh for it
+                log.warning("recording %s's capacity failed: %s", name, describe(exc))
 
     async def offer_index(self, names: list[str]) -> OfferIndex:
         """The current offers of `names` as one OfferIndex, rebuilt only when one of their

@@ -95,6 +95,18 @@ def attempts_table(attempts: list[dict[str, Any]]) -> Table:
     return table
 
 
+def placements_table(attempts: list[dict[str, Any]]) -> Table:
+    """Why each attempt ran where it did; a move away from the volume says what the transfer cost."""
+    table = Table(header_style="bold", title="placement", title_justify="left", show_edge=False)
+    table.add_column("#", no_wrap=True)
+    table.add_column("TRANSFER", no_wrap=True, justify="right")
+    table.add_column("WHY THERE", overflow="fold")
+    for a in attempts:
+        transfer = a.get("transfer_cost_usd")
+        table.add_row(str(a["number"]), "-" if transfer is None else money(transfer), a.get("placement_reason") or "-")
+    return table
+
+
 def events_table(events: list[dict[str, Any]], last: int = 15) -> Table:
     table = Table(header_style="bold", title="events", title_justify="left", show_edge=False)
     table.add_column("AT", no_wrap=True)
@@ -129,6 +141,7 @@ def job_detail(job: dict[str, Any]) -> Group:
     parts: list[Any] = [head]
     if job["attempts"]:
         parts.append(attempts_table(job["attempts"]))
+        parts.append(placements_table(job["attempts"]))
     if job.get("events"):
         parts.append(events_table(job["events"]))
     return Group(*parts)

@@ -34,6 +34,9 @@ def test_the_example_config_loads_as_is() -> None:
     ("[cluster]\nreplica_id = 'a b; rm -rf /'\n", "cluster.replica_id: String should match pattern"),
     ("[cluster]\nlease_ttl_seconds = 0.5\n", "cluster.lease_ttl_seconds: Input should be greater than or equal to 2"),
     ("[cluster]\nleader = true\n", "cluster.leader: unknown key"),
+    ("[moving]\negress_usd_per_gb = -0.1\n", "moving.egress_usd_per_gb: Input should be greater than or equal to 0"),
+    ("[moving]\nrestore_mb_per_second = 0\n", "moving.restore_mb_per_second: Input should be greater than 0"),
+    ("[moving]\nwait_usd_per_hr = 1\n", "moving.wait_usd_per_hr: unknown key"),
     ("[server\n", "not valid TOML"),
 ])
 def test_mistakes_name_the_file_and_key(tmp_path: Path, text: str, expected: str) -> None:

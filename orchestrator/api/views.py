@@ -56,6 +56,9 @@ class Attempt(_Out):
     exit_signal: int | None
     cost_usd: float
     placement_reason: str
+    transfer_cost_usd: float | None = Field(
+        default=None, description="a move away from the volume's place: egress plus restore time, as estimated "
+        "when the move was chosen; null when the attempt did not move")
     created_at: datetime | None
     launched_at: datetime | None
     running_at: datetime | None
@@ -231,7 +234,8 @@ def attempt_out(row: AttemptRow, now: float) -> Attempt:
         end_reason=EndReason(row.end_reason) if row.end_reason else None, detail=row.detail,
         exit_code=row.exit_code, exit_signal=row.exit_signal,
         cost_usd=round(reconcile.attempt_cost(attempt_view(row), now), 6),
-        placement_reason=row.placement_reason, created_at=when(row.created_at),
+        placement_reason=row.placement_reason, transfer_cost_usd=row.transfer_cost_usd,
+        created_at=when(row.created_at),
         launched_at=when(row.launched_at), running_at=when(row.running_at), ended_at=when(row.ended_at),
         last_heartbeat_at=when(row.last_heartbeat_at), interruption_at=when(row.interruption_at),
     )

@@ -34,7 +34,15 @@ from orchestrator.store.cache import PlainRows, RowCache
 from orchestrator.store.db import make_engine, migrate, write_engine
 from orchestrator.store.errors import Conflict, upsert
 from orchestrator.store.leases import Fence, LeaseLost, LeaseStore, check_lease, check_replica
-from orchestrator.store.tables import AttemptRow, EventRow, JobRow, PreemptionStatsRow, VolumeRow
+from orchestrator.store.moves import MoveStore
+from orchestrator.store.tables import (
+    AttemptRow,
+    EventRow,
+    JobRow,
+    PreemptionStatsRow,
+    RetiredVolumeRow,
+    VolumeRow,
+)
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -149,7 +157,7 @@ class NewJob:
     reuse_volume: bool = True
 
 
-class Store(LeaseStore):
+class Store(LeaseStore, MoveStore):
     def __init__(self, url: str, *, engine: Engine | None = None, event_retention_days: float = 30.0,
                  threads: int = 4) -> None:
         self.url = url
@@ -774,6 +782,12 @@ class Store(LeaseStore):
                 if spec is None:
                     return False
                 vol = VolumeRow(name=name, size_gb=spec.size_gb, mount_path=spec.mount_path, created_at=time.time())
+            elif vol.provider and vol.provider_volume_id and (vol.provider, vol.provider_volume_id) != (
+                    provider, provider_volume_id):
+                # never forget a provider volume that bills: the one replaced is deleted later
+                s.add(RetiredVolumeRow(volume_name=name, provider=vol.provider, region=vol.region or "",
+                                       provider_volume_id=vol.provider_volume_id, created_at=time.time(),
+                                       reason=f"replaced by {provider_volume_id} in {provider} {region}"))
             vol.provider, vol.region, vol.provider_volume_id = provider, region, provider_volume_id
             s.add(vol)
             s.commit()
@@ -854,6 +868,9 @@ class Store(LeaseStore):
                 raise Conflict(f"volume {name!r} is in use by job {holder.id} ({holder.status}); "
                                f"cancel it (`gpuhop cancel {holder.id}`) or wait for it to end, then delete the volume",
                                "volume_in_use")
+            if vol.move_attempt is not None:
+                raise Conflict(f"volume {name!r} is moving to {vol.move_provider} {vol.move_region}; "
+                               "try again in a minute", "volume_in_use")
             if vol.deleting_token is not None and (vol.deleting_since or 0.0) > now - lease_seconds:
                 raise Conflict(f"volume {name!r} is already being deleted (since {_utc(vol.deleting_since)})",
                                "volume_deleting")

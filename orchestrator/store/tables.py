@@ -93,6 +93,9 @@ class AttemptRow(SQLModel, table=True):
     bill_ended_at: float | None = None
     cost_final: bool = False  # cost_usd is the provider's final figure, not an estimate
     duplicate_cost_usd: float = 0.0  # paid for duplicate machines that carried this attempt's name
+    # a move (orchestrator/moving.py): what restoring the checkpoint here cost, egress plus the
+    # restore's machine time, as estimated when the move was chosen; None: not a move
+    transfer_cost_usd: float | None = None
     version: int = Field(default=0, sa_column_kwargs={"server_default": "0"})  # see JobRow.version
 
 
@@ -112,6 +115,47 @@ class VolumeRow(SQLModel, table=True):
     # deleter died), see Store.begin_volume_delete
     deleting_since: float | None = None
     deleting_token: str | None = Field(default=None, max_length=32)
+    # how big the checkpoint a move must restore is, when something measured it (the object-store
+    # sync); None: moves are priced at size_gb
+    checkpoint_gb: float | None = None
+    # a move in progress (store.moves): a new provider volume at move_provider/move_region, for the
+    # attempt named move_attempt. Recorded before the volume is made, so that whatever a crash
+    # interrupts, both the old and the new volume are on the books: the move is committed (the old
+    # one retired) once that attempt launched, or aborted (the new one retired) if it never did
+    move_provider: str | None = Field(default=None, max_length=32)
+    move_region: str | None = Field(default=None, max_length=64)
+    move_volume_id: str | None = Field(default=None, max_length=128)
+    move_attempt: str | None = Field(default=None, max_length=96)
+
+
+class RetiredVolumeRow(SQLModel, table=True):
+    """A provider volume no volume row uses any more (left behind by a move, or made for a move
+    that never launched): deleted at its provider by the engine's sweep, then forgotten. Storage
+    bills every month, so it stays on the books until its provider confirms it is gone."""
+
+    __tablename__ = "retired_volumes"
+
+    id: int | None = Field(default=None, primary_key=True)
+    volume_name: str = Field(max_length=64)
+    provider: str = Field(max_length=32)
+    region: str = Field(default="", max_length=64)
+    provider_volume_id: str = Field(max_length=128)
+    reason: str = Field(default="", max_length=512)
+    created_at: float
+
+
+class CapacityGapRow(SQLModel, table=True):
+    """A stretch of time when a place (provider, region, GPU model; "" for CPU-only) offered no
+    capacity, from the daemon's offer refreshes: what the expected wait there is learned from."""
+
+    __tablename__ = "capacity_gaps"
+
+    id: int | None = Field(default=None, primary_key=True)
+    provider: str = Field(max_length=32)
+    region: str = Field(default="", max_length=64)
+    gpu: str = Field(default="", max_length=32)
+    started_at: float = Field(index=True)
+    ended_at: float | None = None  # None: still no capacity
 
 
 class EventRow(SQLModel, table=True):
