@@ -103,6 +103,17 @@ class VolumeSettings(_Section):
     )
 
 
+class WorkdirSettings(_Section):
+    max_mb: float = Field(
+        default=50.0, gt=0, le=1024,
+        description="largest job working directory (`workdir`) accepted, in MB of its tar.gz; "
+        "it is kept in the database and fetched by the agent on every attempt",
+    )
+    max_unpacked_mb: float = Field(
+        default=1024.0, gt=0, le=65536, description="what one may unpack to on the machine (a tar bomb stops here)"
+    )
+
+
 class ClusterSettings(_Section):
     replica_id: str = Field(
         default="", pattern=r"^$|^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$",
@@ -175,6 +186,7 @@ class Settings(_Section):
     engine: EngineSettings = Field(default_factory=EngineSettings)
     placement: PlacementSettingsModel = Field(default_factory=PlacementSettingsModel)
     volumes: VolumeSettings = Field(default_factory=VolumeSettings)
+    workdirs: WorkdirSettings = Field(default_factory=WorkdirSettings)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     providers: dict[str, dict[str, Any]] = Field(
         default_factory=lambda: {"local": dict[str, Any]()},

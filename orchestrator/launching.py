@@ -216,6 +216,9 @@ class Workers:
                                          [self.settings.server.agent_base_url(), *self.peer_urls]),
             GPUHOP_TOKEN=self.token_for(name), GPUHOP_HEARTBEAT=str(self.settings.engine.heartbeat_seconds),
         )
+        if spec.workdir_sha256:  # the agent fetches it from the daemon, never through the launch request
+            env.update(GPUHOP_WORKDIR=spec.workdir_sha256,
+                       GPUHOP_WORKDIR_MAX=str(int(self.settings.workdirs.max_unpacked_mb * 1024 * 1024)))
         return LaunchRequest(
             name=name, idempotency_key=f"{name}-{hashlib.sha1(offer.offer_id.encode()).hexdigest()[:10]}"[-64:],
             job_id=job.id, attempt=number, offer=offer, image=spec.image, command=list(spec.command), env=env,

@@ -47,7 +47,7 @@ class ApiContext:
 
 CTX = web.AppKey("ctx", ApiContext)
 PUBLIC_PATHS = {"/healthz", *dashboard.PATHS}  # the dashboard's files hold no data
-AGENT_PATHS = {"/v1/agent/report"}  # authenticated per attempt, in the handler
+AGENT_PATHS = {"/v1/agent/report", "/v1/agent/workdir"}  # authenticated per attempt, in the handler
 
 
 def error(status: int, code: str, message: str, headers: dict[str, str] | None = None,
@@ -115,7 +115,7 @@ async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamR
 
 
 def make_app(ctx: ApiContext) -> web.Application:
-    from orchestrator.api import agent_routes, routes, volumes
+    from orchestrator.api import agent_routes, routes, volumes, workdir_routes
 
     app = web.Application(middlewares=[errors_and_auth], client_max_size=MAX_BODY)
     app[CTX] = ctx
@@ -127,5 +127,6 @@ def make_app(ctx: ApiContext) -> web.Application:
     routes.setup(app)
     agent_routes.setup(app)
     volumes.setup(app)
+    workdir_routes.setup(app)
     dashboard.setup(app)
     return app

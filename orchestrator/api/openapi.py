@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from orchestrator.api import views
+from orchestrator.api import views, workdir_routes
 from orchestrator.api.agent_routes import ATTEMPT_HEADER, AgentReport
 from orchestrator.api.cursor import CURSOR_PATTERN
 from orchestrator.models import JobSpec, JobStatus
@@ -173,6 +173,7 @@ def openapi_document(providers: tuple[str, ...] = ()) -> dict[str, Any]:
                     "schema": ref(AgentReport, "validation")}}},
                 "responses": {"200": _resp("Recorded", ref(views.AgentAck)),
                               **errors(400, 401, 404, 409, 410, 413, 422)}}},
+            **workdir_routes.openapi_paths(error),
         },
         "components": {
             "securitySchemes": {

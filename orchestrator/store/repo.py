@@ -35,6 +35,7 @@ from orchestrator.store.db import make_engine, migrate, write_engine
 from orchestrator.store.errors import Conflict, upsert
 from orchestrator.store.leases import Fence, LeaseLost, LeaseStore, check_lease
 from orchestrator.store.tables import AttemptRow, EventRow, JobRow, PreemptionStatsRow, VolumeRow
+from orchestrator.store.workdirs import WorkdirStore
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -135,7 +136,7 @@ class NewJob:
     reuse_volume: bool = True
 
 
-class Store(LeaseStore):
+class Store(LeaseStore, WorkdirStore):
     def __init__(self, url: str, *, engine: Engine | None = None, event_retention_days: float = 30.0,
                  threads: int = 4) -> None:
         self.url = url
