@@ -27,9 +27,11 @@ import ast
 import base64
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -359,6 +361,103 @@ def _write_marker(volume: str, name: str, result: dict[str, object]) -> None:
     _write_json_atomic(marker / f"{name or 'attempt'}.exit", result)
 
 
+def fetch_workdir(reporter: Reporter, sha: str, max_seconds: float) -> bytes:
+    """The job's working directory (tar.gz) from the daemon, with the attempt's token, checked
+    against the sha256 the launch named. A daemon that cannot be reached is tried again (next
+    replica, backoff) for `max_seconds`; a refusal or a wrong archive is final (OSError)."""
+    deadline, delay = time.monotonic() + max_seconds, RETRY_FIRST
+    while True:
+        url = reporter.url.rpartition("/v1/agent/")[0] + "/v1/agent/workdir"
+        req = urllib.request.Request(url, headers={"Authorization": f"Bearer {reporter.token}",
+                                                   "X-Gpuhop-Attempt": reporter.name})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                data: bytes = resp.read()
+            if hashlib.sha256(data).hexdigest() != sha:
+                raise OSError(f"workdir {sha[:12]}: the archive fetched has another sha256; not used")
+            return data
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            why = f"the daemon answered {exc.code}"
+            if 400 <= exc.code < 500 and exc.code not in (408, 429):
+                raise OSError(f"workdir {sha[:12]}: {why}") from None
+        except (urllib.error.URLError, ValueError, TimeoutError, ConnectionError) as exc:
+            why = str(exc)
+        reporter._next_url()
+        if time.monotonic() + delay > deadline:
+            raise OSError(f"workdir {sha[:12]}: cannot fetch it from the daemon ({why})")
+        time.sleep(delay)
+        delay = min(delay * 2, RETRY_CAP)
+
+
+def unpack_workdir(data: bytes, dest: str, limit: int) -> None:
+    """Unpack into the empty directory `dest`, refusing (OSError, `dest` left empty) absolute or
+    '..' names, links that resolve outside `dest`, devices and FIFOs, and more than `limit`
+    bytes (checked from each header before its data is read). Files never follow a link: links
+    are made last, then every one is resolved again."""
+    import io
+    import tarfile
+
+    links, total = [], 0
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+            for count, m in enumerate(tar):
+                total += m.size
+                if count >= 100000 or total > limit:
+                    raise OSError(f"the archive unpacks to more than {limit} bytes or 100000 entries")
+                if m.name.startswith("/") or ".." in m.name.split("/") or "\0" in m.name:
+                    raise OSError(f"archive entry {m.name[:200]!r} is absolute or climbs out with '..'")
+                path = os.path.join(dest, m.name)
+                if m.isdir():
+                    os.makedirs(path, 0o755, exist_ok=True)
+                elif m.isreg() and not m.issparse():
+                    os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                                 0o755 if m.mode & 0o111 else 0o644)
+                    with os.fdopen(fd, "wb") as out, tar.extractfile(m) as src:  # type: ignore[union-attr]
+                        shutil.copyfileobj(src, out)
+                elif m.issym() or m.islnk():
+                    links.append(m)
+                else:
+                    raise OSError(f"archive entry {m.name[:200]!r} is a device, FIFO or other special file")
+        for m in links:
+            path = os.path.join(dest, m.name)
+            os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
+            if m.issym():
+                os.symlink(m.linkname, path)
+            else:
+                os.link(os.path.join(dest, m.linkname), path, follow_symlinks=False)
+        for m in links:
+            real = os.path.realpath(os.path.join(dest, m.name if m.issym() else m.linkname))
+            if real != dest and not real.startswith(dest + os.sep):
+                raise OSError(f"archive link {m.name[:200]!r} points outside the working directory")
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        for entry in os.listdir(dest):  # nothing half-unpacked is left for the job to run in
+            target = os.path.join(dest, entry)
+            shutil.rmtree(target) if os.path.isdir(target) and not os.path.islink(target) else os.unlink(target)
+        raise OSError(f"workdir: {exc}") from None
+
+
+def prepare_workdir(env: dict[str, str], reporter: Reporter, user: tuple[int, int, list[int]] | None) -> str | None:
+    """A fresh directory holding the job's working directory, or None when the job has none."""
+    sha = env.get("GPUHOP_WORKDIR", "")
+    if not sha:
+        return None
+    data = fetch_workdir(reporter, sha, float(env.get("GPUHOP_EXIT_REPORT_MAX", EXIT_REPORT_MAX)))
+    dest = os.path.realpath(tempfile.mkdtemp(prefix="gpuhop-workdir-"))
+    try:
+        unpack_workdir(data, dest, int(env.get("GPUHOP_WORKDIR_MAX", str(2**30))))
+    except OSError:
+        os.rmdir(dest)
+        raise
+    if user is not None and os.geteuid() == 0:  # the job runs as its own uid: the tree is its own
+        for top, dirs, files in os.walk(dest):
+            for entry in [*dirs, *files]:
+                os.lchown(os.path.join(top, entry), user[0], user[1])
+        os.chown(dest, user[0], user[1])
+    return dest
+
+
 def run(
     command: list[str],
     state_dir: Path | None,
@@ -424,9 +523,12 @@ def run(
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    workdir: str | None = None
     try:
+        workdir = prepare_workdir(env, reporter, user)
         child = subprocess.Popen(
             command,
+            cwd=workdir,
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT if out is not None else None,
@@ -436,6 +538,8 @@ def run(
             **ids,
         )
     except OSError as exc:  # the program could not be started: report it as exit 127
+        if workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
         if out is not None:
             os.write(out, f"gpuhop-agent: cannot start {command[0]!r}: {exc}\n".encode())
             os.close(out)
@@ -471,6 +575,8 @@ def run(
 
     code = child.wait()
     job_done.set()
+    if workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
     if stop_requested.is_set() or (state_dir and (state_dir / "stop-requested").exists()):
         stop_requested.set()
     finish({

@@ -7,7 +7,9 @@ upload too. Supported, as git has it: blank lines and `#` comments, `!` negation
 rule wins; a file under an excluded directory cannot be re-included), a trailing `/` for
 directories only, a leading or middle `/` anchoring the pattern to its file's directory (else it
 matches a name at any depth), `*` and `?` (never across `/`), `[...]` classes, and `**` (`**/x`,
-`x/**`, `a/**/b`). Rules of a deeper directory's files come after, so they override. Not
+`x/**`, `a/**/b`). Rules of a deeper directory's files come after, so they override; when the
+root lies inside a git repository, the ignore files of its directories above the root apply too,
+as git would apply them. Not
 supported: git's global excludes and `core.excludesFile`. Pure: no I/O here.
 """
 
@@ -26,11 +28,13 @@ class Rule:
     negate: bool
     dir_only: bool
     anchored: bool
+    prefix: str = ""  # a rule from above the root (the enclosing git repository): the root's path there
 
     def matches(self, path: str, is_dir: bool) -> bool:
         """Does the rule match `path` (relative to the root, '/'-separated)?"""
         if self.dir_only and not is_dir:
             return False
+        path = self.prefix + path
         if self.base:
             if not path.startswith(self.base + "/"):
                 return False
@@ -75,8 +79,9 @@ def _translate(pattern: str) -> str:
     return "".join(out)
 
 
-def parse(text: str, base: str = "") -> list[Rule]:
-    """The rules of one ignore file found in directory `base` (relative to the root)."""
+def parse(text: str, base: str = "", prefix: str = "") -> list[Rule]:
+    """The rules of one ignore file found in directory `base` (relative to the root), or, with
+    `prefix` (the root's path below that file's directory, ending in '/'), above the root."""
     rules = []
     for raw in text.splitlines():
         line = raw.rstrip("\r")
@@ -99,7 +104,7 @@ def parse(text: str, base: str = "") -> list[Rule]:
             regex = re.compile(_translate(line), re.DOTALL)
         except re.error:
             continue  # git ignores a pattern it cannot read; so do we
-        rules.append(Rule(base, regex, negate, dir_only, anchored))
+        rules.append(Rule(base, regex, negate, dir_only, anchored, prefix))
     return rules
 
 

@@ -1,9 +1,9 @@
 """A job's working directory as one deterministic, content-addressed archive.
 
 It exists so that a job can be its code and not only an image: `gpuhop submit` packs the job's
-directory (minus what `.gitignore`/`.gpuhopignore` exclude, and `.git/`) into a tar.gz whose bytes
-depend only on the files' names, contents and executable bits (sorted entries, zero times and
-owners, a fixed gzip header), so the same tree always has the same sha256 and is uploaded once.
+directory (minus what `.gitignore`/`.gpuhopignore` exclude, and `.git/`; symlinks as `_link` says)
+into a tar.gz whose bytes depend only on the files' names, contents and executable bits (sorted
+entries, zero times and owners, a fixed gzip header), so the same tree always has the same sha256.
 The daemon checks an uploaded archive with `inspect_archive` before storing it; the agent unpacks
 it with its own stricter copy of those checks (orchestrator/agent.py must stay standard-library
 and self-contained). Every refusal is a `WorkdirError` naming the path and what to do.
@@ -11,6 +11,7 @@ and self-contained). Every refusal is a `WorkdirError` naming the path and what 
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -93,11 +94,23 @@ def scan(root: Path) -> Tree:
     if not real_root.is_dir():
         raise WorkdirError(f"workdir {str(root)!r} is not a directory")
     tree = Tree(real_root)
-    _scan_dir(tree, real_root, "", [])
+    _scan_dir(tree, real_root, "", _enclosing_rules(real_root))
     return tree
 
 
-def _read_rules(directory: Path, rel: str) -> list[ignore.Rule]:
+def _enclosing_rules(root: Path) -> list[ignore.Rule]:
+    """The ignore files above `root` up to its git repository's top, as git applies them (none
+    when `root` is not inside a repository)."""
+    above = [d for d in root.parents if not d.samefile(root)]
+    top = next((i for i, d in enumerate(above) if (d / ".git").exists()), None)
+    rules: list[ignore.Rule] = []
+    for directory in reversed(above[:top + 1] if top is not None else []):
+        with contextlib.suppress(WorkdirError):  # an unreadable file above the workdir is not ours to fix
+            rules += _read_rules(directory, "", root.relative_to(directory).as_posix() + "/")
+    return rules
+
+
+def _read_rules(directory: Path, rel: str, prefix: str = "") -> list[ignore.Rule]:
     rules: list[ignore.Rule] = []
     for name in ignore.IGNORE_FILES:
         path = directory / name
@@ -107,7 +120,7 @@ def _read_rules(directory: Path, rel: str) -> list[ignore.Rule]:
             continue
         except OSError as exc:
             raise WorkdirError(f"cannot read {rel + '/' if rel else ''}{name}: {exc.strerror}") from None
-        rules += ignore.parse(text, rel)
+        rules += ignore.parse(text, rel, prefix)
     return rules
 
 
@@ -138,23 +151,30 @@ def _scan_dir(tree: Tree, directory: Path, rel: str, rules: list[ignore.Rule]) -
                                    "to .gpuhopignore")
             tree.entries.append(Entry(path, "file", st.st_size, bool(st.st_mode & 0o111)))
         elif stat.S_ISLNK(st.st_mode):
-            tree.entries.append(Entry(path, "link", target=_link_target(tree.root, directory, full, path)))
+            tree.entries.append(_link(tree.root, directory, full, path))
         else:
             raise WorkdirError(f"{path} is not a regular file, directory or symlink (a FIFO, socket or "
                                "device); add it to .gpuhopignore")
 
 
-def _link_target(root: Path, directory: Path, link: Path, rel: str) -> str:
-    """A symlink travels as a link relative to its own directory, and only if it stays inside."""
+def _link(root: Path, directory: Path, link: Path, rel: str) -> Entry:
+    """A symlink inside the tree travels as a link (relative to its own directory); one to a file
+    outside travels as that file (the job's machine could not follow it: examples/train.py is
+    such a link); one to a directory outside, a loop or a dangling one is refused."""
     try:
         resolved = os.path.realpath(link, strict=True)
+        st = os.stat(resolved)
     except OSError as exc:
         raise WorkdirError(f"symlink {rel} -> {os.readlink(link)!r} cannot be followed "
                            f"({exc.strerror or 'a loop'}); remove it or add it to .gpuhopignore") from None
-    if resolved != str(root) and not resolved.startswith(str(root) + os.sep):
-        raise WorkdirError(f"symlink {rel} points outside the workdir (to {resolved}); copy what it "
-                           "points to into the workdir, or add it to .gpuhopignore")
-    return os.path.relpath(resolved, directory)
+    if resolved == str(root) or resolved.startswith(str(root) + os.sep):
+        return Entry(rel, "link", target=os.path.relpath(resolved, directory))
+    if not stat.S_ISREG(st.st_mode):
+        raise WorkdirError(f"symlink {rel} points to {resolved}, outside the workdir and not a regular file; "
+                           "copy what it points to into the workdir, or add it to .gpuhopignore")
+    if not os.access(resolved, os.R_OK):
+        raise WorkdirError(f"cannot read {rel} (-> {resolved}): permission denied; fix it or add it to .gpuhopignore")
+    return Entry(rel, "file", st.st_size, bool(st.st_mode & 0o111))
 
 
 class _Limited(io.RawIOBase):
