@@ -361,6 +361,11 @@ def _write_marker(volume: str, name: str, result: dict[str, object]) -> None:
     _write_json_atomic(marker / f"{name or 'attempt'}.exit", result)
 
 
+class StoppedEarly(Exception):
+    """A stop or a reclaim notice while the workdir was being fetched (not an OSError: urllib
+    would take it for a network failure and try again)."""
+
+
 def fetch_workdir(reporter: Reporter, sha: str, max_seconds: float) -> bytes:
     """The job's working directory (tar.gz) from the daemon, with the attempt's token, checked
     against the sha256 the launch named. A daemon that cannot be reached is tried again (next
@@ -516,6 +521,8 @@ def run(
                 foreign_sigterm.set()
         if not started:
             early.append(signum)
+            if fetching:  # stop waiting for the workdir: the job is being stopped before it starts
+                raise StoppedEarly(f"signal {signum} before the job started")
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(started[0].pid, signum)
@@ -524,8 +531,10 @@ def run(
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     workdir: str | None = None
+    fetching = [True]
     try:
         workdir = prepare_workdir(env, reporter, user)
+        fetching.clear()
         child = subprocess.Popen(
             command,
             cwd=workdir,
@@ -537,16 +546,18 @@ def run(
             preexec_fn=lambda: child_setup(libc, parent, kill),
             **ids,
         )
-    except OSError as exc:  # the program could not be started: report it as exit 127
+    except (OSError, StoppedEarly) as exc:  # the program could not be started: report it as exit 127
+        fetching.clear()
         if workdir:
             shutil.rmtree(workdir, ignore_errors=True)
         if out is not None:
             os.write(out, f"gpuhop-agent: cannot start {command[0]!r}: {exc}\n".encode())
             os.close(out)
         now = time.time()
-        finish({"exit_code": 127, "signal": None, "stopped_by_us": False, "started_at": now,
-                "ended_at": now, "error": str(exc)})
-        return 127
+        code = 128 + early[0] if early else 127
+        finish({"exit_code": code, "signal": None, "stopped_by_us": stop_requested.is_set(),
+                "sigterm_received": foreign_sigterm.is_set(), "started_at": now, "ended_at": now, "error": str(exc)})
+        return code
     started_at = time.time()
     if out is not None:
         os.close(out)
