@@ -16,6 +16,7 @@ import pytest
 from orchestrator import workdir
 from tests.daemon_harness import REPO, Daemon, SimProcess, steps_done, wait_for
 from tests.daemon_harness import sim_volume_dir as volume_dir
+from tests.test_e2e_aws import config as aws_config
 from tests.test_e2e_runpod import KEY
 from tests.test_e2e_runpod import config as runpod_config
 from tests.test_workdir import UNSAFE
@@ -54,15 +55,22 @@ def cli(d: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
                           env=env, timeout=60, cwd=REPO)
 
 
-def test_runpod_job_runs_from_its_workdir_on_every_attempt(tmp_path: Path) -> None:
+def project(tmp_path: Path, job_toml: str = JOB_TOML) -> Path:
+    """A job's directory: its job file, a script that imports a helper from a subdirectory, the
+    example training loop, and a file .gpuhopignore keeps off the upload."""
     job_dir = tmp_path / "project"
     (job_dir / "lib").mkdir(parents=True)
-    (job_dir / "job.toml").write_text(JOB_TOML)
+    (job_dir / "job.toml").write_text(job_toml)
     (job_dir / "run.py").write_text(RUN_PY)
     (job_dir / "train.py").write_bytes((REPO / "examples" / "train.py").read_bytes())
     (job_dir / "lib" / "helper.py").write_text("NAME = 'helper-from-workdir'\n")
     (job_dir / "secret.txt").write_text("never uploaded")
     (job_dir / ".gpuhopignore").write_text("secret.txt\n")
+    return job_dir
+
+
+def test_runpod_job_runs_from_its_workdir_on_every_attempt(tmp_path: Path) -> None:
+    job_dir = project(tmp_path)
 
     sim = SimProcess("runpod", tmp_path / "sim", "--api-key", KEY, "--notice-seconds", "1", "--start-delay", "0.3")
     d = Daemon(tmp_path / "state", runpod_config(sim))
@@ -86,6 +94,26 @@ def test_runpod_job_runs_from_its_workdir_on_every_attempt(tmp_path: Path) -> No
         out = b"".join(d.client.logs(job_id)).decode()
         assert out.count("workdir: helper-from-workdir ignored file present: False") == 2, out
         assert "attempt 2: starting at step" in out
+    finally:
+        d.stop()
+        sim.stop()
+
+
+def test_aws_job_runs_from_its_workdir(tmp_path: Path) -> None:
+    job_dir = project(tmp_path, JOB_TOML.replace('"RTX-4090"', '"A10G"').replace('"runpod"', '"aws"')
+                      .replace('"on-demand"', '"spot"').replace('"12"', '"4"'))
+    (job_dir / "run.py").write_text(RUN_PY.replace('"12"', '"4"'))
+    sim = SimProcess("aws", tmp_path / "sim", "--notice-seconds", "8")
+    d = Daemon(tmp_path / "state", aws_config(sim))
+    try:
+        d.start()
+        r = cli(d, "submit", str(job_dir / "job.toml"))
+        assert r.returncode == 0, r.stderr
+        done = d.wait_status(r.stdout.strip(), {"succeeded", "failed"}, 90)
+        assert done["status"] == "succeeded" and done["attempts"][0]["provider"] == "aws", done
+        out = b"".join(d.client.logs(done["id"])).decode()
+        assert "workdir: helper-from-workdir ignored file present: False" in out, out
+        assert sorted(steps_done(volume_dir(sim, done))) == [1, 2, 3, 4]
     finally:
         d.stop()
         sim.stop()
