@@ -90,9 +90,9 @@ def scan(root: Path) -> Tree:
     try:
         real_root = Path(os.path.realpath(root, strict=True))
     except OSError as exc:
-        raise WorkdirError(f"workdir {str(root)!r} does not exist or cannot be read ({exc.strerror})") from None
+        raise WorkdirError(f"{str(root)!r} does not exist or cannot be read ({exc.strerror})") from None
     if not real_root.is_dir():
-        raise WorkdirError(f"workdir {str(root)!r} is not a directory")
+        raise WorkdirError(f"{str(root)!r} is not a directory")
     tree = Tree(real_root)
     _scan_dir(tree, real_root, "", _enclosing_rules(real_root))
     return tree
@@ -194,13 +194,14 @@ class _Limited(io.RawIOBase):
         return len(data)
 
 
-def too_big_message(size: int, limit: int, tree: Tree | None, compressed: bool = True) -> str:
-    what = "compressed " if compressed else ""
-    msg = f"the workdir is {human(size)} {what}or more, over the limit of {human(limit)}"
-    if tree is not None:
-        msg += " (uncompressed " + human(tree.size) + "); the biggest entries to ignore in .gpuhopignore: "
-        msg += ", ".join(f"{name} {human(size)}" for name, size in tree.biggest())
-    return msg
+def too_big_message(size: int, limit: int, tree: Tree | None) -> str:
+    """What to tell the user: the size (at least `size` once packing stopped), the limit, and,
+    from the tree when it is at hand, the biggest entries to leave out."""
+    if tree is None:
+        return f"the workdir archive is {human(size)}, over the limit of {human(limit)}"
+    biggest = ", ".join(f"{name} {human(n)}" for name, n in tree.biggest())
+    return (f"the workdir is over the limit of {human(limit)} compressed (packing stopped at {human(size)}; "
+            f"{human(tree.size)} of files); the biggest entries to ignore in .gpuhopignore: {biggest}")
 
 
 def build(tree: Tree, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:

@@ -175,7 +175,8 @@ def test_too_big_names_size_limit_and_biggest_entries(tmp_path: Path) -> None:
     with pytest.raises(WorkdirError) as exc:
         workdir.pack(root, max_bytes=100_000)
     message = str(exc.value)
-    assert "over the limit of 97.7 KB" in message and "data/ 293.0 KB" in message and ".gpuhopignore" in message
+    assert "over the limit of 97.7 KB compressed" in message and "293.0 KB of files" in message
+    assert "biggest entries to ignore in .gpuhopignore: data/ 293.0 KB, train.py 9 B" in message
 
 
 # ----------------------------------------------------------------- unsafe archives

@@ -45,8 +45,8 @@ async def put_workdir(request: web.Request) -> web.Response:
     try:
         data = await read_body(request, max_bytes)
     except web.HTTPRequestEntityTooLarge:
-        return error(413, "workdir_too_large", workdir.too_big_message(max_bytes + 1, max_bytes, None)
-                     + " ([workdirs] max_mb); add big entries to .gpuhopignore")
+        return error(413, "workdir_too_large", f"the workdir archive is over the limit of "
+                     f"{workdir.human(max_bytes)} ([workdirs] max_mb); add big entries to .gpuhopignore")
     actual = workdir.sha256(data)
     if actual != sha:
         return error(422, "sha256_mismatch", f"the body's sha256 is {actual}, not {sha}: the upload was "
