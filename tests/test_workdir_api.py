@@ -116,3 +116,21 @@ async def test_the_agent_gets_its_jobs_archive_with_its_attempts_token(api: Api,
     with tarfile.open(fileobj=io.BytesIO(got), mode="r:gz") as tar:
         assert tar.getnames() == ["main.py"]
     await finish(client, engine, job["id"])
+
+
+def test_archives_are_shared_through_the_database(db_url: str, tmp_path: Path) -> None:
+    """Two stores on one database, as two replicas: what one stored, the other serves; storing
+    the same archive again, from either, changes nothing."""
+    one, two = Store(db_url), Store(db_url)
+    try:
+        one.migrate()
+        data = small_archive(tmp_path)
+        sha = workdir.sha256(data)
+        assert not two.has_workdir(sha) and two.workdir_data(sha) is None
+        assert one.put_workdir(sha, data, 12) is True
+        assert two.has_workdir(sha) and two.workdir_data(sha) == data
+        assert two.put_workdir(sha, data, 12) is False
+        assert one.workdir_data(sha) == data
+    finally:
+        one.close()
+        two.close()
