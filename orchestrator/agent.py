@@ -443,23 +443,27 @@ def unpack_workdir(data: bytes, dest: str, limit: int) -> None:
         raise OSError(f"workdir: {exc}") from None
 
 
-def prepare_workdir(env: dict[str, str], reporter: Reporter, user: tuple[int, int, list[int]] | None) -> str | None:
-    """A fresh directory holding the job's working directory, or None when the job has none."""
+def prepare_workdir(env: dict[str, str], reporter: Reporter, ids: tuple[int, int] | None) -> str | None:
+    """A fresh directory holding the job's working directory, or None when the job has none: a
+    new temporary one, or GPUHOP_WORKDIR_PATH (the local provider's containers mount it)."""
     sha = env.get("GPUHOP_WORKDIR", "")
     if not sha:
         return None
     data = fetch_workdir(reporter, sha, float(env.get("GPUHOP_EXIT_REPORT_MAX", EXIT_REPORT_MAX)))
-    dest = os.path.realpath(tempfile.mkdtemp(prefix="gpuhop-workdir-"))
+    fixed = env.get("GPUHOP_WORKDIR_PATH", "")
+    if fixed:
+        os.mkdir(fixed, 0o700)  # never one that exists: it would not be fresh
+    dest = os.path.realpath(fixed or tempfile.mkdtemp(prefix="gpuhop-workdir-"))
     try:
         unpack_workdir(data, dest, int(env.get("GPUHOP_WORKDIR_MAX", str(2**30))))
     except OSError:
         os.rmdir(dest)
         raise
-    if user is not None and os.geteuid() == 0:  # the job runs as its own uid: the tree is its own
+    if ids is not None and os.geteuid() == 0:  # the job runs as its own uid: the tree is its own
         for top, dirs, files in os.walk(dest):
             for entry in [*dirs, *files]:
-                os.lchown(os.path.join(top, entry), user[0], user[1])
-        os.chown(dest, user[0], user[1])
+                os.lchown(os.path.join(top, entry), ids[0], ids[1])
+        os.chown(dest, ids[0], ids[1])
     return dest
 
 
@@ -533,7 +537,7 @@ def run(
     workdir: str | None = None
     fetching = [True]
     try:
-        workdir = prepare_workdir(env, reporter, user)
+        workdir = prepare_workdir(env, reporter, (user[0], user[1]) if user else marker_user)
         fetching.clear()
         child = subprocess.Popen(
             command,

@@ -5,6 +5,7 @@ agent, which leaves nothing unpacked. Real files, real tar.gz bytes; no mocks.""
 
 from __future__ import annotations
 
+import http.server
 import io
 import os
 import shutil
@@ -12,10 +13,12 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
 
+from adapters.local import container_argv
 from orchestrator import agent, ignore, workdir
 from orchestrator.workdir import WorkdirError
 
@@ -266,3 +269,54 @@ def test_a_packed_tree_unpacks_the_same(tmp_path: Path) -> None:
     agent.unpack_workdir(data, str(dest), 1 << 20)
     assert (dest / "alias.py").read_text() == "X = 1\n" and (dest / "empty").is_dir()
     assert os.access(dest / "run.sh", os.X_OK) and not os.access(dest / "pkg/mod.py", os.X_OK)
+
+
+# ----------------------------------------------------------------- the agent's fetch
+
+
+class _Daemon(http.server.BaseHTTPRequestHandler):
+    """A stand-in for the daemon's GET /v1/agent/workdir: serves `body`, records the headers."""
+
+    body = b""
+    seen: list[dict[str, str]] = []
+
+    def do_GET(self) -> None:
+        type(self).seen.append(dict(self.headers))
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_the_agent_fetches_with_its_token_checks_the_hash_and_unpacks_where_told(tmp_path: Path) -> None:
+    root = tree(tmp_path / "w", {"main.py": "print(1)\n"})
+    data, _ = workdir.pack(root)
+    _Daemon.body, _Daemon.seen = data, []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Daemon)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1/agent/report"
+        reporter = agent.Reporter(url, "t" * 64, "gpuhop-abc-1", None)
+        fixed = tmp_path / "scratch" / "workdir"
+        fixed.parent.mkdir()
+        env = {"GPUHOP_WORKDIR": workdir.sha256(data), "GPUHOP_WORKDIR_PATH": str(fixed)}
+        assert agent.prepare_workdir(env, reporter, None) == str(fixed)
+        assert (fixed / "main.py").read_text() == "print(1)\n"
+        assert _Daemon.seen[0]["Authorization"] == "Bearer " + "t" * 64
+        assert _Daemon.seen[0]["X-Gpuhop-Attempt"] == "gpuhop-abc-1"
+        with pytest.raises(OSError, match="another sha256"):  # what the launch named, or nothing
+            agent.prepare_workdir({"GPUHOP_WORKDIR": "0" * 64}, reporter, None)
+        assert agent.prepare_workdir({}, reporter, None) is None  # a job without a workdir
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_local_container_job_starts_in_its_mounted_workdir() -> None:
+    argv = container_argv("docker", "gpuhop-j-1", "img", ["python3", "run.py"], [], {}, None, [],
+                          [(Path("/v/.scratch/x"), "/gpuhop/scratch")], [], "/gpuhop/scratch/workdir")
+    assert argv[argv.index("--workdir") + 1] == "/gpuhop/scratch/workdir"
+    assert argv[-4:] == ["--", "img", "python3", "run.py"]
