@@ -112,6 +112,10 @@ class WorkdirSettings(_Section):
     max_unpacked_mb: float = Field(
         default=1024.0, gt=0, le=65536, description="what one may unpack to on the machine (a tar bomb stops here)"
     )
+    keep_days: float = Field(
+        default=7.0, gt=0, le=36500,
+        description="an archive no unfinished job names is deleted this many days after its last upload",
+    )
 
 
 class ClusterSettings(_Section):

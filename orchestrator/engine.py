@@ -503,6 +503,12 @@ class Engine:
                 await self.store.run(prune, now)
             except Exception as exc:  # retention is housekeeping: never fail a tick for it
                 log.warning("pruning old events failed: %s", describe(exc))
+        prune_workdirs = getattr(self.store, "prune_workdirs", None)
+        if prune_workdirs is not None:
+            try:
+                await self.store.run(prune_workdirs, now - self.settings.workdirs.keep_days * 86400)
+            except Exception as exc:
+                log.warning("pruning old workdir archives failed: %s", describe(exc))
         cutoff = now - self.settings.server.log_retention_days * 86400
         try:
             removed = await asyncio.to_thread(prune_logs, self.settings.state_dir / "logs", live_names, cutoff)

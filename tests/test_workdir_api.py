@@ -17,6 +17,7 @@ from orchestrator.api.app import ApiContext, make_app
 from orchestrator.config import load_settings
 from orchestrator.daemon import build_adapters
 from orchestrator.engine import Engine
+from orchestrator.models import JobSpec as JobSpecModel
 from orchestrator.store import Store
 from tests.conftest import stop_every_machine
 from tests.test_api import SPEC, TOKEN, Api, DaemonServer, H, agent_headers, finish, job_of, until
@@ -134,3 +135,22 @@ def test_archives_are_shared_through_the_database(db_url: str, tmp_path: Path) -
     finally:
         one.close()
         two.close()
+
+
+def test_old_archives_go_once_no_unfinished_job_names_them(db_url: str, tmp_path: Path) -> None:
+    store = Store(db_url)
+    try:
+        store.migrate()
+        data = small_archive(tmp_path)
+        sha = workdir.sha256(data)
+        store.put_workdir(sha, data, 9, now=1000.0)
+        spec = JobSpecModel.model_validate({**SPEC, "workdir_sha256": sha})
+        store.create_job("j1", spec, now=1000.0)
+        assert store.prune_workdirs(older_than=5000.0) == 0  # its job has not ended
+        store.update_job("j1", status="succeeded")
+        store.put_workdir(sha, data, 9, now=6000.0)  # uploaded again for a new job: young again
+        assert store.prune_workdirs(older_than=5000.0) == 0
+        assert store.prune_workdirs(older_than=7000.0) == 1
+        assert not store.has_workdir(sha)
+    finally:
+        store.close()
