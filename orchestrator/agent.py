@@ -370,6 +370,8 @@ def fetch_workdir(reporter: Reporter, sha: str, max_seconds: float) -> bytes:
     """The job's working directory (tar.gz) from the daemon, with the attempt's token, checked
     against the sha256 the launch named. A daemon that cannot be reached is tried again (next
     replica, backoff) for `max_seconds`; a refusal or a wrong archive is final (OSError)."""
+    if not reporter.url:
+        raise OSError(f"workdir {sha[:12]}: no daemon URL to fetch it from (GPUHOP_CALLBACK_URL)")
     deadline, delay = time.monotonic() + max_seconds, RETRY_FIRST
     while True:
         url = reporter.url.rpartition("/v1/agent/")[0] + "/v1/agent/workdir"

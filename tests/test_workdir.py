@@ -310,6 +310,8 @@ def test_the_agent_fetches_with_its_token_checks_the_hash_and_unpacks_where_told
         with pytest.raises(OSError, match="another sha256"):  # what the launch named, or nothing
             agent.prepare_workdir({"GPUHOP_WORKDIR": "0" * 64}, reporter, None)
         assert agent.prepare_workdir({}, reporter, None) is None  # a job without a workdir
+        with pytest.raises(OSError, match="no daemon URL"):
+            agent.prepare_workdir(env, agent.Reporter("", "", "gpuhop-abc-1", None), None)
     finally:
         server.shutdown()
         server.server_close()

@@ -5,6 +5,7 @@ refused at submit; an agent gets its job's archive with its own attempt's token 
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -78,6 +79,11 @@ async def test_upload_is_content_addressed_and_checked(api: Api, tmp_path: Path)
 
 async def test_upload_over_the_limit_or_unsafe_is_refused(api: Api, tmp_path: Path) -> None:
     client, engine, _ = api
+    root = tmp_path / "w"
+    root.mkdir()
+    (root / "weights.bin").write_bytes(os.urandom(3 << 20))  # bigger than any JSON body the API takes
+    data = workdir.pack(root)[0]
+    assert (await client.put(f"/v1/workdirs/{workdir.sha256(data)}", data=data, headers=H)).status == 201
     assert engine.settings.workdirs.max_mb == 50  # the default; a smaller one keeps the test quick
     engine.settings.workdirs.max_mb = 0.25
     big = bytes(256 * 1024 + 1)
