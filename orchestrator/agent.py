@@ -529,6 +529,114 @@ def _write_marker(volume: str, name: str, result: dict[str, object]) -> None:
     _write_json_atomic(marker / f"{name or 'attempt'}.exit", result)
 
 
+class StoppedEarly(Exception):
+    """A stop or a reclaim notice while the workdir was being fetched (not an OSError: urllib
+    would take it for a network failure and try again)."""
+
+
+def fetch_workdir(reporter: Reporter, sha: str, max_seconds: float) -> bytes:
+    """The job's working directory (tar.gz) from the daemon, with the attempt's token, checked
+    against the sha256 the launch named. A daemon that cannot be reached is tried again (next
+    replica, backoff) for `max_seconds`; a refusal or a wrong archive is final (OSError)."""
+    if not reporter.url:
+        raise OSError(f"workdir {sha[:12]}: no daemon URL to fetch it from (GPUHOP_CALLBACK_URL)")
+    deadline, delay = time.monotonic() + max_seconds, RETRY_FIRST
+    while True:
+        url = reporter.url.rpartition("/v1/agent/")[0] + "/v1/agent/workdir"
+        req = urllib.request.Request(url, headers={"Authorization": f"Bearer {reporter.token}",
+                                                   "X-Gpuhop-Attempt": reporter.name})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                data: bytes = resp.read()
+            if hashlib.sha256(data).hexdigest() != sha:
+                raise OSError(f"workdir {sha[:12]}: the archive fetched has another sha256; not used")
+            return data
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            why = f"the daemon answered {exc.code}"
+            if 400 <= exc.code < 500 and exc.code not in (408, 429):
+                raise OSError(f"workdir {sha[:12]}: {why}") from None
+        except (urllib.error.URLError, ValueError, TimeoutError, ConnectionError) as exc:
+            why = str(exc)
+        reporter._next_url()
+        if time.monotonic() + delay > deadline:
+            raise OSError(f"workdir {sha[:12]}: cannot fetch it from the daemon ({why})")
+        time.sleep(delay)
+        delay = min(delay * 2, RETRY_CAP)
+
+
+def unpack_workdir(data: bytes, dest: str, limit: int) -> None:
+    """Unpack into the empty directory `dest`, refusing (OSError, `dest` left empty) absolute or
+    '..' names, links that resolve outside `dest`, devices and FIFOs, and more than `limit`
+    bytes (checked from each header before its data is read). Files never follow a link: links
+    are made last, then every one is resolved again."""
+    import io
+    import tarfile
+
+    links, total = [], 0
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+            for count, m in enumerate(tar):
+                total += m.size
+                if count >= 100000 or total > limit:
+                    raise OSError(f"the archive unpacks to more than {limit} bytes or 100000 entries")
+                if m.name.startswith("/") or ".." in m.name.split("/") or "\0" in m.name:
+                    raise OSError(f"archive entry {m.name[:200]!r} is absolute or climbs out with '..'")
+                path = os.path.join(dest, m.name)
+                if m.isdir():
+                    os.makedirs(path, 0o755, exist_ok=True)
+                elif m.isreg() and not m.issparse():
+                    os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                                 0o755 if m.mode & 0o111 else 0o644)
+                    with os.fdopen(fd, "wb") as out, tar.extractfile(m) as src:  # type: ignore[union-attr]
+                        shutil.copyfileobj(src, out)
+                elif m.issym() or m.islnk():
+                    links.append(m)
+                else:
+                    raise OSError(f"archive entry {m.name[:200]!r} is a device, FIFO or other special file")
+        for m in links:
+            path = os.path.join(dest, m.name)
+            os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
+            if m.issym():
+                os.symlink(m.linkname, path)
+            else:
+                os.link(os.path.join(dest, m.linkname), path, follow_symlinks=False)
+        for m in links:
+            real = os.path.realpath(os.path.join(dest, m.name if m.issym() else m.linkname))
+            if real != dest and not real.startswith(dest + os.sep):
+                raise OSError(f"archive link {m.name[:200]!r} points outside the working directory")
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        for entry in os.listdir(dest):  # nothing half-unpacked is left for the job to run in
+            target = os.path.join(dest, entry)
+            shutil.rmtree(target) if os.path.isdir(target) and not os.path.islink(target) else os.unlink(target)
+        raise OSError(f"workdir: {exc}") from None
+
+
+def prepare_workdir(env: dict[str, str], reporter: Reporter, ids: tuple[int, int] | None) -> str | None:
+    """A fresh directory holding the job's working directory, or None when the job has none: a
+    new temporary one, or GPUHOP_WORKDIR_PATH (the local provider's containers mount it)."""
+    sha = env.get("GPUHOP_WORKDIR", "")
+    if not sha:
+        return None
+    data = fetch_workdir(reporter, sha, float(env.get("GPUHOP_EXIT_REPORT_MAX", EXIT_REPORT_MAX)))
+    fixed = env.get("GPUHOP_WORKDIR_PATH", "")
+    if fixed:
+        os.mkdir(fixed, 0o700)  # never one that exists: it would not be fresh
+    dest = os.path.realpath(fixed or tempfile.mkdtemp(prefix="gpuhop-workdir-"))
+    try:
+        unpack_workdir(data, dest, int(env.get("GPUHOP_WORKDIR_MAX", str(2**30))))
+    except OSError:
+        os.rmdir(dest)
+        raise
+    if ids is not None and os.geteuid() == 0:  # the job runs as its own uid: the tree is its own
+        for top, dirs, files in os.walk(dest):
+            for entry in [*dirs, *files]:
+                os.lchown(os.path.join(top, entry), ids[0], ids[1])
+        os.chown(dest, ids[0], ids[1])
+    return dest
+
+
 def run(
     command: list[str],
     state_dir: Path | None,
@@ -597,6 +705,8 @@ def run(
                 foreign_sigterm.set()
         if not started:
             early.append(signum)
+            if fetching:  # stop waiting for the workdir: the job is being stopped before it starts
+                raise StoppedEarly(f"signal {signum} before the job started")
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(started[0].pid, signum)
@@ -604,6 +714,8 @@ def run(
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    workdir: str | None = None
+    fetching: list[bool] = []  # set while the workdir is fetched: a signal then stops the wait
     if syncer is not None:  # the newest complete checkpoint first, or the job does not start
         threading.Thread(target=heartbeat, daemon=True).start()  # a long restore is not silence
         give_up, delay = time.monotonic() + float(env.get("GPUHOP_RESTORE_MAX", "300")), RETRY_FIRST
@@ -618,9 +730,13 @@ def run(
             delay = min(delay * 2, RETRY_CAP)
         seq = syncer._state().get("seq")
         say(f"volume at checkpoint {seq}" if seq else "no checkpoint in object storage yet")
+    fetching.append(True)
     try:
+        workdir = prepare_workdir(env, reporter, (user[0], user[1]) if user else marker_user)
+        fetching.clear()
         child = subprocess.Popen(
             command,
+            cwd=workdir,
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT if out is not None else None,
@@ -629,14 +745,18 @@ def run(
             preexec_fn=lambda: child_setup(libc, parent, kill),
             **ids,
         )
-    except OSError as exc:  # the program could not be started: report it as exit 127
+    except (OSError, StoppedEarly) as exc:  # the program could not be started: report it as exit 127
+        fetching.clear()
+        if workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
         if out is not None:
             os.write(out, f"gpuhop-agent: cannot start {command[0]!r}: {exc}\n".encode())
             os.close(out)
         now = time.time()
-        finish({"exit_code": 127, "signal": None, "stopped_by_us": False, "started_at": now,
-                "ended_at": now, "error": str(exc)})
-        return 127
+        code = 128 + early[0] if early else 127
+        finish({"exit_code": code, "signal": None, "stopped_by_us": stop_requested.is_set(),
+                "sigterm_received": foreign_sigterm.is_set(), "started_at": now, "ended_at": now, "error": str(exc)})
+        return code
     started_at = time.time()
     if out is not None:
         os.close(out)
@@ -674,6 +794,8 @@ def run(
         final.start()
         final.join(max(0.0, min(term_by) - time.monotonic() - 1) if term_by else None)
         say(f"volume at checkpoint {syncer._state().get('seq')}")
+    if workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
     if stop_requested.is_set() or (state_dir and (state_dir / "stop-requested").exists()):
         stop_requested.set()
     finish({

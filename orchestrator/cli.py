@@ -27,10 +27,11 @@ from rich.live import Live
 from rich.markup import escape
 from rich.text import Text
 
-from orchestrator import render
+from orchestrator import render, workdir_upload
 from orchestrator.client import Client, ClientError
 from orchestrator.config import ConfigError
 from orchestrator.models import JobSpec, JobStatus
+from orchestrator.workdir import WorkdirError
 
 app = typer.Typer(
     help="gpuhop: run GPU jobs on the cheapest suitable capacity, and bring them back from their "
@@ -140,7 +141,8 @@ def load_spec_file(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         fail(f"{path}: a job spec must be a table/object")
     try:
-        JobSpec.model_validate(data)
+        # `workdir` is a path on this machine: submit turns it into workdir_sha256 (workdir_upload)
+        JobSpec.model_validate({k: v for k, v in data.items() if k != "workdir"})
     except ValidationError as exc:
         lines = [f"  {'.'.join(str(p) for p in e['loc']) or '<top>'}: "
                  f"{'unknown field' if e['type'] == 'extra_forbidden' else e['msg']}" for e in exc.errors()]
@@ -155,13 +157,24 @@ def submit(
                                                         "what it asks for")] = False,
     reuse_volume: Annotated[bool, typer.Option("--reuse-volume", help="run on its volume even though the last "
                                                                       "job on it succeeded (it resumes from there)")] = False,
+    workdir: Annotated[Path | None, typer.Option("--workdir", help="upload this directory as the job's working "
+                                                               "directory (overrides the file's workdir)")] = None,
     server: ServerOpt = None, state_dir: StateOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Submit a job; prints its id. A job that no configured provider could ever run (a GPU
     nobody offers, a GPU job on a machine without one) is refused with what is offered, and so
-    is a job naming a volume whose last job succeeded, unless --reuse-volume."""
+    is a job naming a volume whose last job succeeded, unless --reuse-volume. A `workdir` (in the
+    file, relative to it, or --workdir) is uploaded first, minus what .gitignore/.gpuhopignore
+    exclude, and the command runs in a fresh copy of it on every attempt."""
     spec = load_spec_file(file)
-    job = call(client(server, state_dir).submit, spec, force, reuse_volume)
+    c = client(server, state_dir)
+    try:
+        directory = workdir_upload.take_workdir(spec, file, workdir)
+        if directory is not None:
+            spec["workdir_sha256"] = call(workdir_upload.upload, c, directory)
+    except WorkdirError as exc:
+        fail(f"workdir: {exc}")
+    job = call(c.submit, spec, force, reuse_volume)
     if as_json:
         console.print_json(json.dumps(job))
     else:

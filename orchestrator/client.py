@@ -49,10 +49,11 @@ class Client:
             )
         return cls(url.rstrip("/"), tok)
 
-    def _open(self, method: str, path: str, body: Any = None, timeout: float | None = None) -> Any:
-        data = None if body is None else json.dumps(body).encode()
+    def _open(self, method: str, path: str, body: Any = None, timeout: float | None = None,
+              content_type: str = "application/json") -> Any:
+        data = body if isinstance(body, bytes) else None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.url + path, data=data, method=method, headers={
-            "Authorization": f"Bearer {self.token}", "Content-Type": "application/json", "Accept": "application/json",
+            "Authorization": f"Bearer {self.token}", "Content-Type": content_type, "Accept": "application/json",
         })
         try:
             return urllib.request.urlopen(req, timeout=timeout or self.timeout)
@@ -74,6 +75,11 @@ class Client:
             raw = resp.read()
             ctype = resp.headers.get("Content-Type", "")
         return json.loads(raw) if "json" in ctype else raw.decode("utf-8", "replace")
+
+    def put_bytes(self, path: str, data: bytes, content_type: str) -> Any:
+        """PUT a binary body (a workdir archive); the JSON answer."""
+        with self._open("PUT", path, data, timeout=max(self.timeout, 300.0), content_type=content_type) as resp:
+            return json.loads(resp.read())
 
     def submit(self, spec: dict[str, Any], force: bool = False, reuse_volume: bool = False) -> dict[str, Any]:
         flags = [f"{name}=true" for name, on in (("force", force), ("reuse_volume", reuse_volume)) if on]

@@ -111,6 +111,21 @@ class VolumeSettings(_Section):
     )
 
 
+class WorkdirSettings(_Section):
+    max_mb: float = Field(
+        default=50.0, gt=0, le=1024,
+        description="largest job working directory (`workdir`) accepted, in MB of its tar.gz; "
+        "it is kept in the database and fetched by the agent on every attempt",
+    )
+    max_unpacked_mb: float = Field(
+        default=1024.0, gt=0, le=65536, description="what one may unpack to on the machine (a tar bomb stops here)"
+    )
+    keep_days: float = Field(
+        default=7.0, gt=0, le=36500,
+        description="an archive no unfinished job names is deleted this many days after its last upload",
+    )
+
+
 class ClusterSettings(_Section):
     replica_id: str = Field(
         default="", pattern=r"^$|^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$",
@@ -257,6 +272,7 @@ class Settings(_Section):
     placement: PlacementSettingsModel = Field(default_factory=PlacementSettingsModel)
     volumes: VolumeSettings = Field(default_factory=VolumeSettings)
     moving: MovingSettingsModel = Field(default_factory=MovingSettingsModel)
+    workdirs: WorkdirSettings = Field(default_factory=WorkdirSettings)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     storage: StorageSettings | None = Field(
         default=None, description="object storage for volumes synced through it; none: such jobs are refused"

@@ -514,6 +514,10 @@ class Engine:
             await self.store.run(self.store.prune_capacity_gaps, now - self.settings.moving.history_days * 86400)
         except Exception as exc:
             log.warning("pruning old capacity gaps failed: %s", describe(exc))
+        try:
+            await self.store.run(self.store.prune_workdirs, now - self.settings.workdirs.keep_days * 86400)
+        except Exception as exc:
+            log.warning("pruning old workdir archives failed: %s", describe(exc))
         cutoff = now - self.settings.server.log_retention_days * 86400
         try:
             removed = await asyncio.to_thread(prune_logs, self.settings.state_dir / "logs", live_names, cutoff)

@@ -234,6 +234,9 @@ class Workers:
         if spec.volume is not None and spec.volume.sync == "object-store" and self.settings.storage is not None:
             # the agent restores the volume before the job starts and uploads it this often
             env["GPUHOP_SYNC_SECONDS"] = str(self.settings.storage.sync_interval_seconds)
+        if spec.workdir_sha256:  # the agent fetches it from the daemon, never through the launch request
+            env.update(GPUHOP_WORKDIR=spec.workdir_sha256,
+                       GPUHOP_WORKDIR_MAX=str(int(self.settings.workdirs.max_unpacked_mb * 1024 * 1024)))
         return LaunchRequest(
             name=name, idempotency_key=f"{name}-{hashlib.sha1(offer.offer_id.encode()).hexdigest()[:10]}"[-64:],
             job_id=job.id, attempt=number, offer=offer, image=spec.image, command=list(spec.command), env=env,

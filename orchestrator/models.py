@@ -99,6 +99,7 @@ _REGION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _IMAGE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}")
 _MOUNT_RE = re.compile(r"[A-Za-z0-9/._-]+")
 _CUDA_RE = re.compile(r"[0-9]{1,2}\.[0-9]{1,2}")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 MAX_ENV_VALUE = 32 * 1024
 MAX_COMMAND_ARG = 64 * 1024
 RESERVED_ENV_PREFIX = "GPUHOP_"
@@ -279,6 +280,18 @@ class JobSpec(_Strict):
     placement: Placement = Field(default_factory=Placement)
     volume: VolumeSpec | None = None
     policy: Policy = Field(default_factory=Policy)
+    workdir_sha256: str | None = Field(
+        default=None, json_schema_extra={"pattern": "^[0-9a-f]{64}$"},
+        description="The job's working directory: the sha256 of a tar.gz uploaded first with "
+        "PUT /v1/workdirs/{sha256} (`gpuhop submit` does it for `workdir = \".\"`). The agent unpacks it "
+        "into a fresh directory on every attempt and runs the command there.")
+
+    @field_validator("workdir_sha256")
+    @classmethod
+    def _workdir(cls, value: str | None) -> str | None:
+        if value is not None and not _SHA256_RE.fullmatch(value):
+            raise ValueError("workdir_sha256 must be 64 lowercase hex digits (a sha256)")
+        return value
 
     @field_validator("name")
     @classmethod

@@ -110,6 +110,7 @@ POLL_SECONDS = 0.05
 CPU_OFFER_ID = "cpu"
 VANISHED_REASON = "agent vanished without an exit code"
 EXIT_REPORT_MAX_SECONDS = "60"  # the daemon reads exit.json anyway: the agent need not wait long
+WORKDIR_NAME = "workdir"  # in a container job's scratch dir: where the agent unpacks its working directory
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # never handed from the daemon's own environment to a job: gpuhop's contract variables (set per
@@ -656,6 +657,8 @@ class LocalAdapter(Adapter, VolumeSupport, LogSupport):
         env[MARKER_ENV] = str(inst_dir)
         if choice.mode == "user":
             env["HOME"] = env["TMPDIR"] = str(scratch)
+        if choice.mode == "container" and "GPUHOP_WORKDIR" in req.env:
+            env["GPUHOP_WORKDIR_PATH"] = str(scratch / WORKDIR_NAME)  # mounted: the container sees it
         return env
 
     def _agent_argv(
@@ -699,6 +702,7 @@ class LocalAdapter(Adapter, VolumeSupport, LogSupport):
                 [k for k in job_names if k not in literal], literal,
                 ids, self.settings.job_groups if choice.switch_users else [],
                 mounts, gpu_indices,
+                f"{CONTAINER_SCRATCH}/{WORKDIR_NAME}" if "GPUHOP_WORKDIR" in req.env else None,
             )
         return [*argv, "--", *command]
 

@@ -130,6 +130,7 @@ def container_argv(
     groups: list[int],
     mounts: list[tuple[Path, str]],
     gpu_indices: list[int],
+    workdir: str | None = None,
 ) -> list[str]:
     """The `<runtime> run` command line of a container job. No value of the job's environment is
     on it (a command line is world-readable): `-e NAME` takes each from the CLI's environment;
@@ -154,6 +155,8 @@ def container_argv(
         argv += ["-e", key]
     for key, value in literal_env.items():
         argv += ["-e", f"{key}={value}"]
+    if workdir:  # the job's working directory (inside a mount): the command starts there
+        argv += ["--workdir", workdir]
     return [*argv, "--", image, *command]
 
 

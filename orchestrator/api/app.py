@@ -50,7 +50,8 @@ class ApiContext:
 CTX = web.AppKey("ctx", ApiContext)
 PUBLIC_PATHS = {"/healthz", *dashboard.PATHS}  # the dashboard's files hold no data
 # authenticated per attempt, in the handler
-AGENT_PATHS = {"/v1/agent/report", "/v1/agent/sync/restore", "/v1/agent/sync/upload", "/v1/agent/sync/commit"}
+AGENT_PATHS = {"/v1/agent/report", "/v1/agent/sync/restore", "/v1/agent/sync/upload", "/v1/agent/sync/commit",
+               "/v1/agent/workdir"}
 
 
 def error(status: int, code: str, message: str, headers: dict[str, str] | None = None,
@@ -118,7 +119,7 @@ async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamR
 
 
 def make_app(ctx: ApiContext) -> web.Application:
-    from orchestrator.api import agent_routes, routes, sync_routes, volumes
+    from orchestrator.api import agent_routes, routes, sync_routes, volumes, workdir_routes
 
     app = web.Application(middlewares=[errors_and_auth], client_max_size=MAX_BODY)
     app[CTX] = ctx
@@ -136,5 +137,6 @@ def make_app(ctx: ApiContext) -> web.Application:
     agent_routes.setup(app)
     sync_routes.setup(app)
     volumes.setup(app)
+    workdir_routes.setup(app)
     dashboard.setup(app)
     return app

@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from orchestrator.api import views
+from orchestrator.api import views, workdir_routes
 from orchestrator.api.agent_routes import ATTEMPT_HEADER, AgentReport
 from orchestrator.api.cursor import CURSOR_PATTERN
 from orchestrator.api.sync_routes import CommitRequest, RestoreRequest, UploadRequest
@@ -187,6 +187,7 @@ def openapi_document(providers: tuple[str, ...] = ()) -> dict[str, Any]:
                 ("upload", UploadRequest, "Presigned PUT URLs for the blobs object storage lacks"),
                 ("commit", CommitRequest, "Commit a checkpoint once every blob is stored with its size (409 if not)"),
             )},
+            **workdir_routes.openapi_paths(error),
         },
         "components": {
             "securitySchemes": {

@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from orchestrator import costs, metrics
-from orchestrator.api import follow
+from orchestrator.api import follow, workdir_routes
 from orchestrator.api.app import CTX, bearer, error
 from orchestrator.api.body import read_json, validation_message
 from orchestrator.api.cursor import decode_cursor, encode_cursor
@@ -166,6 +166,9 @@ async def submit(request: web.Request) -> web.Response:
         if why is not None:
             return error(422, "unsatisfiable", f"{why}. Change [resources] or [placement], or submit with "
                                                f"--force (?force=true) to queue it anyway")
+    refusal = await workdir_routes.refuse_unknown(ctx, spec)
+    if refusal is not None:
+        return refusal
     reuse_volume = query_bool(request, "reuse_volume")
     for tries_left in range(4, -1, -1):
         # 32 random bits: the primary key catches the rare collision, and a new id is drawn

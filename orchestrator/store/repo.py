@@ -43,6 +43,7 @@ from orchestrator.store.tables import (
     RetiredVolumeRow,
     VolumeRow,
 )
+from orchestrator.store.workdirs import WorkdirStore
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -157,7 +158,7 @@ class NewJob:
     reuse_volume: bool = True
 
 
-class Store(LeaseStore, MoveStore):
+class Store(LeaseStore, MoveStore, WorkdirStore):
     def __init__(self, url: str, *, engine: Engine | None = None, event_retention_days: float = 30.0,
                  threads: int = 4) -> None:
         self.url = url

@@ -12,7 +12,7 @@ index; see `ACTIVE_VOLUME_WHERE`).
 
 from __future__ import annotations
 
-from sqlalchemy import Index, text
+from sqlalchemy import Index, LargeBinary, text
 from sqlmodel import Field, SQLModel
 
 # The job statuses that free a volume, frozen as SQL so the index predicate does not drift with
@@ -207,3 +207,17 @@ class ClusterSecretRow(SQLModel, table=True):
 
     name: str = Field(primary_key=True, max_length=32)
     value: str = Field(max_length=255)
+
+
+class WorkdirRow(SQLModel, table=True):
+    """A job's working directory as uploaded (orchestrator.workdir): a tar.gz keyed by its sha256.
+    In the database rather than the state dir so that every replica sharing it can hand the
+    archive to any job's agent. Written once, never changed (content-addressed)."""
+
+    __tablename__ = "workdirs"
+
+    sha256: str = Field(primary_key=True, max_length=64)
+    size: int  # bytes of the archive
+    unpacked_size: int  # what it unpacks to
+    data: bytes = Field(sa_type=LargeBinary)
+    created_at: float
