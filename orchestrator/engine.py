@@ -126,6 +126,14 @@ class _Planned:
     next_number: int  # the number a new attempt takes (the tick read every attempt of the job)
 
 
+def next_tick_in(period: float, took: float) -> float:
+    """Ticks start every `period` seconds (a tick's own time is not added to the wait: a
+    preemption waits half a period for the listing that shows it, not half a period plus half a
+    tick), but at least a tenth of a period passes between two ticks, so a tick slower than
+    its period never leaves the loop without a pause."""
+    return max(period / 10, period - took)
+
+
 class Engine:
     def __init__(
         self,
@@ -194,6 +202,7 @@ class Engine:
         try:
             while not stop.is_set():
                 self._wake.clear()  # before the tick: a hint that arrives during it is kept
+                began = time.monotonic()
                 try:
                     await self.tick()
                 except Exception:  # a bug in one tick must not kill the daemon; log and go on
@@ -202,7 +211,7 @@ class Engine:
                 waiter = asyncio.ensure_future(self._wake.wait())
                 stopper = asyncio.ensure_future(stop.wait())
                 await asyncio.wait(
-                    {waiter, stopper}, timeout=self.settings.engine.tick_seconds,
+                    {waiter, stopper}, timeout=next_tick_in(self.settings.engine.tick_seconds, time.monotonic() - began),
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 waiter.cancel()

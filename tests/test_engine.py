@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from adapters.base import NoCapacity, RetryLater
+from orchestrator.engine import next_tick_in
 from orchestrator.models import AttemptStatus, JobSpec
 from orchestrator.store import AttemptRow, JobRow
 from tests.fake_provider import FakeAdapter, Rig
@@ -232,3 +233,10 @@ async def test_stopping_abandons_launches_not_begun_and_finishes_those_under_way
         assert len(r.store.active_jobs()) == 20  # none lost: each is placed again on the next start
     finally:
         r.close()
+
+
+def test_ticks_start_a_period_apart_with_a_pause_after_a_slow_one() -> None:
+    assert next_tick_in(1.0, 0.3) == pytest.approx(0.7)  # not 1.0 after a 0.3 s tick
+    assert next_tick_in(1.0, 0.0) == pytest.approx(1.0)
+    assert next_tick_in(1.0, 2.5) == pytest.approx(0.1)  # slower than its period: still a pause
+    assert next_tick_in(5.0, 4.9) == pytest.approx(0.5)

@@ -4,6 +4,9 @@ prices, fail calls) and the windows it looks through (instances, ledger, catalog
 
     GET    /_sim/instances                      every instance the simulator launched
     POST   /_sim/instances/{id}/interrupt       {"notice_seconds"?: s, "action"?: "terminate"|"stop"}
+    POST   /_sim/instances/{id}/backdate        {"seconds": s}: as if it had entered running s earlier
+                                                (LaunchTime and the ledger alike: a test bills past EC2's
+                                                60 s minimum without waiting a minute)
     GET    /_sim/ledger                         what instances (EC2's rule: billing.py) and volumes cost
     GET    /_sim/catalog                        prices and capacity per (type, zone)
     POST   /_sim/capacity                       {"zone", "capacity", "instance_type"?, "market"?}
@@ -67,6 +70,17 @@ def routes(fleet: Fleet, ec2: Ec2Front) -> list[web.RouteDef]:
         except ValueError as exc:
             return web.json_response({"error": str(exc)}, status=409)
         return web.json_response({"instance_id": instance_id, "notice": result})
+
+    async def backdate(request: web.Request) -> web.Response:
+        data = await body_of(request)
+        instance_id = request.match_info["instance_id"]
+        if instance_id not in fleet.instances:
+            return web.json_response({"error": f"unknown instance {instance_id}"}, status=404)
+        try:
+            fleet.backdate(instance_id, int(data["seconds"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            return bad(ValueError(f"backdate needs {{'seconds': n}} on a running instance: {exc}"))
+        return web.json_response({"instance_id": instance_id})
 
     async def ledger(_: web.Request) -> web.Response:
         """Instances billed as EC2 does (fleet.py, billing.py); volumes per second."""
@@ -179,6 +193,7 @@ def routes(fleet: Fleet, ec2: Ec2Front) -> list[web.RouteDef]:
     return [
         web.get("/_sim/instances", instances),
         web.post("/_sim/instances/{instance_id}/interrupt", interrupt),
+        web.post("/_sim/instances/{instance_id}/backdate", backdate),
         web.get("/_sim/ledger", ledger),
         web.get("/_sim/catalog", get_catalog),
         web.post("/_sim/capacity", capacity),

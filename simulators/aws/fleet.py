@@ -339,6 +339,15 @@ class Fleet:
 
     # ------------------------------------------------------------------ interruptions
 
+    def backdate(self, instance_id: str, seconds: int) -> None:
+        """Move a running instance's start `seconds` into the past, in EC2's LaunchTime and the
+        ledger alike (whole seconds, as both keep it)."""
+        rec = self.instances[instance_id]
+        if rec.billing_started is None or rec.billing_stopped is not None or seconds < 0:
+            raise ValueError(f"{instance_id} is not running, or {seconds} is negative")
+        rec.billing_started -= seconds
+        rec.moto.launch_time = datetime.fromtimestamp(rec.billing_started, UTC).replace(tzinfo=None)
+
     def interrupt(self, instance_id: str, notice_seconds: float | None, action: str) -> dict[str, str]:
         rec = self.instances[instance_id]
         if rec.ending or rec.moto._state.name not in ("pending", "running"):
