@@ -164,11 +164,13 @@ class FakeAdapter(Adapter, VolumeSupport):
         inst = self.instances[instance_id]
         inst.state, inst.reason = InstanceState.PREEMPTED, reason
         inst.billing_ended_at = inst.billing_ended_at or self.clock()
+        self._ended += 1  # no longer live: the per-region count is recounted
 
     def exit(self, instance_id: str, code: int | None = 0, signal: int | None = None) -> None:
         """The job's process ended (the machine itself keeps billing until terminated)."""
         inst = self.instances[instance_id]
         inst.state, inst.exit_code, inst.exit_signal = InstanceState.EXITED, code, signal
+        self._ended += 1
 
     def fail(self, instance_id: str, fault: InstanceFault, reason: str,
              state: InstanceState = InstanceState.EXITED) -> None:
@@ -332,9 +334,13 @@ class FakeAdapter(Adapter, VolumeSupport):
             instance_id=f"fake-{next(self._ids)}", name=name, region=region, offer_id=offer_id,
             price_per_hour=self._price(region), state=state, created_at=self.clock(), volume_id=volume_id,
         )
+        counted = self._in_use_at == (len(self.instances), self._created, self._ended)
         self.instances[inst.instance_id] = inst
         self._by_name.setdefault(name, []).append(inst)
         self._created += 1
+        if counted:  # keep the count current rather than recount 10,000 instances per launch
+            self._in_use_by_region[region] += inst.live
+            self._in_use_at = (len(self.instances), self._created, self._ended)
         self.ledger.append(LedgerEntry("created", inst.instance_id, name, region))
         return inst
 
