@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from orchestrator.daemon import tune_gc  # noqa: E402
+from orchestrator.collector import FULL_EVERY_SECONDS, full_collection, tune_gc  # noqa: E402
 from orchestrator.models import JobSpec  # noqa: E402
 from tests.fake_provider import FakeAdapter, Rig  # noqa: E402
 
@@ -45,7 +45,7 @@ async def churn(rig: Rig, jobs: int, batch: int) -> None:
     baseline = None
     marks = {round(jobs * k / 10) for k in range(1, 11)}
     done = 0
-    t0 = time.perf_counter()
+    t0 = last_full = time.perf_counter()
     while done < jobs:
         ids = [f"c{done + i:07d}" for i in range(batch)]
         for job_id in ids:
@@ -57,7 +57,10 @@ async def churn(rig: Rig, jobs: int, batch: int) -> None:
         await rig.until(lambda: not fake.live(), "the batch finished and its machines stopped", timeout=600)
         fake.forget()  # the provider forgets terminated machines, as real ones do after a while
         done += batch
-        now = rss_mb()  # no gc.collect() here: the daemon's own collector settings decide
+        if time.perf_counter() - last_full >= FULL_EVERY_SECONDS:  # the daemon's schedule (collector.py)
+            full_collection()
+            last_full = time.perf_counter()
+        now = rss_mb()  # no other collection here: the daemon's own collector policy decides
         if done // batch == warm:
             baseline = now
             print(f"after {done:,} jobs (warm-up): RSS {now:.0f} MB", flush=True)

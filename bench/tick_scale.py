@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from orchestrator.daemon import tune_gc  # noqa: E402
+from orchestrator.collector import tune_gc  # noqa: E402
 from orchestrator.models import AttemptStatus, JobSpec  # noqa: E402
 from orchestrator.store import AttemptRow  # noqa: E402
 from tests.fake_provider import FakeAdapter, Rig  # noqa: E402

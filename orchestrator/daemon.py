@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import gc
 import ipaddress
 import json
 import logging
@@ -37,6 +36,7 @@ from adapters.registry import create_adapter, validate_settings
 from orchestrator import auth, systemd, volume_deletion
 from orchestrator.api.app import ApiContext, make_app
 from orchestrator.cluster import Cluster, default_replica_id
+from orchestrator.collector import full_collections, tune_gc
 from orchestrator.config import ConfigError, Settings, load_settings
 from orchestrator.engine import Engine
 from orchestrator.objectstore import ObjectStore
@@ -170,18 +170,6 @@ async def check_providers(settings: Settings, per_provider_seconds: float = 30.0
         return list(await asyncio.gather(*(one(n, t) for n, t in settings.providers.items())))
 
 
-def tune_gc() -> None:
-    """At 10,000 jobs the daemon holds about a million long-lived objects (rows, views), and a
-    tick makes tens of thousands of short-lived ones (a listing's instances). With Python's
-    default thresholds those were promoted and a full collection ran every tick or two: a
-    100-300 ms stall of the loop (issue 9). Objects made at start-up are frozen out of
-    collection, and the young generation is collected per 50,000 allocations instead of 700,
-    so a tick's short-lived objects die by reference count before a collection promotes them
-    (bench/tick_scale.py measures both; bench/churn_memory.py that memory stays flat)."""
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
-
-
 class StateDirBusy(OSError):
     """Another daemon holds this state dir."""
 
@@ -262,6 +250,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         cluster_task = asyncio.create_task(cluster.run(stop, fatal), name="cluster")
         engine_task = asyncio.create_task(engine.run(stop), name="engine")
         watchdog = asyncio.create_task(systemd.watchdog_loop(stop, engine.healthy), name="watchdog")
+        collections = asyncio.create_task(full_collections(stop), name="gc")
         volume_retention = asyncio.create_task(volume_deletion.retention_loop(
             store, adapters, settings.volumes.delete_after_days, stop, ready=engine.observer.started,
             objects=objects,
@@ -276,6 +265,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         stop.set()
         await asyncio.wait_for(engine_task, 60)
         watchdog.cancel()
+        collections.cancel()
         cluster_task.cancel()
         await asyncio.gather(cluster_task, return_exceptions=True)
         await cluster.retire()  # after the engine's last write: the other replicas take over now
