@@ -88,8 +88,8 @@ def test_a_job_moves_to_another_data_center_and_resumes_from_its_checkpoint(
     sim.admin("POST", "/_sim/capacity", {"count": 0, "data_center": old_dc})
     sim.admin("POST", f"/_sim/pods/{first['instance_id']}/preempt")
 
-    # at once, not after the adapter's cached offer listing expires (RunPod's offer_ttl_seconds,
-    # 30 s): the failed launch in the empty data center drops it
+    # within seconds: the launch that finds the data center empty drops the adapter's cached
+    # listing (test_runpod_adapter.py::test_no_capacity covers that with RunPod's default 30 s TTL)
     wait_for(lambda: [a for a in d.client.job(job["id"])["attempts"][1:] if a["instance_id"]], 15,
              what="the job launched elsewhere")
     done = d.wait_status(job["id"], {"succeeded", "failed"}, 60)
