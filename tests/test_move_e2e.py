@@ -10,6 +10,7 @@ old data center's volume is deleted: one pod per attempt, one volume left, nothi
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -59,7 +60,11 @@ egress_usd_per_gb = {EGRESS_USD_PER_GB}
     try:
         daemon.start()
         yield s3, sim, daemon
+        # neither the bucket's secret nor RunPod's key reaches the daemon's log or an API answer
         assert SECRET not in daemon.log_path.read_text() and KEY not in daemon.log_path.read_text()
+        for j in daemon.client.jobs():
+            answer = json.dumps(daemon.client.job(j["id"]))
+            assert SECRET not in answer and KEY not in answer
     finally:
         daemon.stop()
         sim.stop()
