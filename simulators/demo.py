@@ -2,8 +2,10 @@
 
 It starts the simulated providers in this process, a real `gpuhop serve` daemon in a temporary
 state directory, submits a few small training jobs that checkpoint into their volumes, takes
-machines away from some of them along the way (a RunPod preemption, a lost local machine), and
-shows the placements, preemptions and relaunches live. It ends with what each job cost and how
+machines away from some of them along the way (a RunPod preemption, a lost local machine, a
+RunPod data center running out of GPUs under a job whose checkpoints sync to the simulated S3, so
+that it moves elsewhere, priced against waiting, and resumes from its checkpoint there), and
+shows the placements, preemptions, moves and relaunches live. It ends with what each job cost and how
 many attempts it took, checks every step ran exactly once, and leaves no process behind.
 
 It says something at once (it is the README's first command): its first line comes before the
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -53,9 +56,11 @@ TITLE = "gpuhop demo: 5 jobs on RunPod and AWS (simulated) and this machine"
 class Disruption:
     """Take the job's machine away once it has done `after_steps` steps."""
 
-    kind: str  # "preempt" (RunPod's host goes away), "interrupt" (AWS spot warning) or "kill" (the machine dies)
+    kind: str  # "preempt" (RunPod's host goes away), "evict" (its data center runs out of `gpu_type` too),
+    # "interrupt" (AWS spot warning) or "kill" (the machine dies)
     after_steps: int
     done: bool = False
+    gpu_type: str = ""  # "evict": the RunPod GPU type the data center runs out of
 
 
 @dataclass
@@ -66,14 +71,17 @@ class DemoJob:
     disruption: Disruption | None = None
     job_id: str = ""
     notes: list[str] = field(default_factory=list)
+    resumed_said: bool = False
 
 
 def _job(name: str, steps: int, gpu: list[str] | None, disruption: Disruption | None,
-         capacity: str = "auto", providers: list[str] | None = None, sync: str = "none") -> DemoJob:
+         capacity: str = "auto", providers: list[str] | None = None, sync: str = "none",
+         weights_mb: int = 0) -> DemoJob:
     spec: dict[str, Any] = {
         "name": name,
         "image": "pytorch/pytorch:2.4.0-cuda12.1-cudnn9-runtime",
-        "command": ["python3", str(TRAIN), "--steps", str(steps), "--step-seconds", "0.5"],
+        "command": ["python3", str(TRAIN), "--steps", str(steps), "--step-seconds", "0.5",
+                    *(["--weights-mb", str(weights_mb)] if weights_mb else [])],
         "resources": {"gpu": gpu, "gpu_count": 1} if gpu else {"gpu_count": 0},
         "placement": {"capacity": capacity, **({"providers": providers} if providers else {})},
         "volume": {"name": f"{name}-ckpt", "size_gb": 20, "mount_path": "/workspace", "sync": sync},
@@ -88,8 +96,11 @@ def demo_jobs() -> list[DemoJob]:
         # RunPod has no spot since September 2026: its interruption is a host that goes away
         _job("sdxl-lora", 20, ["RTX-A6000", "L40S"], Disruption("preempt", 6), capacity="on-demand",
              providers=["runpod"]),
-        # checkpoints kept in the simulated S3 bucket too ([storage]), restorable anywhere
-        _job("whisper-eval", 16, ["L40S"], None, providers=["runpod"], sync="object-store"),
+        # checkpoints kept in the simulated S3 bucket too ([storage]), restorable anywhere: when its
+        # data center runs out of L40S, waiting there (priced by [moving]'s defaults) costs more
+        # than moving its 16 MB checkpoint, so it moves to the other data center that has them
+        _job("whisper-eval", 16, ["L40S"], Disruption("evict", 5, gpu_type="NVIDIA L40S"), capacity="on-demand",
+             providers=["runpod"], sync="object-store", weights_mb=16),
         _job("bert-pretrain", 24, ["A10G"], Disruption("interrupt", 6), capacity="spot", providers=["aws"]),
         _job("tokenize-corpus", 18, None, Disruption("kill", 5), providers=["local"]),
     ]
@@ -126,6 +137,20 @@ access_key_id = "demo"
 secret_access_key = "demo"
 """
 
+
+
+_MOVED = re.compile(r"^(attempt \d+) launched(?: ahead of a reclaim)?: moved from (\S+), which has no capacity: "
+                    r"move to (\S+) \$(-?[\d.]+) \(egress .*?\) < expected wait at \S+ ([\d.]+) min .*? = \$([\d.]+)")
+
+
+def moved_line(message: str) -> str | None:
+    """A launch that moved a job away from its volume, said short: where from and to, and moving's
+    price against waiting's (the whole arithmetic is in `gpuhop show`). None: not such a launch."""
+    m = _MOVED.match(message)
+    if m is None:
+        return None
+    return (f"{m[1]} moves from {m[2]} (no capacity) to {m[3]}: moving (egress, restore, price difference) "
+            f"${m[4]} < waiting ~{float(m[5]):.0f} min there ${m[6]}")
 
 
 class Demo:
@@ -199,11 +224,11 @@ class Demo:
     async def _api(self, fn: Any, *args: Any) -> Any:
         return await asyncio.to_thread(fn, *args)
 
-    async def _sim(self, method: str, url: str) -> Any:
+    async def _sim(self, method: str, url: str, body: Any = None) -> Any:
         """A call to a simulator's admin API; its JSON answer."""
         import aiohttp  # here, not at the top: it takes a while to import, and the demo speaks first
 
-        async with aiohttp.ClientSession() as s, s.request(method, url) as resp:
+        async with aiohttp.ClientSession() as s, s.request(method, url, json=body) as resp:
             return await resp.json(content_type=None)
 
     def _say(self, when: str, name: str, text: str) -> None:
@@ -233,6 +258,7 @@ class Demo:
             while True:
                 details = [await self._api(c.job, j.job_id) for j in self.jobs]
                 self._collect_events(details)
+                await self._say_resumed(details)
                 await self._disrupt(details)
                 live.update(self._table(details))
                 if all(d["status"] in TERMINAL for d in details):
@@ -250,10 +276,26 @@ class Demo:
             start = self.seen_events.get(d["id"], 0)
             for e in events[start:]:
                 if e["kind"] in ("launched", "running", "preempted", "lost", "succeeded", "failed", "no_capacity",
-                                 "interruption"):
-                    msg = e["message"].split(";")[0] if e["kind"] == "launched" else e["message"]
+                                 "interruption", "volume_moved"):
+                    msg = moved_line(e["message"]) or (
+                        e["message"].split(";")[0] if e["kind"] == "launched" else e["message"])
                     self._say(e["at"][11:19], d["name"], msg[:220])
             self.seen_events[d["id"]] = len(events)
+
+    async def _say_resumed(self, details: list[dict[str, Any]]) -> None:
+        """Once a moved job runs at its new place: the step it resumed at, from its own output."""
+        assert self.client is not None
+        for j, d in zip(self.jobs, details, strict=True):
+            moved = [a for a in d["attempts"] if a.get("transfer_cost_usd") is not None]
+            if j.resumed_said or not moved or moved[-1]["status"] == "pending" or not moved[-1]["instance_id"]:
+                continue
+            out = b"".join(await self._api(self.client.logs, d["id"])).decode(errors="replace")
+            found = re.search(rf"^attempt {moved[-1]['number']}: starting at step (\d+) of (\d+)", out, re.M)
+            if found:
+                j.resumed_said = True
+                self._say(self._now(), d["name"], f"resumed in {moved[-1]['region']} at step {found[1]} of "
+                          f"{found[2]}: its checkpoint restored from object storage, "
+                          f"transfer {render.money(moved[-1]['transfer_cost_usd'])}")
 
     async def _disrupt(self, details: list[dict[str, Any]]) -> None:
         for j, d in zip(self.jobs, details, strict=True):
@@ -272,6 +314,14 @@ class Demo:
                 at = str(((answer or {}).get("notice") or {}).get("time", ""))[11:19] or "?"
                 self._say(self._now(), d["name"],
                           f"!! AWS spot interruption warning for {iid}: reclaim at {at}Z ({AWS_NOTICE:.0f} s notice)")
+            elif dis.kind == "evict":
+                where = attempt["region"]
+                await self._sim("POST", f"{self.sim_url}/_sim/capacity",
+                                {"count": 0, "data_center": where, "gpu_type": dis.gpu_type})
+                await self._sim("POST", f"{self.sim_url}/_sim/pods/{iid}/preempt")
+                self._say(self._now(), d["name"],
+                          f"!! RunPod data center {where} runs out of {dis.gpu_type.removeprefix('NVIDIA ')} GPUs "
+                          f"and the host of pod {iid} goes away ({RUNPOD_NOTICE:.0f} s notice)")
             elif dis.kind == "preempt":
                 await self._sim("POST", f"{self.sim_url}/_sim/pods/{iid}/preempt")
                 self._say(self._now(), d["name"],

@@ -2,7 +2,10 @@
 demo works from an installed gpuhop too): counts steps, checkpoints into $GPUHOP_VOLUME after
 each one, resumes from the checkpoint after a relaunch, and checkpoints at once on SIGTERM.
 
-Usage: python demo_train.py [--steps N] [--step-seconds S]
+Usage: python demo_train.py [--steps N] [--step-seconds S] [--weights-mb M]
+
+--weights-mb writes a file of M MB of "weights" into the volume once, as a model would: a
+checkpoint with some size, so that moving it through object storage has a price to show.
 """
 import argparse
 import json
@@ -17,6 +20,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--step-seconds", type=float, default=0.5)
+    parser.add_argument("--weights-mb", type=int, default=0)
     args = parser.parse_args()
 
     volume = Path(os.environ.get("GPUHOP_VOLUME", "."))
@@ -24,6 +28,11 @@ def main() -> int:
     ckpt = volume / "checkpoint.json"
     steps_log = volume / "steps.log"
     attempt = os.environ.get("GPUHOP_ATTEMPT", "?")
+    weights = volume / "weights.bin"
+    if args.weights_mb > 0 and not weights.exists():
+        tmp = weights.with_suffix(".tmp")
+        tmp.write_bytes(os.urandom(args.weights_mb << 20))
+        os.replace(tmp, weights)
 
     step = json.loads(ckpt.read_text())["step"] if ckpt.exists() else 0
     # a step logged after the last checkpoint was not kept: drop it so it is redone once

@@ -1,6 +1,8 @@
 """`gpuhop demo`, the README's first command, runs to the end, reports success, and leaves no
-process behind; at 80 columns nothing it prints is wider, and what it says of the AWS spot
-warning agrees with the reclaim time the daemon reckons from EC2's event.
+process behind; at 80 columns nothing it prints is wider, what it says of the AWS spot warning
+agrees with the reclaim time the daemon reckons from EC2's event, and the job whose data center
+runs out of GPUs is shown moving elsewhere (priced against waiting) and resuming from its
+checkpoint there.
 
 "No process behind" is checked on the demo's own processes only, so that other work on a shared
 host cannot fail it: the demo runs with a marker in its environment, which every process it
@@ -102,6 +104,17 @@ def test_demo_runs_clean(tmp_path: Path) -> None:
     assert warned, stdout[-6000:]
     reclaim = _seconds(*warned.group(5, 6, 7))
     assert _apart(_seconds(*warned.group(1, 2, 3)) + int(warned[8]), reclaim) <= 3, warned[0]
+    # the job whose data center ran out of GPUs moved to another, priced against waiting, and resumed
+    # there from its checkpoint (restored from the simulated S3), with the transfer priced
+    evicted = re.search(r"whisper-eval !! RunPod data center (\S+) runs out of L40S GPUs", said)
+    assert evicted, stdout[-6000:]
+    moved = re.search(r"whisper-eval attempt 2 moves from runpod/(\S+) \(no capacity\) to runpod/(\S+): moving "
+                      r"\(egress, restore, price difference\) \$([\d.]+) < waiting ~\d+ min there \$([\d.]+)", said)
+    assert moved and moved[1] == evicted[1] != moved[2], stdout[-6000:]
+    assert float(moved[3]) < float(moved[4])
+    resumed = re.search(rf"whisper-eval resumed in {moved[2]} at step (\d+) of 16: its checkpoint restored from "
+                        r"object storage, transfer \$(\d+\.\d+)", said)
+    assert resumed and int(resumed[1]) > 0 and float(resumed[2]) > 0, stdout[-6000:]
     reckoned = re.search(rf"aws will reclaim instance {warned[4]} at (\d\d):(\d\d):(\d\d)Z", said)
     assert reckoned, stdout[-6000:]
     assert _apart(_seconds(*reckoned.group(1, 2, 3)), reclaim) <= 3, (warned[0], reckoned[0])

@@ -32,6 +32,10 @@ provider_timeout_seconds = 20
 api_key = "{KEY}"
 api_url = "{sim.url}"
 request_timeout_seconds = 3
+# RunPod's catalogue is reused 30 s by default, and a launch that finds no capacity drops it: a
+# listing without capacity would then hide the capacity coming back for 30 s (offers refresh
+# every second here)
+offer_ttl_seconds = 1
 # a create that got no answer may still land: no new create for this long. RunPod's default is
 # 120 s; the simulator's timeout fault never creates, and at 7% of calls one create in five
 # runs hit it and held a job past the test's deadline

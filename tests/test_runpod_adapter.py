@@ -281,6 +281,9 @@ async def test_no_capacity(sim: RunPodSimulator, adapter: RunPodAdapter) -> None
     with pytest.raises(NoCapacity):
         await adapter.launch(request(pick(offers, "L40S", "RO", volumes=False), name="gpuhop-job1-2"))
     assert await sim_pods(sim) == []
+    # the cached listing promised what is gone: the next one asks RunPod again and shows none, so
+    # placement stops choosing it (and a job that may move does) before offer_ttl_seconds pass
+    assert not [o for o in await adapter.offers() if o.available > 0]
 
 
 async def test_transient_faults_are_retried_then_retry_later(

@@ -26,7 +26,7 @@ from orchestrator.api.app import ApiContext, make_app
 from orchestrator.config import ConfigError, load_settings
 from orchestrator.daemon import build_adapters, configured_secrets
 from orchestrator.engine import Engine
-from orchestrator.models import AttemptStatus, JobSpec
+from orchestrator.models import AttemptStatus, JobSpec, VolumeSpec
 from orchestrator.objectstore import ObjectStore
 from orchestrator.store import Store
 from orchestrator.store.tables import AttemptRow
@@ -315,3 +315,24 @@ async def test_volume_rm_deletes_its_checkpoints_so_a_new_job_starts_fresh(env: 
     assert resp.status == 200, await resp.text()
     assert env.s3 is not None
     assert env.s3.client().list_objects_v2(Bucket=BUCKET, Prefix="u/volumes/gone-vol/")["KeyCount"] == 0
+
+
+async def test_a_commit_records_the_checkpoints_size_on_its_volume(env: Env) -> None:
+    """A move is priced at the checkpoint it restores (orchestrator/moving.py), not at the volume's
+    provisioned size: every commit writes the manifest's total size on the volume's row."""
+    job = env.job("sized")
+    env.store.set_volume_location("sized", "runpod", "EU-RO-1", "vol-sized", VolumeSpec(name="sized"))
+    assert env.store.volume("sized").checkpoint_gb is None  # type: ignore[union-attr]
+    h = env.attempt(job, 1)
+    data = {"model.bin": b"\x01" * 3_000_000, "steps.log": b"1\n2\n"}
+    files = [entry(path, body) for path, body in data.items()]
+    _, up = await env.post("upload", h, {"blobs": [{"sha256": f["sha256"], "size": f["size"]} for f in files]})
+    by_sha = {hashlib.sha256(b).hexdigest(): b for b in data.values()}
+    for item in up["upload"]:
+        env.put(item["url"], by_sha[item["sha256"]])
+    assert (await env.post("commit", h, {"files": files}))[0] == 200
+    vol = env.store.volume("sized")
+    assert vol is not None and vol.checkpoint_gb == pytest.approx(3_000_004 / 1024**3)
+    # a smaller checkpoint later: the size follows the latest one, not the largest
+    assert (await env.post("commit", h, {"files": files[1:]}))[0] == 200
+    assert env.store.volume("sized").checkpoint_gb == pytest.approx(4 / 1024**3)  # type: ignore[union-attr]

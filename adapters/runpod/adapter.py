@@ -26,6 +26,7 @@ import time
 from adapters.base import (
     Adapter,
     AdapterContext,
+    NoCapacity,
     PermanentError,
     RetryLater,
     VolumeSupport,
@@ -154,8 +155,12 @@ class RunPodAdapter(Adapter, VolumeSupport):
             if "HTTP 429" in str(exc):
                 self._unsettled.pop(req.name, None)  # throttled: RunPod did not take it
             raise
-        except Exception:
+        except Exception as exc:
             self._unsettled.pop(req.name, None)  # RunPod answered: nothing was created
+            if isinstance(exc, NoCapacity):
+                # the cached listing promised capacity that is gone: list again next time, or
+                # placement keeps choosing it (and a job that could move waits) for offer_ttl_seconds
+                self._offers = None
             raise
         self._unsettled.pop(req.name, None)
         return inst

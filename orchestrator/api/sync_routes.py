@@ -12,10 +12,15 @@ holding a storage credential: the daemon answers with presigned URLs that expire
 Authenticated like the reports (`agent_routes`): the attempt's name in `X-Gpuhop-Attempt` and its
 own token. An attempt that has ended may still commit (its final sync after a reclaim notice
 races the daemon seeing the machine go), unless a later attempt of its job committed already.
+
+Each commit records the checkpoint's total size on the volume's row (`Store.set_checkpoint_size`):
+a move away from the volume's place restores that much, so it is priced at it (orchestrator/
+moving.py), not at the volume's provisioned size.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Annotated, Any
 
@@ -25,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from orchestrator import auth
 from orchestrator import checkpoints as cp
 from orchestrator.api.agent_routes import _ATTEMPT_RE, _TOKEN_RE, ATTEMPT_HEADER, _bad_token
-from orchestrator.api.app import CTX, bearer, error
+from orchestrator.api.app import CTX, ApiContext, bearer, error
 from orchestrator.api.body import parse_json, read_body, validation_message
 from orchestrator.models import AttemptStatus, JobSpec
 from orchestrator.objectstore import ObjectStore, StorageError
@@ -35,6 +40,8 @@ SYNC_MAX_BODY = 32 * 1024 * 1024  # a manifest of 100,000 files
 PATHS = ("/v1/agent/sync/restore", "/v1/agent/sync/upload", "/v1/agent/sync/commit")
 MAX_UPLOAD_BATCH = 1000
 StrictInt = Annotated[int, Field(strict=True)]
+GIB = 1024**3
+log = logging.getLogger("gpuhop.api")
 
 
 class RestoreRequest(BaseModel):
@@ -59,8 +66,9 @@ class CommitRequest(BaseModel):
 
 
 class _Caller:
-    def __init__(self, row: AttemptRow, volume: str, objects: ObjectStore, body: dict[str, Any]) -> None:
-        self.row, self.volume, self.objects, self.body = row, volume, objects, body
+    def __init__(self, ctx: ApiContext, row: AttemptRow, volume: str, objects: ObjectStore,
+                 body: dict[str, Any]) -> None:
+        self.ctx, self.row, self.volume, self.objects, self.body = ctx, row, volume, objects, body
 
 
 async def _caller(request: web.Request) -> _Caller | web.Response:
@@ -83,7 +91,7 @@ async def _caller(request: web.Request) -> _Caller | web.Response:
     if ctx.objects is None:
         return error(503, "no_object_store", "this daemon has no [storage] configured",
                      headers={"Retry-After": "60"})
-    return _Caller(row, spec.volume.name, ctx.objects, body)
+    return _Caller(ctx, row, spec.volume.name, ctx.objects, body)
 
 
 def _unavailable(exc: StorageError) -> web.Response:
@@ -153,10 +161,21 @@ async def commit(request: web.Request) -> web.Response:
             m = cp.Manifest(volume=c.volume, seq=(seqs[0] if seqs else 0) + 1, job_id=c.row.job_id,
                             attempt=c.row.number, created_at=time.time(), files=files)
             if await c.objects.write_manifest(m):
+                await _record_size(c, sum(f.size for f in files))
                 return web.json_response({"seq": m.seq, "files": len(files)})
     except StorageError as exc:
         return _unavailable(exc)
     return error(503, "busy", "other commits kept taking the next seq; try again", headers={"Retry-After": "1"})
+
+
+async def _record_size(c: _Caller, size: int) -> None:
+    """The committed checkpoint's size, on its volume's row, for pricing a move. The manifest is
+    written already: a failure here is logged, never answered as a failed commit (the agent would
+    commit the same files again under a new seq)."""
+    try:
+        await c.ctx.store.run(c.ctx.store.set_checkpoint_size, c.volume, size / GIB)
+    except Exception as exc:  # the next commit records it
+        log.warning("could not record the size of volume %s's checkpoint: %s", c.volume, exc)
 
 
 def setup(app: web.Application) -> None:
