@@ -21,7 +21,7 @@ from tests.daemon_harness import sim_volume_dir as volume_dir
 pytestmark = pytest.mark.e2e
 KEY = "rpa_REPLICAS0123456789ABCDEF"
 TTL = 3.0
-STEPS = 50
+STEPS = 30
 
 
 @pytest.fixture
@@ -50,6 +50,9 @@ retry_backoff_max_seconds = 2
 api_key = "{KEY}"
 api_url = "{sim.url}"
 request_timeout_seconds = 3
+# offers a second old at most (the default 30 s): a relaunch sees the simulator's capacity as
+# it is, and the test's run time does not depend on where a 30 s cache stands
+offer_ttl_seconds = 1
 """
 
 
