@@ -190,3 +190,24 @@ def test_pages_filtered_by_several_statuses_are_the_full_list_filtered(store: St
                 break
             before = (page[-1].created_at, page[-1].id)
         assert seen == expected, wanted
+
+
+def test_a_confirmed_launch_never_moves_an_attempt_backwards(store: Store) -> None:
+    """record_launch: a pending attempt becomes launching with its machine; one the tick adopted
+    meanwhile keeps its status and instance; one ended meanwhile (a cancel) stays ended, gets no
+    machine, and the caller hears False (it then stops the machine)."""
+    for n in (1, 2, 3):
+        store.create_job(f"j{n}", JobSpec.model_validate({"name": f"j{n}", "command": ["true"]}))
+    pending, adopted, ended = (store.add_attempt(AttemptRow(job_id=f"j{n}", number=1, name=f"gpuhop-j{n}-1",
+                                                            provider="fake", status=AttemptStatus.PENDING.value,
+                                                            created_at=1.0)) for n in (1, 2, 3))
+    store.update_attempt(adopted.id or 0, status=AttemptStatus.RUNNING.value, instance_id="i-adopted", launched_at=5.0)
+    store.update_attempt(ended.id or 0, status=AttemptStatus.ENDED.value, end_reason=EndReason.CANCELLED.value)
+    assert store.record_launch(pending.id or 0, "i-1", 10.0, {"message": "launched"}, [(1, "launched", "on fake")])
+    assert store.record_launch(adopted.id or 0, "i-2", 11.0)
+    assert not store.record_launch(ended.id or 0, "i-3", 12.0, {"message": "must not"}, [(1, "launched", "no")])
+    got = {a.job_id: (a.status, a.instance_id, a.launched_at) for n in (1, 2, 3) for a in store.attempts(f"j{n}")}
+    assert got == {"j1": ("launching", "i-1", 10.0), "j2": ("running", "i-adopted", 5.0), "j3": ("ended", None, None)}
+    assert store.get_job("j1").message == "launched"  # type: ignore[union-attr]
+    assert store.get_job("j3").message == "queued"  # type: ignore[union-attr]
+    assert [e.kind for e in store.events("j3")] == ["submitted"]

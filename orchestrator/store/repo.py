@@ -454,23 +454,34 @@ class Store(LeaseStore, MoveStore, WorkdirStore):
         """The write-ahead record of a launch, committed before the provider is called. Raises
         Conflict when an attempt of that name exists (the name is the idempotency key), or when
         the job already has a live attempt that is not under a reclaim notice (one job runs on
-        one machine at a time; only an early replacement may start beside a warned attempt)."""
+        one machine at a time; only an early replacement may start beside a warned attempt).
+        Core statements: it is on every launch's path (issue 9: detection to launch)."""
+        table = AttemptRow.__table__  # type: ignore[attr-defined]
         with self._write() as s:
-            job = s.get(JobRow, row.job_id, with_for_update=True)  # one writer of this job's attempts at a time
-            check_lease(s, self.fence, job, time.time())
-            q = select(AttemptRow).where(AttemptRow.job_id == row.job_id, AttemptRow.status != ENDED,
-                                         col(AttemptRow.interruption_at).is_(None))
-            busy = s.exec(q).first()
+            conn = s.connection()
+            owners = self._lock_jobs(conn, [row.job_id])  # one writer of this job's attempts at a time
+            if row.job_id in owners:
+                self._check_owner(s, row.job_id, owners[row.job_id], time.time())
+            busy = conn.execute(sa_select(table.c.number, table.c.status).where(
+                table.c.job_id == row.job_id, table.c.status != ENDED, table.c.interruption_at.is_(None)).limit(1)).first()
             if busy is not None:
                 raise Conflict(f"job {row.job_id} already runs attempt {busy.number} ({busy.status})")
-            s.add(row)
-            try:
-                s.commit()
+            values = {k: v for k, v in row.model_dump().items() if k != "id"}
+            try:  # a refusal leaves nothing: the session's end rolls the transaction back
+                key = conn.execute(table.insert().values(**values)).inserted_primary_key
             except IntegrityError:
-                s.rollback()
                 raise Conflict(f"attempt {row.name!r} already exists") from None
-            s.refresh(row)
+            row.id = int(key[0]) if key is not None else None
+            s.commit()
             return row
+
+    def _check_owner(self, s: Session, job_id: str, owner: str | None, now: float) -> None:
+        """check_lease for a job whose owner was read with its row locked (Core paths)."""
+        if self.fence is None:
+            return
+        if owner != self.fence.replica_id:
+            raise LeaseLost(f"job {job_id} is owned by {owner or 'nobody'}, not {self.fence.replica_id}")
+        check_replica(s, self.fence, now)
 
     def update_attempt(self, attempt_id: int, **fields: Any) -> AttemptRow | None:
         """Set attempt columns, under the same rules as `apply` (see `merge_attempt`: nothing
@@ -511,21 +522,31 @@ class Store(LeaseStore, MoveStore, WorkdirStore):
         """A launch worker's confirmed machine: a pending attempt becomes launching with it; one
         the tick adopted meanwhile keeps its status (never moved backwards). False when the
         attempt was ended meanwhile (a cancel): the caller stops the machine. `job_fields` and
-        `events`, when given, are written with it (one transaction per launch, not two)."""
+        `events`, when given, are written with it (one transaction per launch, not two). Core
+        statements, as apply_many: it is on every launch's path."""
         now = time.time()
+        attempts = AttemptRow.__table__  # type: ignore[attr-defined]
         with self._write() as s:
-            row = self._lock_attempt(s, attempt_id, job_first=bool(job_fields or events))
+            conn = s.connection()
+            job_id = conn.execute(sa_select(attempts.c.job_id).where(attempts.c.id == attempt_id)).scalar()
+            if job_id is None:
+                return False
+            owners = self._lock_jobs(conn, [job_id])  # the job first, as every writer takes them
+            if job_id in owners:
+                self._check_owner(s, job_id, owners[job_id], now)
+            row = self._lock_attempts(conn, [attempt_id]).get(attempt_id)
             if row is None or row.status == ENDED:
                 return False
+            fields: dict[str, Any] = {}
             if row.status == AttemptStatus.PENDING.value:
-                row.status = AttemptStatus.LAUNCHING.value
-            row.instance_id = row.instance_id or instance_id
-            row.launched_at = row.launched_at or launched_at
-            s.add(row)
-            if job_fields or events:
-                job = s.get(JobRow, row.job_id)  # locked by _lock_attempt
-                if job is not None:
-                    self._apply_locked(s, job, job_fields or {}, {}, events, now)
+                fields["status"] = AttemptStatus.LAUNCHING.value
+            if not row.instance_id:
+                fields["instance_id"] = instance_id
+            if not row.launched_at:
+                fields["launched_at"] = launched_at
+            _update_rows(conn, AttemptRow, [(attempt_id, fields)] if fields else [], {})
+            if (job_fields or events) and job_id in owners:
+                self._apply_plain(conn, [(job_id, job_fields or {}, events)], now)
             s.commit()
             return True
 
