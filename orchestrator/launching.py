@@ -143,19 +143,21 @@ class Workers:
         done = self._terminated.get(key)
         return done is not None and time.time() - done < RESTOP_SECONDS
 
-    def _spawn(self, coro: Awaitable[None], name: str) -> None:
-        async def run() -> None:
-            try:
-                await coro
-            except asyncio.CancelledError:
-                raise
-            except LeaseLost as exc:  # the job went to another replica: its engine takes over
-                log.warning("worker %s stopped: %s", name, exc)
-            except Exception:  # a bug in one worker must not go unnoticed, nor kill the daemon
-                log.exception("worker %s failed", name)
-                metrics.TICK_ERRORS.inc()
+    @staticmethod
+    async def _logged(work: Awaitable[None], name: str) -> None:
+        """Run one piece of work; what it raises is logged and counted, never propagated."""
+        try:
+            await work
+        except asyncio.CancelledError:
+            raise
+        except LeaseLost as exc:  # the job went to another replica: its engine takes over
+            log.warning("worker %s stopped: %s", name, exc)
+        except Exception:  # a bug in one worker must not go unnoticed, nor kill the daemon
+            log.exception("worker %s failed", name)
+            metrics.TICK_ERRORS.inc()
 
-        task = asyncio.create_task(run(), name=name)
+    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+        task = asyncio.create_task(self._logged(coro, name), name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -223,14 +225,7 @@ class Workers:
             while self._launch_queue and not self._closing:
                 job_id, work, name = self._launch_queue.popleft()
                 try:
-                    await work()
-                except asyncio.CancelledError:
-                    raise
-                except LeaseLost as exc:  # the job went to another replica: its engine takes over
-                    log.warning("worker %s stopped: %s", name, exc)
-                except Exception:  # a bug in one launch must not go unnoticed, nor stop the others
-                    log.exception("worker %s failed", name)
-                    metrics.TICK_ERRORS.inc()
+                    await self._logged(work(), name)  # a launch that fails does not stop the others
                 finally:
                     self._launch_done(job_id)
         finally:
