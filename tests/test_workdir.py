@@ -161,10 +161,17 @@ def _refused_as_nobody(named: str) -> None:
         (root / named).chmod(0)
         code = ("import sys, pathlib; from orchestrator import workdir\ntry:\n workdir.pack(pathlib.Path(sys.argv[1]))\n"
                 "except workdir.WorkdirError as e:\n print(e); sys.exit(3)")
-        # the system's python: the virtualenv's may live where nobody cannot reach (under /root)
+        # the system's python, and a copy of the two modules it needs: the virtualenv and the
+        # checkout may live where nobody cannot reach (under /root, or a 0700 temporary dir)
         python = shutil.which("python3", path="/usr/bin:/usr/local/bin") or sys.executable
+        package = base / "src" / "orchestrator"
+        package.mkdir(parents=True)
+        for module in ("__init__.py", "workdir.py", "ignore.py"):
+            shutil.copy(Path(workdir.__file__).parent / module, package / module)
+        for d in (base / "src", package):
+            d.chmod(0o755)
         r = subprocess.run([python, "-c", code, str(root)], capture_output=True, text=True, timeout=60,
-                           cwd=Path(__file__).resolve().parents[1], user=65534, group=65534)
+                           cwd=base / "src", user=65534, group=65534)
     finally:
         shutil.rmtree(base)
     assert r.returncode == 3, r.stderr
