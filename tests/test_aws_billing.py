@@ -122,3 +122,29 @@ async def test_bills_from_ec2_times_agree_with_the_ledger(aws: AwsAdapter, sim: 
     assert bills[long.instance_id].cost_usd != pytest.approx(long_seconds * 0.3951 / 3600, rel=0.05)
     # a final bill does not move any more
     assert (await _by_id(aws))[spot.instance_id].bill == bills[spot.instance_id]
+
+
+async def test_an_instance_terminated_while_pending_costs_nothing(tmp_path: Path) -> None:
+    """EC2 bills from `running` on: an early replacement cancelled before it booted is free, in
+    terminate()'s final bill, in later listings and in the ledger. (The fault storm found the
+    adapter charging such an instance EC2's 60 s minimum.)"""
+    async with running_simulator(tmp_path / "sim", boot_delay=30.0) as sim:
+        aws = make_adapter(sim, tmp_path)
+        await aws.start()
+        try:
+            offers = await aws.offers()
+            launched = await aws.launch(
+                request(offer_for(offers, "g6.xlarge", "us-east-1b", CapacityType.SPOT), "early", 1, SLEEPER)
+            )
+            seen = await _by_id(aws)
+            assert seen[launched.instance_id].extra.get("ec2_state") == "pending"
+            final = await aws.terminate(launched.instance_id)
+            assert final is not None and final.ended_at is not None
+            assert final.cost_usd == 0.0
+            listed = (await _by_id(aws))[launched.instance_id].bill
+            assert listed is not None and listed.cost_usd == 0.0
+            ledger = {row["id"]: row for row in (await admin(sim, "GET", "/_sim/ledger"))["entries"]}
+            row = ledger[launched.instance_id]
+            assert (row["started"], row["billed_seconds"], row["cost_usd"]) == (None, 0, 0.0)
+        finally:
+            await clean_up(aws, sim)

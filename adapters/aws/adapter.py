@@ -603,7 +603,12 @@ class AwsAdapter(Adapter, VolumeSupport, InterruptionSupport):
         if not raws:
             return None
         raw = dict(raws[0])
-        said = {str((c.get("CurrentState") or {}).get("Name", "")) for c in answer.get("TerminatingInstances", [])}
+        changes = answer.get("TerminatingInstances", [])
+        if any(str((c.get("PreviousState") or {}).get("Name", "")) == "pending" for c in changes):
+            # EC2 bills from `running` on: one cancelled before it booted cost nothing
+            started = billing.timestamp(raw.get("LaunchTime")) or time.time()
+            return self._bill(instance_id, started, started, time.time(), [(started, 0.0)], final=True)
+        said = {str((c.get("CurrentState") or {}).get("Name", "")) for c in changes}
         if str((raw.get("State") or {}).get("Name")) not in billing.ENDED_STATES:
             if not said & billing.ENDED_STATES:
                 return None
