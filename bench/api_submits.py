@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import tempfile
@@ -47,6 +48,71 @@ isolation = "none"
     if postgres_url:
         text = f'[database]\nurl = "{postgres_url}"\n' + text
     return text
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Cpu:
+    """CPU used by the daemon and by this client over a phase, as shares of one core: on two
+    cores the client's own share is the machine's, not the daemon's, to spend."""
+
+    def __init__(self, daemon_pid: int) -> None:
+        self.pid = daemon_pid
+        self.t0, self.d0, self.c0 = time.perf_counter(), cpu_seconds(daemon_pid), time.process_time()
+
+    def __str__(self) -> str:
+        wall = time.perf_counter() - self.t0
+        daemon = (cpu_seconds(self.pid) - self.d0) / wall
+        client = (time.process_time() - self.c0) / wall
+        return f"CPU: daemon {daemon:.0%} of a core, this client {client:.0%}"
+
+
+def histograms(url: str, token: str) -> dict[str, list[tuple[float, float]]]:
+    """The daemon's own latency histograms from /metrics: the submit route's handling time and
+    the event loop's lag, each as cumulative (upper bound, count) buckets."""
+    import urllib.request
+
+    wanted = {'gpuhop_api_request_seconds_bucket{le="%s",method="POST",route="/v1/jobs"}': "submit",
+              'gpuhop_api_request_seconds_bucket{le="%s",method="GET",route="/v1/jobs"}': "list",
+              'gpuhop_event_loop_lag_seconds_bucket{le="%s"}': "loop lag"}
+    req = urllib.request.Request(f"{url}/metrics", headers={"Authorization": f"Bearer {token}"})
+    text = urllib.request.urlopen(req, timeout=30).read().decode()
+    out: dict[str, list[tuple[float, float]]] = {}
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if "_bucket{" not in name:
+            continue
+        le = name.split('le="', 1)[1].split('"', 1)[0]
+        key = wanted.get(name.replace(f'le="{le}"', 'le="%s"'))
+        if key is not None:
+            out.setdefault(key, []).append((float(le), float(value)))
+    return out
+
+
+class Server:
+    """What the daemon itself saw over a phase: p99 of its handling time and of its loop's lag
+    (bucket upper bounds), so a slow answer can be told apart from a busy loop."""
+
+    def __init__(self, url: str, token: str) -> None:
+        self.url, self.token = url, token
+        self.before = histograms(url, token)
+
+    def __str__(self) -> str:
+        after = histograms(self.url, self.token)
+        parts = []
+        for key, buckets in after.items():
+            old = dict(self.before.get(key, []))
+            delta = [(le, n - old.get(le, 0.0)) for le, n in buckets]
+            total = delta[-1][1] if delta else 0
+            if not total:
+                continue
+            p99 = next(le for le, n in delta if n >= 0.99 * total)
+            parts.append(f"{key} p99 <= {p99 * 1000:g} ms" if p99 != float("inf") else f"{key} p99 > 10 s")
+        return "daemon: " + ", ".join(parts)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -138,18 +204,22 @@ def main() -> None:
         daemon = Daemon(Path(tmp) / "state", config(pg), log_level="WARNING")
         client = daemon.start()
         try:
+            pid = daemon.proc.pid
+            cpu, server = Cpu(pid), Server(client.url, client.token)
             rate, lat, errors = asyncio.run(submits(client.url, client.token, args.submits, args.clients))
             print(f"submits: {args.submits:,} from {args.clients} clients: {rate:,.0f}/s (goal >= 1,000), "
                   f"p50 {statistics.median(lat) * 1000:.0f} ms, p99 {pct(lat, 0.99) * 1000:.0f} ms (goal <= 50); "
-                  f"{errors} not 201")
+                  f"{errors} not 201; {cpu}; {server}")
             if args.rate:
+                cpu, server = Cpu(pid), Server(client.url, client.token)
                 got, lat, errors = asyncio.run(paced(client.url, client.token, args.rate, args.seconds, args.clients))
                 print(f"submits at {args.rate:,.0f}/s for {args.seconds:.0f} s (open loop, {args.clients} connections): "
                       f"{got:,.0f}/s, p50 {statistics.median(lat) * 1000:.0f} ms, p99 {pct(lat, 0.99) * 1000:.0f} ms "
-                      f"(goal <= 50); {errors} not 201")
+                      f"(goal <= 50); {errors} not 201; {cpu}; {server}")
+            cpu, server = Cpu(pid), Server(client.url, client.token)
             listed = asyncio.run(lists(client.url, client.token, args.lists))
             print(f"GET /v1/jobs with {args.submits:,} jobs stored: p50 {statistics.median(listed) * 1000:.0f} ms, "
-                  f"p99 {pct(listed, 0.99) * 1000:.0f} ms (goal <= 50)")
+                  f"p99 {pct(listed, 0.99) * 1000:.0f} ms (goal <= 50); {cpu}; {server}")
         finally:
             daemon.stop()
 

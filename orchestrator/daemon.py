@@ -39,6 +39,7 @@ from orchestrator.cluster import Cluster, default_replica_id
 from orchestrator.collector import full_collections, tune_gc
 from orchestrator.config import ConfigError, Settings, load_settings
 from orchestrator.engine import Engine
+from orchestrator.looplag import watch_loop_lag
 from orchestrator.objectstore import ObjectStore
 from orchestrator.store import Store
 
@@ -251,6 +252,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         engine_task = asyncio.create_task(engine.run(stop), name="engine")
         watchdog = asyncio.create_task(systemd.watchdog_loop(stop, engine.healthy), name="watchdog")
         collections = asyncio.create_task(full_collections(stop), name="gc")
+        loop_lag = asyncio.create_task(watch_loop_lag(stop), name="loop-lag")
         volume_retention = asyncio.create_task(volume_deletion.retention_loop(
             store, adapters, settings.volumes.delete_after_days, stop, ready=engine.observer.started,
             objects=objects,
@@ -266,6 +268,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         await asyncio.wait_for(engine_task, 60)
         watchdog.cancel()
         collections.cancel()
+        loop_lag.cancel()
         cluster_task.cancel()
         await asyncio.gather(cluster_task, return_exceptions=True)
         await cluster.retire()  # after the engine's last write: the other replicas take over now

@@ -61,3 +61,12 @@ JOBS = Gauge("gpuhop_jobs", "Jobs by status", ["status"], registry=REGISTRY)
 API_REQUESTS = Counter(
     "gpuhop_api_requests_total", "API requests", ["method", "route", "status"], registry=REGISTRY
 )
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+API_SECONDS = Histogram(
+    "gpuhop_api_request_seconds", "Time from a request's handling start to its answer (the daemon's share)",
+    ["method", "route"], buckets=_LATENCY_BUCKETS, registry=REGISTRY,
+)
+EVENT_LOOP_LAG = Histogram(
+    "gpuhop_event_loop_lag_seconds", "How much later than asked the event loop ran a short timer",
+    buckets=_LATENCY_BUCKETS, registry=REGISTRY,
+)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +83,7 @@ async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamR
     resource = request.match_info.route.resource
     route = resource.canonical if resource else "unmatched"
     status = 500
+    began = time.perf_counter()
     try:
         if request.path not in PUBLIC_PATHS and request.path not in AGENT_PATHS:
             token = bearer(request)
@@ -116,6 +118,7 @@ async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamR
         return error(500, "internal", "internal error; see the daemon's log")
     finally:
         metrics.API_REQUESTS.labels(request.method, route, str(status)).inc()
+        metrics.API_SECONDS.labels(request.method, route).observe(time.perf_counter() - began)
 
 
 def make_app(ctx: ApiContext) -> web.Application:
