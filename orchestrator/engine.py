@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import time
 from collections.abc import Callable
@@ -39,6 +40,7 @@ from orchestrator.observation import Observer, ProviderHealth, Snapshot, describ
 from orchestrator.placement import PlacementSettings, RateStats
 from orchestrator.retention import prune_logs
 from orchestrator.store import AttemptRow, JobRow, Store
+from orchestrator.store.feed import ActiveState
 
 log = logging.getLogger("gpuhop.engine")
 
@@ -175,6 +177,11 @@ class Engine:
         self._job_views: dict[str, tuple[JobRow, reconcile.JobView]] = {}
         self._attempt_views: dict[int, tuple[AttemptRow, reconcile.AttemptView]] = {}
         self._quiet: dict[str, _Quiet] = {}  # jobs whose last decision asked for nothing, and until when
+        # jobs to decide at the next tick whatever the change feed says: those whose last
+        # decision asked for something, whose launch was in flight, or with a live machine
+        self._watch: set[str] = set()
+        self._wakeups: list[tuple[float, str]] = []  # (until, job id) of quiet jobs with no machine
+        self._cfg_seen: reconcile.Settings | None = None
         self._duplicates_seen: set[str] = set()
         self._pending_events: list[tuple[str, int, str]] = []
         self._last_prune = 0.0
@@ -266,7 +273,8 @@ class Engine:
         snap = await self.observer.snapshot(self._prev_tick_at, min(eng.listing_wait_seconds, eng.tick_seconds))
         self._prev_tick_at = started
         read_at = time.monotonic()  # launches that end after this are not in what we read
-        jobs, attempts = await self.store.run(self.store.active_state)
+        state = await self.store.run(self.store.active_changes)
+        jobs, attempts = state.jobs, state.attempts
         now = time.time()
         live = {a.name: a for rows in attempts.values() for a in rows if a.status != AttemptStatus.ENDED.value}
         observed = self._primaries(snap, live)
@@ -276,24 +284,37 @@ class Engine:
             await self.store.run(self.store.add_event, job_id, "duplicate", message, number)
         yield_at = time.perf_counter() + YIELD_EVERY_SECONDS
         batch: list[_Planned] = []
-        job_views, attempt_views, quiet_jobs = self._job_views, self._attempt_views, self._quiet
-        self._job_views, self._attempt_views, self._quiet = {}, {}, {}  # this tick's only: nothing piles up
-        for job in jobs:
+        job_views, attempt_views = self._job_views, self._attempt_views
+        self._job_views, self._attempt_views = {}, {}  # this tick's only: nothing piles up
+        quiet_jobs = self._quiet
+        visits = self._visits(state, now)
+        self._watch = set()
+        for job_id in visits:
             if time.perf_counter() >= yield_at:  # let the API and agents in every few ms, not once per
                 await asyncio.sleep(0)          # job: an idle pass of the loop costs a poll each time
                 yield_at = time.perf_counter() + YIELD_EVERY_SECONDS
-            rows = attempts.get(job.id, [])
-            quiet = quiet_jobs.get(job.id)
+            job = jobs[job_id]
+            rows = attempts.get(job_id, [])
+            has_live = any(r.status != AttemptStatus.ENDED.value for r in rows)
+            if has_live:
+                self._watch.add(job_id)  # what the providers show of it can change any tick
+            if not self.workers.fresh(job_id, read_at):
+                self._watch.add(job_id)  # a launch is changing it: decided once that is done
+                continue
+            quiet = quiet_jobs.get(job_id)
             if quiet is not None and now < quiet.until and quiet.still(job, rows, snap.readable, observed, self.cfg):
-                self._quiet[job.id] = quiet  # nothing it reads has changed, nor has the clock
-                continue                     # reached a rule: deciding again would ask for nothing
+                if has_live:
+                    continue  # nothing it reads has changed, nor has the clock reached a rule:
+                self._sleep(job_id, quiet)  # deciding again would ask for nothing
+                continue
+            quiet_jobs.pop(job_id, None)
             spec = self._spec(job)
             # the store hands back the same row object while its row is unchanged (store.cache):
             # the same object means the same view, built once
-            jv = job_views.get(job.id)
+            jv = job_views.get(job_id)
             if jv is None or jv[0] is not job:
                 jv = (job, job_view(job, spec))
-            self._job_views[job.id] = jv
+            self._job_views[job_id] = jv
             views = []
             for r in rows:
                 av = attempt_views.get(r.id or 0)
@@ -302,24 +323,29 @@ class Engine:
                 self._attempt_views[r.id or 0] = av
                 views.append(av[1])
             decision = reconcile.decide(jv[1], views, observed, snap.readable, now, self.cfg, snap.asked_at)
+            quiet = None
             if not decision.actions and not decision.relaunches and not decision.retries:
                 until = reconcile.quiet_until(jv[1], views, now, self.cfg, snap.asked_at)
                 if until > now:
                     live_rows = tuple((a.name, a.provider) for a in views if a.live)
                     seen = tuple((provider in snap.readable, reconcile.seen_as(observed.get(name)))
                                  for name, provider in live_rows)
-                    self._quiet[job.id] = _Quiet(job, tuple(rows), live_rows, seen, self.cfg, until)
-            if not self.workers.fresh(job.id, read_at):
-                continue  # a launch changed this job since it was read: the next tick decides it
+                    quiet = _Quiet(job, tuple(rows), live_rows, seen, self.cfg, until)
+                    quiet_jobs[job_id] = quiet
+            if quiet is None:
+                self._watch.add(job_id)  # it asked for something: see it again next tick
+            elif not has_live:
+                self._sleep(job_id, quiet)
             batch.append(self._plan(job, spec, rows, decision, observed, now))
             if len(batch) >= APPLY_BATCH:
                 await self._commit(batch)
                 batch = []
         await self._commit(batch)
-        active = {j.id for j in jobs}
-        for job_id in [k for k in self._specs if k not in active]:
+        for job_id in [k for k in self._specs if k not in jobs]:
             del self._specs[job_id]
-        self.workers.forget(active)
+        for job_id in state.removed:
+            self._quiet.pop(job_id, None)
+        self.workers.forget(jobs.keys())
         await asyncio.sleep(0)
         await self._record_bill_starts(observed, live)
         await asyncio.sleep(0)
@@ -331,6 +357,33 @@ class Engine:
         self.ticks += 1
         self.last_tick_at = time.time()
         metrics.TICK_SECONDS.observe(self.last_tick_at - started)
+
+    def _visits(self, state: ActiveState, now: float) -> list[str]:
+        """The jobs this tick decides: all of them after a full read (or a change of settings),
+        else those the change feed names, those watched (see `_watch`) and quiet ones whose
+        time has come. A quiet job with no machine depends on nothing but its rows and the
+        clock, so it is not looked at again until one of them says so: at 10,000 jobs waiting
+        for capacity, passing over each of them every tick was most of an idle tick."""
+        jobs = state.jobs
+        if state.changed is None or self._cfg_seen is not self.cfg:
+            self._cfg_seen = self.cfg
+            self._wakeups = []
+            return list(jobs)
+        wanted = state.changed | self._watch
+        while self._wakeups and self._wakeups[0][0] <= now:
+            _, job_id = heapq.heappop(self._wakeups)
+            wanted.add(job_id)
+        if len(self._wakeups) > 4 * len(jobs) + 1024:  # entries of jobs decided again since
+            self._wakeups = [(q.until, j) for j, q in self._quiet.items() if q.until != float("inf") and not q.live]
+            heapq.heapify(self._wakeups)
+        if len(wanted) * 4 > len(jobs):
+            return [j for j in jobs if j in wanted]  # the store's order: oldest first
+        return sorted((j for j in wanted if j in jobs), key=lambda j: (jobs[j].created_at, j))
+
+    def _sleep(self, job_id: str, quiet: _Quiet) -> None:
+        """A quiet job with no machine: decided again when its rows change or at `quiet.until`."""
+        if quiet.until != float("inf"):
+            heapq.heappush(self._wakeups, (quiet.until, job_id))
 
     def _primaries(self, snap: Snapshot, live: dict[str, AttemptRow]) -> dict[str, Instance]:
         """The instance each attempt name stands for; every other live instance with a live

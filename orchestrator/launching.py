@@ -25,6 +25,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +52,7 @@ from orchestrator.models import (
 from orchestrator.moving import MoveChoice, MoveOption
 from orchestrator.observation import Observer, describe
 from orchestrator.placement import (
+    PlacementResult,
     PlacementSettings,
     RateStats,
     VolumeLocation,
@@ -80,6 +82,7 @@ class TerminateOrder:
 
 
 RATE_STATS_MAX_AGE = 5.0  # seconds a read of the preemption history serves placement
+NO_FIT_MEMO = 4096  # kinds of job remembered as fitting nothing in the current offers
 WRITE_GATHER_SECONDS = 0.01  # how long a "nothing launched" note waits for others to share its commit
 
 
@@ -108,6 +111,9 @@ class Workers:
         self._launch_workers = 0
         self._provider_slots = {name: asyncio.Semaphore(eng.provider_concurrency) for name in adapters}
         self._launching: set[str] = set()  # job ids with a launch in flight
+        # placements that found nothing, by what decides that, for the offer index they ran on
+        self._no_fit_index: object = None
+        self._no_fit: dict[tuple[object, ...], tuple[PlacementResult, str | None]] = {}
         # job id -> when (monotonic) its last launch ended: a tick that read the store before
         # that must not launch the job again (its view predates the attempt that launch wrote)
         self._launch_ended: dict[str, float] = {}
@@ -190,7 +196,7 @@ class Workers:
         view of the job read at `read_at` is still the whole truth about its attempts."""
         return job_id not in self._launching and self._launch_ended.get(job_id, float("-inf")) < read_at
 
-    def forget(self, active: set[str]) -> None:
+    def forget(self, active: AbstractSet[str]) -> None:
         """Drop what is kept about jobs that are no longer active."""
         for table in (self._launch_ended, self._backoff, self._avoid):
             for job_id in [k for k in table if k not in active]:
@@ -333,7 +339,22 @@ class Workers:
             location = VolumeLocation(pinned.provider if pinned else None, pinned.region if pinned else None)
         avoid = frozenset(self._avoid.pop(job.id, ()))  # offers whose launch just failed after acceptance
         rates = await self.rate_stats()
-        result = place(spec, index, location, rates, self.placement, exclude=avoid, limit=TRIED_PER_PLACEMENT)
+        # what fits depends on the job's asks, its volume's place, the offers and the ones just
+        # refused, not on rates (they only rank): a job like one that found nothing in these
+        # same offers finds nothing either, without filtering them again (issue 9: thousands
+        # of jobs waiting for one kind of GPU)
+        memo_key = (spec.resources.model_dump_json(), spec.placement.model_dump_json(), spec.volume is not None,
+                    location, avoid)
+        if index is not self._no_fit_index:
+            self._no_fit_index, self._no_fit = index, {}
+        known = self._no_fit.get(memo_key) if spec.volume is None or spec.volume.sync != "object-store" else None
+        if known is not None:
+            result, never = known
+        else:
+            result = place(spec, index, location, rates, self.placement, exclude=avoid, limit=TRIED_PER_PLACEMENT)
+            never = None if result.candidates else never_satisfiable(spec, index)  # a job queued with --force
+            if not result.candidates and len(self._no_fit) < NO_FIT_MEMO:
+                self._no_fit[memo_key] = (result, never)
         if number is None:
             number = await self.store.run(self.store.next_attempt_number, job.id)
         tried: list[str] = []
@@ -402,14 +423,15 @@ class Workers:
         why = "; ".join(tried) if tried else result.summary()
         if choice is not None:
             why = f"{choice.reason}; {why}"
-        never = None if tried else never_satisfiable(spec, index)  # a job queued with --force
+        if tried:
+            never = None
         suspended = [f"{name} suspended for launches ({h.suspended_why})"
                      for name, h in self.observer.health.items() if h.suspended_until and name in offers_by_provider]
         if suspended:
             why = "; ".join([why, *suspended])
-        await self._write_soon((job.id, {"next_try_at": time.time() + delay,
-                                         "message": (never or f"waiting for capacity: {why}")[:1024]},
-                                {}, [(None, "no_capacity", f"nothing launched, next try in {delay:.0f} s: {why}")]))
+        await asyncio.shield(self._write_soon((job.id, {"next_try_at": time.time() + delay,
+                                                        "message": (never or f"waiting for capacity: {why}")[:1024]},
+                                               {}, [(None, "no_capacity", f"nothing launched, next try in {delay:.0f} s: {why}")])))
 
     def _lists_offers(self, provider: str, offers_by_provider: dict[str, list[Offer]]) -> bool:
         """Whether "no capacity" at `provider` can be believed: it is configured here, started,
@@ -500,19 +522,20 @@ class Workers:
             self._sweeping = asyncio.ensure_future(self.sweep_moves(owned, leader))
             self._spawn(self._sweeping, "sweep-moves")
 
-    async def _write_soon(self, item: tuple[str, dict[str, Any], dict[int, dict[str, Any]],
-                                            list[tuple[int | None, str, str]]]) -> None:
+    def _write_soon(self, item: tuple[str, dict[str, Any], dict[int, dict[str, Any]],
+                                      list[tuple[int | None, str, str]]]) -> asyncio.Future[None]:
         """Write a job's "nothing launched" note together with the other launches' that end
         within WRITE_GATHER_SECONDS (one transaction for them all: with a thousand jobs queued
-        for capacity, these notes were most of the daemon's database time, issue 9). Returns
-        once it is written."""
+        for capacity, these notes were most of the daemon's database time, issue 9). The
+        future is done once it is written (or the write failed: `_flush` logs that)."""
         loop = asyncio.get_running_loop()
         batch = self._open_batch
         if batch is None:
             batch = self._open_batch = ([], loop.create_future())
+            batch[1].add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: _flush logs it
             loop.call_later(WRITE_GATHER_SECONDS, lambda: self._spawn(self._flush(batch), "flush-notes"))
         batch[0].append(item)
-        await asyncio.shield(batch[1])
+        return batch[1]
 
     async def _flush(self, batch: tuple[list[Any], asyncio.Future[None]]) -> None:
         if self._open_batch is batch:

@@ -207,6 +207,48 @@ async def test_a_quiet_job_is_still_judged_when_the_clock_or_the_listing_says_so
         r.close()
 
 
+async def test_a_job_waiting_for_capacity_is_decided_again_only_when_its_rows_or_its_time_say(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The tick reads through the change feed (store/feed.py): a job queued for capacity whose
+    rows do not change is not decided again until its backoff ends, so 10,000 of them cost an
+    idle tick nothing. A cancel (its row changes) is acted on at the next tick, and capacity
+    that appears is found when the backoff ends."""
+    from orchestrator import reconcile
+
+    fake = FakeAdapter.create(tmp_path, capacity={"r1": 0}, prices={"r1": 0.5})
+    r = Rig.create(tmp_path, fake, retry_backoff_max_seconds=3.0)
+    decided: list[str] = []
+    real = reconcile.decide
+
+    def counting(job_view: Any, *args: Any, **kwargs: Any) -> Any:
+        decided.append(job_view.id)
+        return real(job_view, *args, **kwargs)
+
+    monkeypatch.setattr(reconcile, "decide", counting)
+    try:
+        for job_id in ("j1", "j2"):
+            r.store.create_job(job_id, spec())
+        await r.until(lambda: all(job(r, j).next_try_at for j in ("j1", "j2")), "both waiting for capacity")
+        await r.step()  # the tick that reads the notes: both quiet from here on
+        decided.clear()
+        for _ in range(5):
+            await r.step()
+        waiting = [job(r, j) for j in ("j1", "j2")]
+        if all((w.next_try_at or 0) > time.time() for w in waiting):  # (a slow machine may pass the backoff)
+            assert decided == [], decided
+        r.store.request_cancel("j1")
+        decided.clear()
+        await r.step()
+        assert job(r, "j1").status == "cancelled" and "j1" in decided, r.describe()
+        fake.capacity["r1"] = 4
+        await r.until(lambda: running(r, job_id="j2"), "j2 launched once its backoff ended")
+        assert r.store._feed.full_reads == 1  # every tick after the first read only what changed
+    finally:
+        await r.engine.drain()
+        r.close()
+
+
 async def test_stopping_abandons_launches_not_begun_and_finishes_those_under_way(tmp_path: Path) -> None:
     """A daemon stopping with many jobs waiting for a launch slot: the launch under way is
     carried to its end (recorded, its machine owned), the ones not begun are not begun (20,000

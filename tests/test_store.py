@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -97,10 +99,11 @@ def test_cancel_is_desired_state_and_idempotent(store: Store) -> None:
     assert store.counts_by_status() == {"succeeded": 1, "failed": 1}
 
 
-def test_active_state_reloads_exactly_the_rows_that_changed(store: Store) -> None:
-    """The tick's cached read (store.cache): unchanged rows are not loaded again; any UPDATE,
-    through the store's verbs or plain SQL that bypasses them, is seen at once (the database's
-    trigger bumps the version); ended jobs and deleted attempts drop out."""
+def test_active_changes_reads_exactly_the_rows_that_changed(store: Store) -> None:
+    """The tick's read through the change feed (store/feed.py): after the first, full read,
+    unchanged rows are neither loaded nor reported; any INSERT, UPDATE or DELETE, through the
+    store's verbs or plain SQL that bypasses them, is seen at the next read (the database's
+    triggers stamp it); ended jobs and deleted attempts drop out."""
     from sqlalchemy import text
 
     now = time.time()
@@ -109,41 +112,97 @@ def test_active_state_reloads_exactly_the_rows_that_changed(store: Store) -> Non
         store.add_attempt(AttemptRow(job_id=j, number=1, name=f"{j}-1", provider="local",
                                      status="pending" if j == "j2" else "running", created_at=now))
 
-    def plain(state: tuple[list, dict]) -> tuple[dict, dict]:
-        jobs, attempts = state
+    def plain(jobs: Iterable[Any], attempts: dict[str, list[Any]]) -> tuple[dict, dict]:
         return ({j.id: j.model_dump() for j in jobs},
                 {k: [a.model_dump() for a in v] for k, v in attempts.items()})
 
     def uncached() -> tuple[dict, dict]:
         jobs = store.active_jobs()
-        return plain((jobs, store.attempts_for([j.id for j in jobs])))
+        return plain(jobs, store.attempts_for([j.id for j in jobs]))
 
-    def loads() -> tuple[int, int]:
-        return store._job_cache.loaded, store._attempt_cache.loaded
+    def read() -> tuple[set[str] | None, set[str], int]:
+        before = store._feed.rows_loaded
+        state = store.active_changes()
+        assert plain(state.jobs.values(), state.attempts) == uncached()
+        return state.changed, state.removed, store._feed.rows_loaded - before
 
-    assert plain(store.active_state()) == uncached()
-    assert loads() == (3, 3)
-    assert plain(store.active_state()) == uncached() and loads() == (3, 3)  # nothing changed: nothing loaded
+    assert read() == (None, set(), 6)  # the first read is a full one
+    assert read() == (set(), set(), 0)  # nothing changed: nothing loaded, nothing reported
     store.update_job("j1", message="hello")
     a2 = store.attempts("j2")[0]
     store.update_attempt(a2.id or 0, last_heartbeat_at=now + 5)
-    with store._write() as s:  # a writer that knows nothing of versions
+    with store._write() as s:  # a writer that knows nothing of versions or the feed
         s.execute(text("UPDATE attempts SET detail = 'raw' WHERE name = 'j3-1'"))
         s.commit()
+    changed, removed, loaded = read()
+    assert changed == {"j1", "j2", "j3"} and removed == set() and loaded == 3
     jobs, attempts = store.active_state()
-    assert loads() == (4, 5)
     assert {j.id: j.message for j in jobs}["j1"] == "hello"
     assert attempts["j2"][0].last_heartbeat_at == now + 5 and attempts["j3"][0].detail == "raw"
-    assert plain((jobs, attempts)) == uncached()
+
     store.update_job("j3", status="succeeded")
-    store.delete_attempt(a2.id or 0)
+    store.delete_attempt(a2.id or 0)  # a launch every provider refused
     store.update_attempt(store.attempts("j1")[0].id or 0, status="ended", end_reason="preempted", ended_at=now)
     store.add_attempt(AttemptRow(job_id="j1", number=2, name="j1-2", provider="local", status="pending",
                                  created_at=now))
+    store.create_job("j4", spec(), now)
+    changed, removed, _ = read()
+    assert changed == {"j1", "j2", "j4"} and removed == {"j3"}
     jobs, attempts = store.active_state()
-    assert sorted(j.id for j in jobs) == ["j1", "j2"] and attempts["j2"] == []
+    assert sorted(j.id for j in jobs) == ["j1", "j2", "j4"] and attempts["j2"] == [] and attempts["j4"] == []
     assert [a.number for a in attempts["j1"]] == [1, 2]
-    assert plain((jobs, attempts)) == uncached()
+    with store._write() as s:  # an attempt inserted behind the store's back is seen too
+        s.execute(text("INSERT INTO attempts (job_id, number, name, provider, region, offer_id, capacity, "
+                       "gpu_count, price_per_hour, status, detail, agent_state, sigterm_received, "
+                       "placement_reason, created_at, cost_usd, cost_final, duplicate_cost_usd) VALUES "
+                       "('j4', 1, 'j4-1', 'local', '', '', '', 0, 0, 'pending', '', '', false, '', 0, 0, "
+                       "false, 0)"))
+        s.commit()
+    assert read()[0] == {"j4"}
+    assert read()[:2] == (set(), set())
+
+
+def test_the_change_feed_misses_no_write_committed_during_a_read(store: Store) -> None:
+    """Writers racing the reader: every write committed while reads run is in a later read (the
+    horizon is taken before the rows are read). Checked against a full read after each round."""
+    import threading
+
+    now = time.time()
+    for i in range(40):
+        store.create_job(f"r{i:02d}", spec(), now)
+    store.active_changes()
+    stop = threading.Event()
+
+    failures: list[BaseException] = []
+
+    def writer(k: int) -> None:
+        n = 0
+        try:
+            while not stop.is_set():
+                n += 1
+                store.update_job(f"r{(n + k) % 40:02d}", message=f"m{k}-{n}")
+                if n % 7 == 0:
+                    store.create_job(f"w{k}-{n:05d}", spec(), now)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        seen: dict[str, str] = {}
+        for _ in range(30):
+            state = store.active_changes()
+            seen = {j.id: j.message for j in state.jobs.values()}
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not failures
+    state = store.active_changes()  # after the last commit: must now agree with the table
+    seen = {j.id: j.message for j in state.jobs.values()}
+    assert seen == {j.id: j.message for j in store.active_jobs()}
+    assert store._feed.full_reads == 1
 
 
 def test_a_volume_created_after_its_row_was_removed_is_recorded_again(store: Store) -> None:

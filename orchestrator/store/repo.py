@@ -30,9 +30,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from orchestrator.models import AttemptStatus, EndReason, JobSpec, JobStatus, VolumeSpec
-from orchestrator.store.cache import PlainRows, RowCache
+from orchestrator.store.cache import PlainRows
 from orchestrator.store.db import make_engine, migrate, write_engine
 from orchestrator.store.errors import Conflict, upsert
+from orchestrator.store.feed import ActiveFeed, ActiveState
 from orchestrator.store.leases import Fence, LeaseLost, LeaseStore, check_lease, check_replica
 from orchestrator.store.moves import MoveStore
 from orchestrator.store.tables import (
@@ -49,7 +50,6 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 ACTIVE_STATUSES = [s.value for s in JobStatus if not s.terminal]
-_ACTIVE_SQL = "(" + ", ".join(f"'{s}'" for s in ACTIVE_STATUSES) + ")"  # our own constants, for raw SQL
 TERMINAL_STATUSES = [s.value for s in JobStatus if s.terminal]
 ENDED = AttemptStatus.ENDED.value
 
@@ -166,8 +166,7 @@ class Store(LeaseStore, MoveStore, WorkdirStore):
         self._writer = write_engine(self.engine)
         self.event_retention_days = event_retention_days
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gpuhop-store")
-        self._job_cache: RowCache[str, JobRow] = RowCache()  # active_state's rows (store.cache)
-        self._attempt_cache: RowCache[int, AttemptRow] = RowCache()
+        self._feed = ActiveFeed(_PLAIN_JOBS, _PLAIN_ATTEMPTS, ACTIVE_STATUSES)  # active_changes' rows
         # set when this daemon is a replica (store.leases): its engine's writes are fenced, it
         # reads only its own jobs, and jobs submitted through it are its own
         self.fence: Fence | None = None
@@ -315,39 +314,25 @@ class Store(LeaseStore, MoveStore, WorkdirStore):
         newest_first = heapq.merge(*pages, key=lambda j: (j.created_at, j.id), reverse=True)
         return list(itertools.islice(newest_first, limit))
 
-    def active_state(self) -> tuple[list[JobRow], dict[str, list[AttemptRow]]]:
+    def active_changes(self) -> ActiveState:
         """Every unfinished job (of this replica, when fenced) and all its attempts (in number
-        order), as `active_jobs` and `attempts_for` would read them, but loading in full only
-        rows that changed since the last call (see store.cache), as plain read-only copies
-        (`PlainRows`: same attributes, cheap to read). One read transaction: a consistent
-        snapshot."""
-        ph = "?" if self._sqlite else "%s"
+        order), as plain read-only rows, and which jobs changed since the previous call: read
+        through the change feed (store/feed.py), in one read transaction. The maps are the
+        feed's own, updated by the next call: read them before calling again."""
         with self._session() as s:
-            # the reads go straight to the driver's cursor: 20,000 result rows through
-            # SQLAlchemy's Row machinery cost more than everything else the tick reads
+            # straight to the driver's cursor: 20,000 result rows through SQLAlchemy's Row
+            # machinery cost more than everything else the tick reads
             cursor = s.connection().connection.cursor()
-            me = self.fence.replica_id if self.fence else None
-            # only this replica's jobs (the other replicas' are theirs to read: see foreign_active)
-            cursor.execute(f"SELECT id, version FROM jobs WHERE status IN {_ACTIVE_SQL}"
-                           + ("" if me is None else f" AND lease_owner = {ph}"), () if me is None else (me,))
-            job_versions = [(str(i), int(v)) for i, v in cursor.fetchall()]
-            jobs = self._job_cache.refresh(job_versions, lambda keys: _PLAIN_JOBS.load(cursor, "id", keys, ph),
-                                           lambda r: r.id)
-            # joined, not `job_id IN (10,000 ids)`: expanding that list cost more than the read
-            mine = "" if me is None else f" AND j.lease_owner = {ph}"
-            cursor.execute("SELECT a.id, a.version FROM attempts a JOIN jobs j ON j.id = a.job_id "
-                           f"WHERE j.status IN {_ACTIVE_SQL}{mine}", () if me is None else (me,))
-            attempt_versions = [(int(i), int(v)) for i, v in cursor.fetchall()]
-            attempts = self._attempt_cache.refresh(
-                attempt_versions, lambda keys: _PLAIN_ATTEMPTS.load(cursor, "id", keys, ph), lambda r: r.id or 0)
-            cursor.close()
-        by_job: dict[str, list[AttemptRow]] = {j: [] for j in jobs}
-        for row in attempts.values():
-            if row.job_id in by_job:
-                by_job[row.job_id].append(row)
-        for rows in by_job.values():
-            rows.sort(key=lambda r: r.number)
-        return list(jobs.values()), by_job
+            try:
+                return self._feed.read(cursor, "?" if self._sqlite else "%s", self._sqlite,
+                                       self.fence.replica_id if self.fence else None)
+            finally:
+                cursor.close()
+
+    def active_state(self) -> tuple[list[JobRow], dict[str, list[AttemptRow]]]:
+        """`active_changes` as a copy: the jobs, and each one's attempts."""
+        state = self.active_changes()
+        return list(state.jobs.values()), {j: list(rows) for j, rows in state.attempts.items()}
 
     def foreign_active(self) -> set[str]:
         """The unfinished jobs this replica does not own (other replicas', or nobody's yet):
@@ -579,9 +564,10 @@ class Store(LeaseStore, MoveStore, WorkdirStore):
             s.commit()
 
     def delete_attempt(self, attempt_id: int) -> None:
-        """Only for a pending attempt that provably made nothing (every launch said no)."""
+        """Only for a pending attempt that provably made nothing (every launch said no). Its job
+        is locked first: the delete touches the job's row (migration 0009), in `apply`'s order."""
         with self._write() as s:
-            row = self._lock_attempt(s, attempt_id)
+            row = self._lock_attempt(s, attempt_id, job_first=True)
             if row is not None and row.status == AttemptStatus.PENDING.value:
                 s.delete(row)
                 s.commit()

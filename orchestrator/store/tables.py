@@ -12,7 +12,7 @@ index; see `ACTIVE_VOLUME_WHERE`).
 
 from __future__ import annotations
 
-from sqlalchemy import Index, LargeBinary, text
+from sqlalchemy import BigInteger, Index, LargeBinary, text
 from sqlmodel import Field, SQLModel
 
 # The job statuses that free a volume, frozen as SQL so the index predicate does not drift with
@@ -54,6 +54,9 @@ class JobRow(SQLModel, table=True):
     lease_expires: float | None = None  # unused: a job's lease expires with its owner's replica row
     # bumped by a database trigger on every UPDATE (migration 0003): the store's read cache key
     version: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    # stamped by a database trigger on every INSERT and UPDATE with a position in commit order
+    # (migration 0009): what the tick's change feed (store/feed.py) asks "since when" about
+    changed: int = Field(default=0, sa_type=BigInteger, index=True, sa_column_kwargs={"server_default": "0"})
 
 
 class AttemptRow(SQLModel, table=True):
@@ -97,6 +100,7 @@ class AttemptRow(SQLModel, table=True):
     # restore's machine time, as estimated when the move was chosen; None: not a move
     transfer_cost_usd: float | None = None
     version: int = Field(default=0, sa_column_kwargs={"server_default": "0"})  # see JobRow.version
+    changed: int = Field(default=0, sa_type=BigInteger, index=True, sa_column_kwargs={"server_default": "0"})  # see JobRow
 
 
 class VolumeRow(SQLModel, table=True):
@@ -221,3 +225,13 @@ class WorkdirRow(SQLModel, table=True):
     unpacked_size: int  # what it unpacks to
     data: bytes = Field(sa_type=LargeBinary)
     created_at: float
+
+
+class ChangeCounterRow(SQLModel, table=True):
+    """SQLite's position in commit order for the change feed (migration 0009, store/feed.py):
+    one row, bumped by the triggers that stamp jobs and attempts. Unused on PostgreSQL, which
+    stamps with transaction ids."""
+
+    __tablename__ = "gpuhop_changes"
+
+    n: int = Field(sa_type=BigInteger, primary_key=True)
