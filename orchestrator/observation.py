@@ -269,6 +269,14 @@ class Observer:
         answered yet is absent (nothing is known of it)."""
         return {name: list(offers) for name, offers in self._offers.items() if self._offers_at[name] > 0 or offers}
 
+    def next_offers_in(self, names: list[str]) -> float:
+        """Seconds until the offers of one of `names` are read again (0: due now): before then,
+        a placement on the same offers finds the same nothing."""
+        if not names:
+            return 0.0
+        now = time.time()
+        return max(0.0, min(self._offers_at.get(name, 0.0) + self.offer_max_age - now for name in names))
+
     def invalidate_offers(self, name: str) -> None:
         """The provider's offers are wrong (a launch found no capacity): the next caller waits
         for fresh ones."""
