@@ -391,3 +391,41 @@ def test_retention_picks_volumes_unused_since_and_rechecks_when_it_claims(store:
     with pytest.raises(Conflict, match="was used since") as refused:
         store.begin_volume_delete("old", "gc", unused_since=now - 7 * 86400)
     assert refused.value.code == "volume_used"
+
+
+def test_this_process_s_sqlite_writers_queue_on_the_store_s_lock_and_every_end_releases_it(tmp_path: Path) -> None:
+    """The store queues its own SQLite writers on a lock instead of SQLite's sleeping busy
+    handler (store/db.py; bench/sqlite_writers.py shows why). Whatever ends a write (commit, a
+    refused write's rollback, an exception in the middle) lets the next writer in: writers in
+    other threads all finish, none is refused for a lock the process leaked."""
+    from sqlalchemy import text
+
+    store = Store(f"sqlite:///{tmp_path / 'gpuhop.db'}")
+    store.migrate()
+    job_spec = JobSpec.model_validate({"name": "t", "command": ["true"], "volume": {"name": "v", "size_gb": 1}})
+    try:
+        store.create_job("j1", job_spec, time.time())
+        with pytest.raises(Conflict):  # refused, rolled back: the volume is j1's
+            store.create_job("j2", job_spec, time.time())
+        with pytest.raises(RuntimeError), store._write() as s:
+            s.execute(text("UPDATE jobs SET message = 'half-way'"))
+            raise RuntimeError("a bug in the middle of a write")
+        assert store.get_job("j1").message != "half-way"
+        errors: list[BaseException] = []
+
+        def writer(k: int) -> None:
+            try:
+                for n in range(20):
+                    store.update_job("j1", message=f"{k}-{n}")
+            except BaseException as exc:  # reported by the assertion below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)  # a deadline for a leaked lock, not a claim about speed
+        assert not any(t.is_alive() for t in threads) and not errors, errors
+        assert store.get_job("j1").message.endswith("-19")
+    finally:
+        store.close()

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
+import threading
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -25,6 +28,7 @@ from sqlmodel import create_engine
 MIGRATIONS = Path(__file__).with_name("migrations")
 WRITE_OPTION = "gpuhop_write"  # execution option: this connection's transactions will write
 FILE_MODE = 0o600
+BUSY_TIMEOUT_SECONDS = 30.0  # how long a SQLite writer waits for the write lock
 MIGRATION_LOCK = 0x67707568  # "gpuh": PostgreSQL advisory lock held while migrating
 
 
@@ -62,7 +66,7 @@ def make_engine(url: str) -> Engine:
         path = sqlite_path(url)
         if path is not None:
             private_files(path)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": BUSY_TIMEOUT_SECONDS})
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
@@ -71,16 +75,54 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_SECONDS * 1000)}")
             cur.close()
             if path is not None:  # WAL mode just made the companions: keep them owner-only
                 private_files(path)
 
+        # This process's writers queue for SQLite's one write lock here, not in SQLite: a writer
+        # that finds the database locked sleeps in SQLite's busy handler (1, 2, 5, 10, 15 ms...)
+        # and is not woken when the lock is freed. With the engine's writes and a thousand
+        # submits a second, those sleeps were most of the submits' p99 (issue 9). Other
+        # processes on the same file still meet the busy handler.
+        # a plain lock (any thread may release it: a pool may roll a connection back elsewhere),
+        # waited for as long as SQLite's busy_timeout would
+        writers = threading.Lock()
+        holders: set[int] = set()  # id() of the DBAPI connections holding `writers`
+
         @event.listens_for(engine, "begin")
         def _begin(conn: Connection) -> None:
-            immediate = conn.get_execution_options().get(WRITE_OPTION, False)
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+            if not conn.get_execution_options().get(WRITE_OPTION, False):
+                conn.exec_driver_sql("BEGIN")
+                return
+            if not writers.acquire(timeout=BUSY_TIMEOUT_SECONDS):
+                raise sqlite3.OperationalError("database is locked (another writer of this process held it "
+                                               f"for {BUSY_TIMEOUT_SECONDS:.0f} s)")
+            try:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            except BaseException:
+                writers.release()
+                raise
+            holders.add(id(conn.connection.dbapi_connection))
 
+        # released once COMMIT or ROLLBACK has run (the "commit" event comes before it: a writer
+        # let in then would still find the database locked)
+        dialect = engine.dialect
+        do_commit, do_rollback = dialect.do_commit, dialect.do_rollback
+
+        def _ending(end: Any) -> Any:
+            def run(conn: Any) -> None:  # the pool's proxy, or the DBAPI connection itself
+                try:
+                    end(conn)
+                finally:
+                    key = id(getattr(conn, "dbapi_connection", conn))
+                    if key in holders:
+                        holders.discard(key)
+                        writers.release()
+            return run
+
+        dialect.do_commit = _ending(do_commit)  # type: ignore[method-assign]
+        dialect.do_rollback = _ending(do_rollback)  # type: ignore[method-assign]
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
 
