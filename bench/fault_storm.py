@@ -108,7 +108,7 @@ class FixedPortDaemon(Daemon):
     daemon's URL at launch, and a restarted service keeps its address."""
 
     def __init__(self, state_dir: Path, config: str) -> None:
-        super().__init__(state_dir, config, log_level="WARNING")
+        super().__init__(state_dir, config, log_level=os.environ.get("STORM_LOG_LEVEL", "WARNING"))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
 
