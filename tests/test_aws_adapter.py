@@ -116,6 +116,28 @@ async def test_volume_follows_the_job_from_attempt_to_attempt(aws: AwsAdapter, s
     assert (volume_dir / ".gpuhop" / "gh-job2-2.exit").exists()  # the agent's exit record
 
 
+async def test_a_machine_waiting_for_its_volume_is_not_running_yet(aws: AwsAdapter, sim: AwsSimulator) -> None:
+    """The next attempt's instance can run while the previous one still holds the volume (EC2
+    keeps a reclaimed spot machine for its two minutes of notice). Its job cannot start before
+    the volume is attached, so the listing says pending, with why, not running: the engine
+    does not count the agent's silence against it. Once the holder is gone, it attaches and
+    runs."""
+    volume = await aws.ensure_volume("job9-data", 10, "us-east-1a")
+    offer = offer_for(await aws.offers(), "g5.xlarge", "us-east-1a", CapacityType.ON_DEMAND)
+    first = await aws.launch(request(offer, "job9", 1, SLEEPER, volume=volume))
+    await wait_for(partial(observed, aws, first.instance_id),
+                   lambda i: i is not None and i.state == InstanceState.RUNNING, timeout=15)
+    second = await aws.launch(request(offer, "job9", 2, SLEEPER, volume=volume))
+    waiting = await wait_for(partial(observed, aws, second.instance_id),
+                             lambda i: i is not None and i.extra["ec2_state"] == "running", timeout=15)
+    assert waiting is not None and waiting.state == InstanceState.PENDING
+    assert volume.volume_id in waiting.reason and "waiting for its volume" in waiting.reason
+    await aws.terminate(first.instance_id)
+    running = await wait_for(partial(observed, aws, second.instance_id),
+                             lambda i: i is not None and i.state == InstanceState.RUNNING, timeout=30)
+    assert running is not None and not running.reason
+
+
 async def test_preemption_notice_is_polled_once_and_instance_ends_preempted(aws: AwsAdapter, sim: AwsSimulator, tmp_path: Path) -> None:
     offer = offer_for(await aws.offers(), "g5.xlarge", "us-east-1a", CapacityType.SPOT)
     marker = tmp_path / "started"

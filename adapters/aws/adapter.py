@@ -409,6 +409,13 @@ class AwsAdapter(Adapter, VolumeSupport, InterruptionSupport):
             instance = self._normalize(region, raw)
             if reason:
                 instance.reason = reason
+            elif _waits_for_volume(raw) and instance.state == InstanceState.RUNNING:
+                # the job cannot start before its volume is there (the previous attempt's machine
+                # may hold it for EC2's two minutes of notice): not running yet, so the agent's
+                # silence is not counted against it (the fault storm saw such an attempt called
+                # lost 13 s after "running", then its job start once the volume came)
+                instance.state = InstanceState.PENDING
+                instance.reason = f"waiting for its volume {tags_of(raw).get(TAG_VOLUME)} to be attached"
             out.append(instance)
         await self._read_exits(region, out)
         bills = await self._bills_for(region, raws, {})
@@ -721,3 +728,9 @@ def _response_time(answer: dict[str, Any]) -> float | None:
         return parsedate_to_datetime(str(date)).timestamp()
     except (TypeError, ValueError):
         return None
+
+
+def _waits_for_volume(raw: dict[str, Any]) -> bool:
+    """A running instance launched with a volume that is not attached to it yet."""
+    volume_id = tags_of(raw).get(TAG_VOLUME)
+    return bool(volume_id) and (raw.get("State") or {}).get("Name") == "running" and volume_id not in attached_volumes(raw)
