@@ -44,7 +44,8 @@ from orchestrator.store.feed import ActiveState
 
 log = logging.getLogger("gpuhop.engine")
 
-HINT_GAP_SECONDS = 0.2  # a tick woken by a hint starts at least this long after the last one ended
+HINT_GAP_SECONDS = 0.05  # a tick woken by a hint starts at least this long after the last one ended,
+HINT_DUTY = 2.0  # and at least this many times the last tick's own length after it (see hint_gap)
 YIELD_EVERY_SECONDS = 0.005  # the tick's per-job loop hands the event loop over at least this often
 
 __all__ = ["Engine", "ProviderHealth", "attempt_view", "job_view", "placement_settings"]
@@ -135,6 +136,16 @@ class _Planned:
 INTERRUPTION_POLL_SECONDS = 3
 
 
+def hint_gap(period: float, took: float) -> float:
+    """How long after a tick that took `took` s the next may start when woken early (a submit,
+    an agent's report): long enough for a burst of hints (a thousand submits a second) to
+    gather into one tick, short enough that each tick looks at a small slice of new jobs (a
+    tick that looked at 1,000 new jobs at once held submits up by 100-400 ms, one every 0.2 s
+    by 50-90 ms, issue 9), and never so short that ticks woken early take more than a third of
+    the loop's time."""
+    return min(max(HINT_GAP_SECONDS, HINT_DUTY * took), period)
+
+
 def next_tick_in(period: float, took: float) -> float:
     """Ticks start every `period` seconds (a tick's own time is not added to the wait: a
     preemption waits half a period for the listing that shows it, not half a period plus half a
@@ -216,7 +227,7 @@ class Engine:
         try:
             while not stop.is_set():
                 self._wake.clear()  # before the tick: a hint that arrives during it is kept
-                began = time.monotonic()
+                began, began_wall = time.monotonic(), time.time()
                 try:
                     await self.tick()
                 except Exception:  # a bug in one tick must not kill the daemon; log and go on
@@ -231,9 +242,7 @@ class Engine:
                 waiter.cancel()
                 stopper.cancel()
                 if self._wake.is_set() and not stop.is_set():
-                    # woken early: let a burst of hints (a thousand submits a second) gather into
-                    # one tick instead of starting a tick for each
-                    gap = min(HINT_GAP_SECONDS, self.settings.engine.tick_seconds)
+                    gap = hint_gap(self.settings.engine.tick_seconds, self.last_tick_at - began_wall)
                     await asyncio.sleep(max(0.0, self.last_tick_at + gap - time.time()))
         finally:
             for task in pollers:
@@ -299,8 +308,9 @@ class Engine:
             if has_live:
                 self._watch.add(job_id)  # what the providers show of it can change any tick
             if not self.workers.fresh(job_id, read_at):
-                self._watch.add(job_id)  # a launch is changing it: decided once that is done
-                continue
+                if not self.workers.launching(job_id):
+                    self._watch.add(job_id)  # its launch ended after the read: decided next tick
+                continue  # in flight: decided once it ends (Workers.take_settled)
             quiet = quiet_jobs.get(job_id)
             if quiet is not None and now < quiet.until and quiet.still(job, rows, snap.readable, observed, self.cfg):
                 if has_live:
@@ -341,11 +351,16 @@ class Engine:
                 await self._commit(batch)
                 batch = []
         await self._commit(batch)
-        for job_id in [k for k in self._specs if k not in jobs]:
-            del self._specs[job_id]
+        if state.changed is None:  # a full read: whatever is kept of jobs no longer active goes
+            for job_id in [k for k in self._specs if k not in jobs]:
+                del self._specs[job_id]
+            self.workers.forget(jobs.keys())
+        else:  # else only what left since, not a pass over every job each tick
+            for job_id in state.removed:
+                self._specs.pop(job_id, None)
+            self.workers.forget_jobs(state.removed)
         for job_id in state.removed:
             self._quiet.pop(job_id, None)
-        self.workers.forget(jobs.keys())
         await asyncio.sleep(0)
         await self._record_bill_starts(observed, live)
         await asyncio.sleep(0)
@@ -369,7 +384,7 @@ class Engine:
             self._cfg_seen = self.cfg
             self._wakeups = []
             return list(jobs)
-        wanted = state.changed | self._watch
+        wanted = state.changed | self._watch | {j for j in self.workers.take_settled() if j in jobs}
         while self._wakeups and self._wakeups[0][0] <= now:
             _, job_id = heapq.heappop(self._wakeups)
             wanted.add(job_id)

@@ -24,7 +24,7 @@ import hashlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
@@ -84,6 +84,7 @@ class TerminateOrder:
 RATE_STATS_MAX_AGE = 5.0  # seconds a read of the preemption history serves placement
 NO_FIT_MEMO = 4096  # kinds of job remembered as fitting nothing in the current offers
 WRITE_GATHER_SECONDS = 0.01  # how long a "nothing launched" note waits for others to share its commit
+NOTE_BATCH = 256  # at most this many notes per commit: the store's writer lock is held that long
 
 
 class Workers:
@@ -126,6 +127,9 @@ class Workers:
         self._rates: tuple[float, dict[tuple[str, CapacityType], RateStats]] | None = None
         self._rates_lock = asyncio.Lock()
         self._open_batch: tuple[list[Any], asyncio.Future[None]] | None = None  # see _write_soon
+        self.write_gather_seconds = WRITE_GATHER_SECONDS
+        self._notes: dict[str, asyncio.Future[None]] = {}  # job id -> the batch its launch's note is in
+        self.settled: set[str] = set()  # jobs whose launch ended since the engine last took them
         self._closing = False  # see stop_launching
         self._sweeping: asyncio.Future[None] | None = None
         self.relocation = Relocation(store, adapters, moving_settings(settings.moving), placement,
@@ -179,7 +183,11 @@ class Workers:
         """Wait for the launches and terminations in flight (they decide money: never abandon
         them lightly). With `grace`, give up waiting after that many seconds."""
         deadline = None if grace is None else time.monotonic() + grace
-        while self._tasks:
+        while True:
+            if self._open_batch is not None:  # notes of launches that ended: written now, not
+                self._flush_soon(self._open_batch)  # write_gather_seconds later
+            if not self._tasks:
+                return
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return
@@ -201,6 +209,12 @@ class Workers:
         for table in (self._launch_ended, self._backoff, self._avoid):
             for job_id in [k for k in table if k not in active]:
                 del table[job_id]
+
+    def forget_jobs(self, gone: Iterable[str]) -> None:
+        """Drop what is kept about these jobs (no longer active)."""
+        for job_id in gone:
+            for table in (self._launch_ended, self._backoff, self._avoid):
+                table.pop(job_id, None)
 
     def launch_soon(self, job: JobRow, spec: JobSpec, early: bool, number: int | None = None) -> None:
         """Start a launch of the job's next attempt (`number`: as the caller's fresh read of its
@@ -233,14 +247,29 @@ class Workers:
                 try:
                     await self._logged(work(), name)  # a launch that fails does not stop the others
                 finally:
-                    self._launch_done(job_id)
+                    note = self._notes.pop(job_id, None)
+                    if note is None or note.done():
+                        self._launch_done(job_id)
+                    else:  # launched nothing: over once its note is written (see _launch's end)
+                        note.add_done_callback(functools.partial(self._note_written, job_id))
         finally:
             self._launch_workers -= 1
 
     def _launch_done(self, job_id: str) -> None:
         self._launch_ended[job_id] = time.monotonic()
         self._launching.discard(job_id)
+        self.settled.add(job_id)
         self.on_change()
+
+    def _note_written(self, job_id: str, _note: asyncio.Future[None]) -> None:
+        self._launch_done(job_id)
+
+    def take_settled(self) -> set[str]:
+        """The jobs whose launch ended since the last call: the engine decides each again then,
+        and not every tick while it is in flight (10,000 queued jobs were each passed over
+        every tick until their turn came)."""
+        out, self.settled = self.settled, set()
+        return out
 
     async def _call_launch(self, adapter: Adapter, req: LaunchRequest) -> object:
         async with self._provider_slots[req.offer.provider]:
@@ -435,9 +464,16 @@ class Workers:
                      for name, h in self.observer.health.items() if h.suspended_until and name in offers_by_provider]
         if suspended:
             why = "; ".join([why, *suspended])
-        await asyncio.shield(self._write_soon((job.id, {"next_try_at": time.time() + delay,
-                                                        "message": (never or f"waiting for capacity: {why}")[:1024]},
-                                               {}, [(None, "no_capacity", f"nothing launched, next try in {delay:.0f} s: {why}")])))
+        note = self._write_soon((job.id, {"next_try_at": time.time() + delay,
+                                          "message": (never or f"waiting for capacity: {why}")[:1024]},
+                                 {}, [(None, "no_capacity", f"nothing launched, next try in {delay:.0f} s: {why}")]))
+        if self._open_batch is not None and self._open_batch[1] is note:
+            # the launch stays in flight until its note is written (its job is not decided again
+            # before), but the worker goes on to the next job: a thousand jobs that nothing fits
+            # share a few commits instead of one per `launch_concurrency` of them (issue 9)
+            self._notes[job.id] = note
+            return
+        await asyncio.shield(note)  # the batch is full and being written: wait for it (backpressure)
 
     def _lists_offers(self, provider: str, offers_by_provider: dict[str, list[Offer]]) -> bool:
         """Whether "no capacity" at `provider` can be believed: it is configured here, started,
@@ -539,13 +575,18 @@ class Workers:
         if batch is None:
             batch = self._open_batch = ([], loop.create_future())
             batch[1].add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: _flush logs it
-            loop.call_later(WRITE_GATHER_SECONDS, lambda: self._spawn(self._flush(batch), "flush-notes"))
+            loop.call_later(self.write_gather_seconds, self._flush_soon, batch)
         batch[0].append(item)
+        if len(batch[0]) >= NOTE_BATCH:
+            self._flush_soon(batch)
         return batch[1]
 
-    async def _flush(self, batch: tuple[list[Any], asyncio.Future[None]]) -> None:
+    def _flush_soon(self, batch: tuple[list[Any], asyncio.Future[None]]) -> None:
         if self._open_batch is batch:
             self._open_batch = None  # what arrives from now on goes into the next batch
+            self._spawn(self._flush(batch), "flush-notes")
+
+    async def _flush(self, batch: tuple[list[Any], asyncio.Future[None]]) -> None:
         try:
             await self.store.run(self.store.apply_many, batch[0])
         except BaseException as exc:

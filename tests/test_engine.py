@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from adapters.base import NoCapacity, RetryLater
-from orchestrator.engine import next_tick_in
+from orchestrator.engine import hint_gap, next_tick_in
 from orchestrator.models import AttemptStatus, JobSpec
 from orchestrator.store import AttemptRow, JobRow
 from tests.fake_provider import FakeAdapter, Rig
@@ -254,6 +254,47 @@ async def test_a_job_waiting_for_capacity_is_decided_again_only_when_its_rows_or
         r.close()
 
 
+async def test_jobs_that_nothing_fits_share_a_few_commits_and_wait_for_their_note(tmp_path: Path) -> None:
+    """A thousand jobs that no offer fits: each launch finds nothing at once (the placement is
+    remembered), and its "waiting for capacity" note goes into a shared batch while the worker
+    moves on; the job counts as launching until its note is written. Before, each of the
+    `launch_concurrency` workers waited for its own note: a commit per two jobs here (issue 9:
+    the engine's first look at a new job cost 600 us of CPU, most of it these commits)."""
+    fake = FakeAdapter.create(tmp_path, capacity={"r1": 0}, prices={"r1": 0.5})
+    r = Rig.create(tmp_path, fake, launch_concurrency=2, retry_backoff_max_seconds=60.0)
+    commits: list[int] = []  # notes per commit
+    real = r.store.apply_many
+
+    def counting(items: Any) -> Any:
+        notes = sum(1 for _, _, _, events in items if any(kind == "no_capacity" for _, kind, _ in events))
+        if notes:
+            commits.append(notes)
+        return real(items)
+
+    r.store.apply_many = counting
+    # the batch waits for drain or a full NOTE_BATCH, not a timer: on a loaded machine the 10 ms
+    # gather window ends while launches are still queuing, and the count of commits would say
+    # how busy the machine was rather than how notes are batched
+    r.engine.workers.write_gather_seconds = 60.0
+    try:
+        ids = [f"j{n:03d}" for n in range(200)]
+        for job_id in ids:
+            r.store.create_job(job_id, spec())
+        await r.engine.tick()  # decides all 200: each launch is queued
+        assert all(r.engine.workers.launching(j) for j in ids)
+        await r.engine.drain()  # the notes are written, then the launches are over
+        assert not any(r.engine.workers.launching(j) for j in ids)
+        assert sum(commits) == 200 and len(commits) <= 2, commits  # a full batch of 256 is never reached
+        for job_id in ids:
+            row = job(r, job_id)
+            assert row.next_try_at and row.message.startswith("waiting for capacity"), row.message
+            assert [e.kind for e in r.store.events(job_id)].count("no_capacity") == 1
+        assert r.engine.workers.take_settled() == set(ids)  # each is decided again at the next tick
+    finally:
+        await r.engine.drain()
+        r.close()
+
+
 async def test_stopping_abandons_launches_not_begun_and_finishes_those_under_way(tmp_path: Path) -> None:
     """A daemon stopping with many jobs waiting for a launch slot: the launch under way is
     carried to its end (recorded, its machine owned), the ones not begun are not begun (20,000
@@ -280,6 +321,13 @@ async def test_stopping_abandons_launches_not_begun_and_finishes_those_under_way
         assert len(r.store.active_jobs()) == 20  # none lost: each is placed again on the next start
     finally:
         r.close()
+
+
+def test_ticks_woken_early_come_in_small_slices_but_take_at_most_a_third_of_the_time() -> None:
+    assert hint_gap(1.0, 0.005) == pytest.approx(0.05)  # a quick tick: the next may come soon
+    assert hint_gap(1.0, 0.1) == pytest.approx(0.2)  # a 0.1 s tick: 0.2 s before the next
+    assert hint_gap(1.0, 2.0) == pytest.approx(1.0)  # never longer than the period itself
+    assert hint_gap(0.02, 0.001) == pytest.approx(0.02)
 
 
 def test_ticks_start_a_period_apart_with_a_pause_after_a_slow_one() -> None:
