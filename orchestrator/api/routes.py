@@ -180,7 +180,7 @@ async def submit(request: web.Request) -> web.Response:
             if exc.code != "job_exists" or not tries_left:
                 return error(409, exc.code, str(exc))
     ctx.engine.hint()
-    return respond(job_out(job, []), status=201)
+    return respond(job_out(job, [], spec=spec), status=201)
 
 
 def _never_runs(known_offers: dict[str, list[Offer]], spec: JobSpec, configured: set[str]) -> str | None:

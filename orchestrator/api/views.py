@@ -248,7 +248,9 @@ def job_out(
     volume: VolumeRow | None = None,
     now: float | None = None,
     volume_usd_per_month: float = 0.0,
+    spec: JobSpec | None = None,
 ) -> Job:
+    """The job as the API shows it (`spec`: the job's spec when the caller has it parsed)."""
     now = now or time.time()
     rows = [attempt_out(a, now) for a in attempts]
     return Job(
@@ -256,7 +258,7 @@ def job_out(
         cost_usd=round(sum(a.cost_usd for a in rows), 6), attempt_count=len(rows), relaunches=job.relaunches,
         retries=job.retries, created_at=when(job.created_at), updated_at=when(job.updated_at),
         finished_at=when(job.finished_at), cancel_requested=job.cancel_requested,
-        spec=JobSpec.model_validate_json(job.spec_json), attempts=rows,
+        spec=spec if spec is not None else JobSpec.model_validate_json(job.spec_json), attempts=rows,
         volume=None if volume is None else Volume(
             name=volume.name, size_gb=volume.size_gb, mount_path=volume.mount_path, provider=volume.provider,
             region=volume.region, volume_id=volume.provider_volume_id,
