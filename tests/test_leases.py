@@ -68,6 +68,27 @@ def test_a_job_submitted_through_a_replica_is_its_own_and_only_it_decides_it(pai
     assert a.get_job("j1").message == "a decides"  # type: ignore[union-attr]
 
 
+def test_launch_writes_made_together_are_fenced_job_by_job(pair: tuple[Store, Store]) -> None:
+    """The launch workers' group commits: in one transaction, a job another replica owns is
+    refused (LeaseLost) and the replica's own are written."""
+    from orchestrator.store import LaunchRecord
+
+    a, b = pair
+    a.create_job("mine", spec())
+    b.create_job("theirs", spec())
+    answers = a.add_attempts([attempt("mine"), attempt("theirs")])
+    assert isinstance(answers[0], AttemptRow) and isinstance(answers[1], LeaseLost)
+    assert "owned by b" in str(answers[1]) and b.attempts("theirs") == []
+    theirs = b.add_attempt(attempt("theirs"))
+    mine = answers[0]
+    got = a.record_launches([LaunchRecord(mine.id or 0, "i-1", 1.0), LaunchRecord(theirs.id or 0, "i-2", 2.0)])
+    assert got[0] is True and isinstance(got[1], LeaseLost)
+    assert [x.instance_id for x in b.attempts("theirs")] == [None]
+    assert a.fence is not None
+    expire(a, a.fence)
+    assert all(isinstance(x, LeaseLost) for x in a.add_attempts([attempt("mine", 2)]))
+
+
 def test_a_replica_whose_lease_expired_cannot_write(pair: tuple[Store, Store]) -> None:
     a, _ = pair
     a.create_job("j1", spec())

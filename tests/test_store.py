@@ -251,6 +251,54 @@ def test_pages_filtered_by_several_statuses_are_the_full_list_filtered(store: St
         assert seen == expected, wanted
 
 
+def _pending(job_id: str, number: int = 1) -> AttemptRow:
+    return AttemptRow(job_id=job_id, number=number, name=f"gpuhop-{job_id}-{number}", provider="fake",
+                      status=AttemptStatus.PENDING.value, created_at=1.0)
+
+
+def test_write_ahead_records_written_together_are_each_refused_alone(store: Store) -> None:
+    """add_attempts (the launch workers' group commit): one transaction, but a job that already
+    runs an attempt, an attempt name that exists, and a second attempt for one job within the
+    same batch are refused each on its own, and the others are recorded with their ids."""
+    for n in range(1, 6):
+        store.create_job(f"j{n}", spec())
+    store.add_attempt(_pending("j1"))  # j1 already has a live attempt
+    store.add_attempt(_pending("j2"))
+    store.update_attempt(store.attempts("j2")[0].id or 0, status=AttemptStatus.ENDED.value,
+                         end_reason=EndReason.PREEMPTED.value)  # ended: its name is still taken
+    answers = store.add_attempts([_pending("j1", 2), _pending("j2", 1), _pending("j3"), _pending("j4"),
+                                  _pending("j4", 2), _pending("j5")])
+    kinds = [type(a).__name__ for a in answers]
+    assert kinds == ["Conflict", "Conflict", "AttemptRow", "AttemptRow", "Conflict", "AttemptRow"], answers
+    assert "already runs attempt 1" in str(answers[0]) and "already exists" in str(answers[1])
+    assert "already runs attempt 1" in str(answers[4])  # the batch's own j4-1 counts
+    for n in (3, 4, 5):
+        (row,) = store.attempts(f"j{n}")
+        assert row.status == AttemptStatus.PENDING.value and row.number == 1
+    assert [a.id for a in answers if isinstance(a, AttemptRow)] == [
+        store.attempts(f"j{n}")[0].id for n in (3, 4, 5)]
+    assert len(store.attempts("j1")) == 1 and len(store.attempts("j2")) == 1
+
+
+def test_launches_recorded_together_are_answered_each_on_its_own(store: Store) -> None:
+    from orchestrator.store import LaunchRecord
+
+    for n in (1, 2):
+        store.create_job(f"j{n}", spec())
+    one, two = (store.add_attempt(_pending(f"j{n}")) for n in (1, 2))
+    store.update_attempt(two.id or 0, status=AttemptStatus.ENDED.value, end_reason=EndReason.CANCELLED.value)
+    answers = store.record_launches([
+        LaunchRecord(one.id or 0, "i-1", 10.0, {"message": "launched"}, [(1, "launched", "on fake")]),
+        LaunchRecord(two.id or 0, "i-2", 11.0, {"message": "must not"}),
+        LaunchRecord(999_999, "i-3", 12.0),  # no such attempt
+    ])
+    assert answers == [True, False, False]
+    assert [(a.status, a.instance_id) for a in store.attempts("j1")] == [("launching", "i-1")]
+    assert [(a.status, a.instance_id) for a in store.attempts("j2")] == [("ended", None)]
+    assert store.get_job("j1").message == "launched"  # type: ignore[union-attr]
+    assert store.get_job("j2").message == "queued"  # type: ignore[union-attr]
+
+
 def test_a_confirmed_launch_never_moves_an_attempt_backwards(store: Store) -> None:
     """record_launch: a pending attempt becomes launching with its machine; one the tick adopted
     meanwhile keeps its status and instance; one ended meanwhile (a cancel) stays ended, gets no

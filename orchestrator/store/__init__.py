@@ -3,7 +3,7 @@ migrations and the store's verbs."""
 
 from orchestrator.store.errors import Conflict
 from orchestrator.store.leases import Fence, LeaseLost
-from orchestrator.store.repo import Store
+from orchestrator.store.repo import LaunchRecord, Store
 from orchestrator.store.tables import AttemptRow, EventRow, JobRow, ReplicaRow, VolumeRow
 
-__all__ = ["AttemptRow", "Conflict", "EventRow", "Fence", "JobRow", "LeaseLost", "ReplicaRow", "Store", "VolumeRow"]
+__all__ = ["AttemptRow", "Conflict", "EventRow", "Fence", "JobRow", "LaunchRecord", "LeaseLost", "ReplicaRow", "Store", "VolumeRow"]

@@ -53,6 +53,17 @@ ACTIVE_STATUSES = [s.value for s in JobStatus if not s.terminal]
 TERMINAL_STATUSES = [s.value for s in JobStatus if s.terminal]
 ENDED = AttemptStatus.ENDED.value
 
+
+@dataclass(frozen=True)
+class LaunchRecord:
+    """A machine a launch got, to record against its attempt (Store.record_launches)."""
+
+    attempt_id: int
+    instance_id: str
+    launched_at: float
+    job_fields: dict[str, Any] | None = None
+    events: Sequence[tuple[int | None, str, str]] = ()
+
 # the tick's cached rows (store.cache.PlainRows), typed as the models whose attributes they carry
 _PLAIN_JOBS = PlainRows(JobRow)
 _PLAIN_ATTEMPTS = PlainRows(AttemptRow)
@@ -439,34 +450,72 @@ class Store(LeaseStore, MoveStore, WorkdirStore):
         """The write-ahead record of a launch, committed before the provider is called. Raises
         Conflict when an attempt of that name exists (the name is the idempotency key), or when
         the job already has a live attempt that is not under a reclaim notice (one job runs on
-        one machine at a time; only an early replacement may start beside a warned attempt).
-        Core statements: it is on every launch's path (issue 9: detection to launch)."""
+        one machine at a time; only an early replacement may start beside a warned attempt)."""
+        (result,) = self.add_attempts([row])
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def add_attempts(self, rows: Sequence[AttemptRow]) -> list[AttemptRow | Conflict | LeaseLost]:
+        """Several launches' write-ahead records (as `add_attempt`, each refused one refused
+        alone) in one transaction: a hundred replacements after a wave of preemptions commit a
+        few times, not a hundred (issue 9: detection to launch call). The answer is in the
+        order given: the row with its id, or why it was not recorded. Core statements: it is on
+        every launch's path."""
         table = AttemptRow.__table__  # type: ignore[attr-defined]
+        out: list[AttemptRow | Conflict | LeaseLost] = []
         with self._write() as s:
             conn = s.connection()
-            owners = self._lock_jobs(conn, [row.job_id])  # one writer of this job's attempts at a time
-            if row.job_id in owners:
-                self._check_owner(s, row.job_id, owners[row.job_id], time.time())
-            busy = conn.execute(sa_select(table.c.number, table.c.status).where(
-                table.c.job_id == row.job_id, table.c.status != ENDED, table.c.interruption_at.is_(None)).limit(1)).first()
-            if busy is not None:
-                raise Conflict(f"job {row.job_id} already runs attempt {busy.number} ({busy.status})")
-            values = {k: v for k, v in row.model_dump().items() if k != "id"}
-            try:  # a refusal leaves nothing: the session's end rolls the transaction back
+            job_ids = sorted({r.job_id for r in rows})
+            owners = self._lock_jobs(conn, job_ids)  # one writer of these jobs' attempts at a time
+            fenced = self._fence_refusal(s, time.time()) if owners else None
+            busy: dict[str, tuple[int, str]] = {}
+            names: set[str] = set()
+            for n in range(0, len(job_ids), 900):
+                part = job_ids[n:n + 900]
+                busy.update((str(j), (int(num), str(st))) for j, num, st in conn.execute(
+                    sa_select(table.c.job_id, table.c.number, table.c.status).where(
+                        table.c.job_id.in_(part), table.c.status != ENDED, table.c.interruption_at.is_(None))))
+            wanted = [r.name for r in rows]
+            for n in range(0, len(wanted), 900):
+                names.update(str(x) for x in conn.execute(
+                    sa_select(table.c.name).where(table.c.name.in_(wanted[n:n + 900]))).scalars())
+            for row in rows:
+                refusal: Conflict | LeaseLost | None = None
+                if row.job_id in owners:
+                    refusal = fenced or self._owner_refusal(row.job_id, owners[row.job_id])
+                if refusal is None and row.job_id in busy:
+                    number, status = busy[row.job_id]
+                    refusal = Conflict(f"job {row.job_id} already runs attempt {number} ({status})")
+                if refusal is None and row.name in names:
+                    refusal = Conflict(f"attempt {row.name!r} already exists")
+                if refusal is not None:
+                    out.append(refusal)
+                    continue
+                values = {k: v for k, v in row.model_dump().items() if k != "id"}
                 key = conn.execute(table.insert().values(**values)).inserted_primary_key
-            except IntegrityError:
-                raise Conflict(f"attempt {row.name!r} already exists") from None
-            row.id = int(key[0]) if key is not None else None
+                row.id = int(key[0]) if key is not None else None
+                busy[row.job_id] = (row.number, row.status)
+                names.add(row.name)
+                out.append(row)
             s.commit()
-            return row
+        return out
 
-    def _check_owner(self, s: Session, job_id: str, owner: str | None, now: float) -> None:
-        """check_lease for a job whose owner was read with its row locked (Core paths)."""
+    def _fence_refusal(self, s: Session, now: float) -> LeaseLost | None:
+        """Why this replica may not write now (its own lease), or None."""
         if self.fence is None:
-            return
-        if owner != self.fence.replica_id:
-            raise LeaseLost(f"job {job_id} is owned by {owner or 'nobody'}, not {self.fence.replica_id}")
-        check_replica(s, self.fence, now)
+            return None
+        try:
+            check_replica(s, self.fence, now)
+        except LeaseLost as exc:
+            return exc
+        return None
+
+    def _owner_refusal(self, job_id: str, owner: str | None) -> LeaseLost | None:
+        """Why this replica may not write a job owned by `owner` (read with its row locked)."""
+        if self.fence is None or owner == self.fence.replica_id:
+            return None
+        return LeaseLost(f"job {job_id} is owned by {owner or 'nobody'}, not {self.fence.replica_id}")
 
     def update_attempt(self, attempt_id: int, **fields: Any) -> AttemptRow | None:
         """Set attempt columns, under the same rules as `apply` (see `merge_attempt`: nothing
@@ -507,33 +556,60 @@ class Store(LeaseStore, MoveStore, WorkdirStore):
         """A launch worker's confirmed machine: a pending attempt becomes launching with it; one
         the tick adopted meanwhile keeps its status (never moved backwards). False when the
         attempt was ended meanwhile (a cancel): the caller stops the machine. `job_fields` and
-        `events`, when given, are written with it (one transaction per launch, not two). Core
-        statements, as apply_many: it is on every launch's path."""
+        `events`, when given, are written with it (one transaction per launch, not two). Raises
+        LeaseLost when another replica owns the job now."""
+        (result,) = self.record_launches([LaunchRecord(attempt_id, instance_id, launched_at, job_fields, events)])
+        if isinstance(result, LeaseLost):
+            raise result
+        return result
+
+    def record_launches(self, records: Sequence[LaunchRecord]) -> list[bool | LeaseLost]:
+        """Several `record_launch`es in one transaction, each answered on its own, in order."""
         now = time.time()
         attempts = AttemptRow.__table__  # type: ignore[attr-defined]
+        out: list[bool | LeaseLost] = []
         with self._write() as s:
             conn = s.connection()
-            job_id = conn.execute(sa_select(attempts.c.job_id).where(attempts.c.id == attempt_id)).scalar()
-            if job_id is None:
-                return False
-            owners = self._lock_jobs(conn, [job_id])  # the job first, as every writer takes them
-            if job_id in owners:
-                self._check_owner(s, job_id, owners[job_id], now)
-            row = self._lock_attempts(conn, [attempt_id]).get(attempt_id)
-            if row is None or row.status == ENDED:
-                return False
-            fields: dict[str, Any] = {}
-            if row.status == AttemptStatus.PENDING.value:
-                fields["status"] = AttemptStatus.LAUNCHING.value
-            if not row.instance_id:
-                fields["instance_id"] = instance_id
-            if not row.launched_at:
-                fields["launched_at"] = launched_at
-            _update_rows(conn, AttemptRow, [(attempt_id, fields)] if fields else [], {})
-            if (job_fields or events) and job_id in owners:
-                self._apply_plain(conn, [(job_id, job_fields or {}, events)], now)
+            ids = [r.attempt_id for r in records]
+            job_of: dict[int, str] = {}
+            for n in range(0, len(ids), 900):
+                job_of.update((int(i), str(j)) for i, j in conn.execute(
+                    sa_select(attempts.c.id, attempts.c.job_id).where(attempts.c.id.in_(ids[n:n + 900]))))
+            owners = self._lock_jobs(conn, sorted(set(job_of.values())))  # jobs first, as every writer
+            fenced = self._fence_refusal(s, now) if owners else None
+            rows = self._lock_attempts(conn, sorted(job_of))
+            changes: list[tuple[int, dict[str, Any]]] = []
+            plain: list[tuple[str, dict[str, Any], Sequence[tuple[int | None, str, str]]]] = []
+            for rec in records:
+                job_id = job_of.get(rec.attempt_id)
+                row = rows.get(rec.attempt_id)
+                if job_id is None or row is None:
+                    out.append(False)
+                    continue
+                refusal = (fenced or self._owner_refusal(job_id, owners[job_id])) if job_id in owners else None
+                if refusal is not None:
+                    out.append(refusal)
+                    continue
+                if row.status == ENDED:
+                    out.append(False)
+                    continue
+                fields: dict[str, Any] = {}
+                if row.status == AttemptStatus.PENDING.value:
+                    fields["status"] = AttemptStatus.LAUNCHING.value
+                if not row.instance_id:
+                    fields["instance_id"] = rec.instance_id
+                if not row.launched_at:
+                    fields["launched_at"] = rec.launched_at
+                if fields:
+                    changes.append((rec.attempt_id, fields))
+                if (rec.job_fields or rec.events) and job_id in owners:
+                    plain.append((job_id, rec.job_fields or {}, rec.events))
+                out.append(True)
+            _update_rows(conn, AttemptRow, changes, {})
+            if plain:
+                self._apply_plain(conn, plain, now)
             s.commit()
-            return True
+        return out
 
     def _lock_attempt(self, s: Session, attempt_id: int, job_first: bool = False) -> AttemptRow | None:
         """Lock an attempt for an engine write; when fenced (or asked), its job first (the order
@@ -677,13 +753,7 @@ class Store(LeaseStore, MoveStore, WorkdirStore):
 
     def _fenced_out(self, s: Session, now: float) -> bool:
         """Whether this replica's lease forbids writing now (check_lease's replica half)."""
-        if self.fence is None:
-            return False
-        try:
-            check_replica(s, self.fence, now)
-        except LeaseLost:
-            return True
-        return False
+        return self._fence_refusal(s, now) is not None
 
     def _apply_plain(self, conn: Any, items: list[tuple[str, dict[str, Any], Sequence[tuple[int | None, str, str]]]],
                      now: float) -> None:
