@@ -160,7 +160,10 @@ class EngineSettings(_Section):
         default=2.0, gt=0, le=600,
         description="how long a tick waits for a provider's listing; a slower answer is used by the next tick",
     )
-    launch_concurrency: int = Field(default=8, ge=1, le=1024, description="launches in flight at once, in all")
+    # 32, not 8: after a wave of preemptions the replacements wait in this queue, and each
+    # worker's write-ahead record and launch record share transactions with the others'
+    # (orchestrator/groupcommit.py); calls to one provider are still bounded by provider_concurrency
+    launch_concurrency: int = Field(default=32, ge=1, le=1024, description="launches in flight at once, in all")
     provider_concurrency: int = Field(
         default=4, ge=1, le=256, description="launches and terminations in flight at once per provider"
     )

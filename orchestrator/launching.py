@@ -39,6 +39,7 @@ from adapters.base import (
 )
 from orchestrator import metrics
 from orchestrator.config import Settings
+from orchestrator.groupcommit import GroupCommit
 from orchestrator.models import (
     AttemptStatus,
     Bill,
@@ -60,7 +61,15 @@ from orchestrator.placement import (
     place,
 )
 from orchestrator.relocation import Relocation, moving_settings
-from orchestrator.store import AttemptRow, Conflict, JobRow, LeaseLost, Store, VolumeRow
+from orchestrator.store import (
+    AttemptRow,
+    Conflict,
+    JobRow,
+    LaunchRecord,
+    LeaseLost,
+    Store,
+    VolumeRow,
+)
 
 log = logging.getLogger("gpuhop.engine")
 
@@ -127,6 +136,10 @@ class Workers:
         self._rates: tuple[float, dict[tuple[str, CapacityType], RateStats]] | None = None
         self._rates_lock = asyncio.Lock()
         self._open_batch: tuple[list[Any], asyncio.Future[None]] | None = None  # see _write_soon
+        # the write-ahead records of launches and their confirmed machines, each written with
+        # the others that arrive meanwhile (orchestrator/groupcommit.py)
+        self.write_ahead: GroupCommit[AttemptRow, AttemptRow] = GroupCommit(store.run, store.add_attempts)
+        self.launch_records: GroupCommit[LaunchRecord, bool] = GroupCommit(store.run, store.record_launches)
         self.write_gather_seconds = WRITE_GATHER_SECONDS
         self._notes: dict[str, asyncio.Future[None]] = {}  # job id -> the batch its launch's note is in
         self.settled: set[str] = set()  # jobs whose launch ended since the engine last took them
@@ -414,7 +427,7 @@ class Workers:
                 volume, new_volume = await self._volume_for(spec, offer, pinned)
                 if volume is not None:
                     row.volume_id = volume.volume_id
-                row = await self.store.run(self.store.add_attempt, row)  # write-ahead
+                row = await self.write_ahead.submit(row)  # write-ahead
                 req = self._request(job, spec, number, offer, volume)
                 inst = await self._call_launch(self.adapters[offer.provider], req)
             except (NoCapacity, PermanentError) as exc:
@@ -519,7 +532,7 @@ class Workers:
             created_at=time.time(),
         )
         try:
-            row = await self.store.run(self.store.add_attempt, row)  # write-ahead
+            row = await self.write_ahead.submit(row)  # write-ahead
             inst = await self._call_launch(adapter, self._request(job, spec, number, offer, volume))
         except (NoCapacity, PermanentError) as exc:
             if row.id is not None:
@@ -620,10 +633,10 @@ class Workers:
                 log.warning("volume %s was removed while a launch created it at %s (%s); recorded it again",
                             job.volume_name, volume.provider, volume.volume_id)
         try:
-            recorded = await self.store.run(
-                self.store.record_launch, row.id or 0, instance_id, row.launched_at or time.time(),
+            recorded = await self.launch_records.submit(LaunchRecord(
+                row.id or 0, instance_id, row.launched_at or time.time(),
                 {"next_try_at": None, "message": f"attempt {row.number} on {row.provider} {row.region}"},
-                [(row.number, "launched", message)])
+                [(row.number, "launched", message)]))
         except LeaseLost as exc:
             # another replica owns the job now: it finds this machine by the attempt's name
             # (adopting it, or re-issuing the launch, which the provider answers with it)
