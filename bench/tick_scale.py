@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -88,6 +89,7 @@ async def detection(rig: Rig, share: float, rounds: int) -> None:
     tick period (a preemption waits for the next listing: half a period on average, up to a
     whole one), then every replacement's launch call timed from that moment."""
     fake = rig.fake
+    stages = _Stages(rig)
     stop = asyncio.Event()
     loop = asyncio.create_task(rig.engine.run(stop))
     await asyncio.sleep(1.5)
@@ -112,6 +114,7 @@ async def detection(rig: Rig, share: float, rounds: int) -> None:
             seen_requests = len(fake.requests)
             await asyncio.sleep(0.01)
         values += delays.values()
+        stages.round(t0, names)
         await asyncio.sleep(2.0)  # the replacements settle before the next round
     stop.set()
     await loop
@@ -123,6 +126,78 @@ async def detection(rig: Rig, share: float, rounds: int) -> None:
     print(f"detection ({rounds} rounds of {len(values) // rounds} preempted at once, "
           f"random moments of the tick): preempted -> replacement launch call p50 {statistics.median(values):.2f} s "
           f"(goal <= 1), p99 {p99:.2f} s (goal <= 2)")
+    stages.report()
+
+
+class _Stages:
+    """Where a detection's time goes, per replacement: from the preemption to the start of the
+    tick that acted on it (the wait for a listing), from there to its launch being queued (the
+    tick's own work), queued to taken by a launch worker, and taken to the provider's launch
+    call (the worker's placement and write-ahead record)."""
+
+    def __init__(self, rig: Rig) -> None:
+        self.ticks: list[float] = []  # tick start times
+        self.queued: dict[str, float] = {}
+        self.taken: dict[str, float] = {}
+        self.called: dict[str, float] = {}
+        self.rows: list[tuple[float, float, float, float]] = []
+        engine, workers, fake = rig.engine, rig.engine.workers, rig.fake
+        tick, queue, launch, call = engine.tick, workers._queue, workers._launch, fake.launch
+
+        async def timed_tick() -> None:
+            self.ticks.append(time.perf_counter())
+            await tick()
+
+        def timed_queue(job_id: str, work: Any, name: str) -> None:
+            self.queued.setdefault(job_id, time.perf_counter())
+            queue(job_id, work, name)
+
+        async def timed_launch(job: Any, *args: Any) -> None:
+            self.taken.setdefault(job.id, time.perf_counter())
+            await launch(job, *args)
+
+        async def timed_call(req: Any) -> Any:
+            self.called.setdefault(req.name.rsplit("-", 1)[0], time.perf_counter())
+            return await call(req)
+
+        engine.tick, workers._queue, workers._launch, fake.launch = (  # type: ignore[method-assign]
+            timed_tick, timed_queue, timed_launch, timed_call)
+        self.waits: dict[str, list[float]] = {"write-ahead record": [], "launch record": []}
+        for what, group in (("write-ahead record", workers.write_ahead), ("launch record", workers.launch_records)):
+            group.submit = self._timed(group.submit, self.waits[what])  # type: ignore[method-assign]
+
+    @staticmethod
+    def _timed(submit: Any, into: list[float]) -> Any:
+        async def timed(item: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return await submit(item)
+            finally:
+                into.append(time.perf_counter() - t0)
+        return timed
+
+    def round(self, t0: float, stems: set[str]) -> None:
+        for stem in stems:
+            job_id = stem.split("-", 1)[1]
+            q, k, c = self.queued.get(job_id), self.taken.get(job_id), self.called.get(stem)
+            if q is None or k is None or c is None:
+                continue
+            tick = max((t for t in self.ticks if t <= q), default=t0)
+            self.rows.append((tick - t0, q - tick, k - q, c - k))
+        self.queued.clear()
+        self.taken.clear()
+        self.called.clear()
+
+    def report(self) -> None:
+        if not self.rows:
+            return
+        names = ("wait for the tick", "tick to queued", "queued to a worker", "worker to launch call")
+        parts = [f"{name} p50 {statistics.median(r[i] for r in self.rows) * 1000:.0f} ms / "
+                 f"max {max(r[i] for r in self.rows) * 1000:.0f} ms" for i, name in enumerate(names)]
+        print("  where it goes: " + "; ".join(parts))
+        waits = [f"{what} p50 {statistics.median(v) * 1000:.1f} ms / max {max(v) * 1000:.0f} ms ({len(v)})"
+                 for what, v in self.waits.items() if v]
+        print("  a launch worker waits for its " + "; ".join(waits))
 
 
 def main() -> None:
