@@ -577,6 +577,26 @@ retry_backoff_max_seconds = 2
                 return
             time.sleep(1)
 
+    def settle_bills(self, timeout: float) -> None:
+        """Give the daemon a moment to read the final bills of stopped machines (a stop's answer
+        carries it; with 10 s provider calls it comes well after the job ended): costs are
+        compared with the ledger once final, and those still estimates are named."""
+        deadline = time.monotonic() + timeout
+        waiting: list[str] = []
+        while time.monotonic() < deadline:
+            try:
+                jobs = self.client.jobs()
+            except (ClientError, OSError):
+                time.sleep(1)
+                continue
+            waiting = [a["name"] for j in jobs if j["status"] in TERMINAL for a in j.get("attempts", [])
+                       if a.get("cost_final") is False]
+            if not waiting:
+                return
+            time.sleep(1)
+        self.out.notes.append(f"{len(waiting)} attempt cost(s) still estimates {timeout:.0f} s after the end: "
+                              + ", ".join(waiting[:5]))
+
     def wait_running(self, timeout: float) -> None:
         def check() -> bool:
             try:
@@ -662,6 +682,7 @@ retry_backoff_max_seconds = 2
                          f"{self.out.refused} refused (409)")
             self.drain(k.drain + (long_work if self.scenario == "outage" else 0.0))
             self.settle_machines(15)
+            self.settle_bills(30)
             self.collect()
         except Exception as exc:  # a benchmark reports what broke instead of dying
             self.out.error = f"{type(exc).__name__}: {str(exc)[-400:]}"

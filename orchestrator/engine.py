@@ -52,6 +52,7 @@ __all__ = ["Engine", "ProviderHealth", "attempt_view", "job_view", "placement_se
 
 PRUNE_EVERY_SECONDS = 3600.0
 MOVE_SWEEP_SECONDS = 5.0
+BILL_SWEEP_SECONDS = 60.0  # how often ended attempts still priced by estimate are looked for
 
 
 def placement_settings(settings: Settings) -> PlacementSettings:
@@ -182,6 +183,7 @@ class Engine:
         self.workers = Workers(settings, store, adapters, self.observer, self.placement, token_for, self.hint)
         self.observer.on_offers = self.workers.relocation.observe  # capacity gaps, for wait-or-move
         self._last_move_sweep = 0.0
+        self._last_bill_sweep = 0.0
         self._wake = asyncio.Event()
         self._specs: dict[str, tuple[str, JobSpec]] = {}
         # views of the rows of the last tick, by id, with the row object they were built from
@@ -368,6 +370,9 @@ class Engine:
         if now - self._last_move_sweep >= MOVE_SWEEP_SECONDS:  # moves a crash left, retired volumes
             self._last_move_sweep = now
             self.workers.sweep_moves_soon(self._specs.__contains__, self.leader)
+        if self.leader and now - self._last_bill_sweep >= BILL_SWEEP_SECONDS:  # bills a crash left unread
+            self._last_bill_sweep = now
+            self.workers.finish_bills_soon(now)
         await self._prune(now, set(live))
         self.ticks += 1
         self.last_tick_at = time.time()

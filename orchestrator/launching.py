@@ -88,6 +88,13 @@ class TerminateOrder:
     price_per_hour: float = 0.0  # for the estimate when the provider cannot tell the bill
     started_at: float | None = None
     last_bill: Bill | None = None  # the latest bill a listing showed for this instance
+    # set when asking again for an ended attempt's late bill: the estimate already recorded, which
+    # stands if the provider cannot tell (the machine stopped long before this order)
+    estimate: tuple[float, float | None] | None = None  # (USD, when it ended)
+
+
+BILL_SWEEP_AFTER = 120.0  # an ended attempt's bill is asked for again once it is this many seconds late,
+BILL_SWEEP_HORIZON = 86_400.0  # for up to a day after it ended (EC2 forgets an instance within hours)
 
 
 RATE_STATS_MAX_AGE = 5.0  # seconds a read of the preemption history serves placement
@@ -145,6 +152,7 @@ class Workers:
         self.settled: set[str] = set()  # jobs whose launch ended since the engine last took them
         self._closing = False  # see stop_launching
         self._sweeping: asyncio.Future[None] | None = None
+        self._billing: asyncio.Future[None] | None = None
         self.relocation = Relocation(store, adapters, moving_settings(settings.moving), placement,
                                      self._provider_slots, self.prefix)
 
@@ -689,6 +697,26 @@ class Workers:
         self._terminating.add(key)
         self._spawn(self._terminate(adapter, order), f"terminate-{order.provider}-{order.instance_id}")
 
+    def finish_bills_soon(self, now: float) -> None:
+        """`finish_bills` in the background, one sweep at a time."""
+        if self._billing is None or self._billing.done():
+            self._billing = asyncio.ensure_future(self.finish_bills(now))
+            self._spawn(self._billing, "finish-bills")
+
+    async def finish_bills(self, now: float) -> None:
+        """Ask again for the final bill of ended attempts that never got one: their machines
+        are stopped again (always right for an ended attempt, and harmless: providers answer a
+        second stop of a gone machine with its bill or with nothing), and the answer replaces
+        the estimate. A kill -9 between a stop and its bill otherwise left the estimate on the
+        books for good: no minimum charge, the end when the tick decided it (the fault storm
+        saw $0.0019 recorded against $0.0069 billed)."""
+        rows = await self.store.run(self.store.unbilled_attempts, now - BILL_SWEEP_HORIZON, now - BILL_SWEEP_AFTER)
+        for row in rows:
+            if row.provider in self.adapters and row.instance_id:
+                self.terminate_soon(TerminateOrder(
+                    row.provider, row.instance_id, attempt_id=row.id, price_per_hour=row.price_per_hour,
+                    started_at=row.bill_started_at or row.launched_at, estimate=(row.cost_usd, row.ended_at)))
+
     async def _terminate(self, adapter: Adapter, order: TerminateOrder) -> None:
         key = (order.provider, order.instance_id)
         try:
@@ -714,12 +742,16 @@ class Workers:
 
     async def _record_bill(self, order: TerminateOrder, bill: Bill | None, confirmed_at: float) -> None:
         """The attempt's cost from the provider's final bill (or, when it cannot tell, the last
-        bill a listing showed, or price x time until the termination was confirmed)."""
+        bill a listing showed, or the estimate a late bill's order carries, or price x time until
+        the termination was confirmed)."""
         if bill is None and order.last_bill is not None and order.last_bill.ended_at is not None:
             bill = order.last_bill
         start: float | None
+        end: float | None
         if bill is not None:
             cost, start, end = bill.cost_usd, bill.started_at, bill.ended_at or confirmed_at
+        elif order.estimate is not None:
+            start, (cost, end) = order.started_at, order.estimate
         else:
             start, end = order.started_at, confirmed_at
             cost = max(0.0, end - start) * order.price_per_hour / 3600.0 if start is not None else 0.0

@@ -26,6 +26,12 @@ def money(value: float | None) -> str:
     return "-" if value is None else f"${value:,.4f}" if value < 1 else f"${value:,.2f}"
 
 
+def estimated(attempt: dict[str, Any]) -> str:
+    """An attempt's cost, marked ~ when it ended but its machine's final bill is not read yet."""
+    text = money(attempt.get("cost_usd"))
+    return f"~{text}" if attempt.get("status") == "ended" and attempt.get("cost_final") is False else text
+
+
 def counted(n: int, one: str, many: str | None = None) -> str:
     """3, 'retry', 'retries' -> '3 retries'; 1 -> '1 retry'."""
     return f"{n} {one if n == 1 else (many or one + 's')}"
@@ -89,7 +95,7 @@ def attempts_table(attempts: list[dict[str, Any]]) -> Table:
         table.add_row(
             str(a["number"]), a["provider"], a.get("region") or "-", gpu, a.get("capacity") or "-",
             f"{a.get('price_per_hour', 0):.3f}", a.get("instance_id") or "-", a["status"],
-            Text(reason or "-", style=REASON_STYLE.get(reason or "", "")), money(a.get("cost_usd")),
+            Text(reason or "-", style=REASON_STYLE.get(reason or "", "")), estimated(a),
             a.get("detail") or "",
         )
     return table
@@ -127,7 +133,9 @@ def job_detail(job: dict[str, Any]) -> Group:
         head.add_row("why it ended", job["end_reason"])
     elif job.get("message"):
         head.add_row("now", job["message"])
-    head.add_row("cost", f"{money(job['cost_usd'])} over {counted(len(job['attempts']), 'attempt')}, "
+    awaited = any(a.get("status") == "ended" and a.get("cost_final") is False for a in job["attempts"])
+    head.add_row("cost", f"{money(job['cost_usd'])}{' (~: an estimate until the bill is read)' if awaited else ''}"
+                         f" over {counted(len(job['attempts']), 'attempt')}, "
                          f"{counted(job.get('relaunches', 0), 'relaunch', 'relaunches')}, "
                          f"{counted(job.get('retries', 0), 'retry', 'retries')}")
     if job.get("volume"):

@@ -115,6 +115,60 @@ async def test_duplicate_machine_is_stopped_recorded_and_costed(tmp_path: Path) 
         rig.close()
 
 
+async def test_a_bill_lost_between_the_stop_and_its_answer_is_asked_for_again(tmp_path: Path) -> None:
+    """The fault storm (AWS, 10 s calls) saw a job's cost recorded as $0.0019 against $0.0069
+    billed: the machine was stopped, but the stop's answer (with the bill) never arrived, so the
+    estimate made when the attempt ended stayed on the books for good, and the listing shows the
+    machine terminated, so the reaper never asks again. Now ended attempts whose bill is late are
+    stopped again (harmless), the bill replaces the estimate, and the API says which costs are
+    still estimates. A provider that no longer knows the machine leaves the estimate standing,
+    never priced up to the moment of asking."""
+    fake = FakeAdapter.create(tmp_path, prices={"r1": 3600.0})  # $1 a second
+    rig = Rig.create(tmp_path, fake)
+    try:
+        for job_id in ("j1", "j2"):
+            _submit(rig, job_id, _spec(name=job_id))
+        await rig.until(lambda: all(rig.store.get_job(j).status == JobStatus.RUNNING.value for j in ("j1", "j2")),
+                        "jobs running")
+        fake.fail_next("terminate", 2, after=True)  # the machines stop; their answers are lost
+        for job_id in ("j1", "j2"):
+            fake.exit(fake.live(f"gpuhop-{job_id}-1")[0].instance_id, 0)
+        await rig.until(lambda: all(rig.store.get_job(j).status == JobStatus.SUCCEEDED.value for j in ("j1", "j2")),
+                        "jobs succeeded")
+        for _ in range(3):
+            await rig.step()
+        rows = {j: _attempts(rig, j)[0] for j in ("j1", "j2")}
+        assert fake.calls["terminate"] == 2 and not fake.live()
+        assert not any(r.cost_final for r in rows.values())
+        from orchestrator.api.views import job_out
+        view = job_out(rig.store.get_job("j1"), [rows["j1"]])
+        assert view.cost_final is False and view.attempts[0].cost_final is False
+        del fake.instances[rows["j2"].instance_id or ""]  # j2's machine is forgotten by its provider
+
+        now = time.time()
+        await rig.engine.workers.finish_bills(now)  # just ended: not late yet
+        await rig.engine.drain()
+        assert fake.calls["terminate"] == 2
+        with rig.store._write() as s:  # as if they had ended three minutes ago
+            s.connection().exec_driver_sql("UPDATE attempts SET ended_at = ended_at - 180")
+            s.commit()
+        estimate = _attempts(rig, "j2")[0].cost_usd
+        rig.engine._last_bill_sweep = 0.0
+        await rig.step()  # the tick's sweep asks again
+        assert fake.calls["terminate"] == 4
+        j1 = _attempts(rig, "j1")[0]
+        bill = fake.bill(j1.instance_id or "")
+        assert j1.cost_final and j1.cost_usd == pytest.approx(bill.cost_usd, abs=1e-6)
+        assert abs(j1.cost_usd - rows["j1"].cost_usd) > 1e-4  # the estimate ended at the tick, the bill at the stop
+        j2 = _attempts(rig, "j2")[0]
+        assert j2.cost_final and j2.cost_usd == pytest.approx(estimate)  # not priced up to now
+        assert job_out(rig.store.get_job("j1"), [j1]).cost_final is True
+        await rig.step()
+        assert fake.calls["terminate"] == 4  # final now: not asked again
+    finally:
+        rig.close()
+
+
 # ----------------------------------------------------------------------------- 3. outages
 
 

@@ -55,6 +55,9 @@ class Attempt(_Out):
     exit_code: int | None
     exit_signal: int | None
     cost_usd: float
+    cost_final: bool = Field(
+        default=False, description="cost_usd is the provider's final bill; false while the attempt runs and "
+        "while the bill of its stopped machine is awaited (until then: price x time, an estimate)")
     placement_reason: str
     transfer_cost_usd: float | None = Field(
         default=None, description="a move away from the volume's place: egress plus restore time, as estimated "
@@ -93,6 +96,7 @@ class Job(_Out):
     end_reason: str | None
     message: str
     cost_usd: float
+    cost_final: bool = Field(default=False, description="every attempt's cost is final (see Attempt.cost_final)")
     attempt_count: int
     relaunches: int
     retries: int
@@ -234,6 +238,7 @@ def attempt_out(row: AttemptRow, now: float) -> Attempt:
         end_reason=EndReason(row.end_reason) if row.end_reason else None, detail=row.detail,
         exit_code=row.exit_code, exit_signal=row.exit_signal,
         cost_usd=round(reconcile.attempt_cost(attempt_view(row), now), 6),
+        cost_final=row.cost_final or (row.status == AttemptStatus.ENDED.value and not row.instance_id),
         placement_reason=row.placement_reason, transfer_cost_usd=row.transfer_cost_usd,
         created_at=when(row.created_at),
         launched_at=when(row.launched_at), running_at=when(row.running_at), ended_at=when(row.ended_at),
@@ -255,7 +260,8 @@ def job_out(
     rows = [attempt_out(a, now) for a in attempts]
     return Job(
         id=job.id, name=job.name, status=JobStatus(job.status), end_reason=job.end_reason, message=job.message,
-        cost_usd=round(sum(a.cost_usd for a in rows), 6), attempt_count=len(rows), relaunches=job.relaunches,
+        cost_usd=round(sum(a.cost_usd for a in rows), 6), cost_final=all(a.cost_final for a in rows),
+        attempt_count=len(rows), relaunches=job.relaunches,
         retries=job.retries, created_at=when(job.created_at), updated_at=when(job.updated_at),
         finished_at=when(job.finished_at), cancel_requested=job.cancel_requested,
         spec=spec if spec is not None else JobSpec.model_validate_json(job.spec_json), attempts=rows,

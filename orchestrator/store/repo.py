@@ -629,6 +629,18 @@ class Store(LeaseStore, MoveStore, WorkdirStore):
         self.update_attempt(attempt_id, cost_usd=cost_usd, cost_final=True,
                             bill_started_at=bill_started_at, bill_ended_at=bill_ended_at)
 
+    def unbilled_attempts(self, ended_after: float, ended_before: float, limit: int = 200) -> list[AttemptRow]:
+        """Ended attempts with a machine whose final bill was never recorded (the daemon was
+        killed between stopping the machine and reading its bill, or the call timed out after
+        the provider acted): their cost is still the estimate made when they ended. Oldest
+        first, those that ended within (`ended_after`, `ended_before`)."""
+        with self._session() as s:
+            return list(s.exec(select(AttemptRow).where(
+                AttemptRow.status == ENDED, col(AttemptRow.cost_final).is_(False),
+                col(AttemptRow.instance_id).is_not(None), col(AttemptRow.ended_at) > ended_after,
+                col(AttemptRow.ended_at) < ended_before,
+            ).order_by(col(AttemptRow.ended_at)).limit(limit)).all())
+
     def add_duplicate_cost(self, attempt_id: int, cost_usd: float) -> None:
         """Add what a duplicate machine carrying this attempt's name cost (once per machine)."""
         with self._write() as s:
