@@ -148,3 +148,37 @@ async def test_an_instance_terminated_while_pending_costs_nothing(tmp_path: Path
             assert (row["started"], row["billed_seconds"], row["cost_usd"]) == (None, 0, 0.0)
         finally:
             await clean_up(aws, sim)
+
+
+async def test_a_listing_does_not_wait_for_a_slow_spot_price_read(aws: AwsAdapter, sim: AwsSimulator) -> None:
+    """The fault storm's latency scenario: with DescribeSpotPriceHistory taking 10 s, every AWS
+    listing that billed an ended spot instance took 10 s too, longer than a tick, and a listing
+    slower than the tick is never used: every AWS job of the scenario stayed `launching` for
+    good. A listing now bills from the prices read before (not final) while a fresh read runs
+    in the background, and the final bill follows once that read is in."""
+    offers = await aws.offers()
+    spot = await aws.launch(request(offer_for(offers, "g6.xlarge", "us-east-1b", CapacityType.SPOT), "slow", 1, LONGER))
+    await wait_for(lambda: _by_id(aws), lambda seen: seen[spot.instance_id].bill is not None)  # prices read
+    await _pass(1.5)  # EC2's end times are whole seconds: an end in the second of that read would count as after it
+    await admin(sim, "POST", "/_sim/faults", {"code": "latency", "rate": 1.0, "delay": 8,
+                                              "actions": ["DescribeSpotPriceHistory"]})
+    await admin(sim, "POST", f"/_sim/instances/{spot.instance_id}/interrupt", {"notice_seconds": 0})
+    took: list[float] = []
+
+    async def listing() -> dict[str, Instance]:
+        t0 = time.monotonic()
+        seen = await _by_id(aws)
+        took.append(time.monotonic() - t0)
+        return seen
+
+    seen = await wait_for(listing, lambda s: (b := s[spot.instance_id].bill) is not None and b.ended_at is not None,
+                          timeout=20, interval=0.2)
+    assert max(took) < 6, took  # none waited for the 8 s price read
+    assert spot.instance_id not in aws._bills  # an ended instance's bill is not final on old prices
+    assert sim.ec2.calls["DescribeSpotPriceHistory"] >= 1
+    await admin(sim, "DELETE", "/_sim/faults")  # the read in flight ends in its own time
+    ledger = {row["id"]: row for row in (await admin(sim, "GET", "/_sim/ledger"))["entries"]}
+    final = await wait_for(lambda: _by_id(aws), lambda s: spot.instance_id in aws._bills, timeout=30, interval=0.2)
+    bill = final[spot.instance_id].bill
+    assert bill is not None and bill.cost_usd == pytest.approx(ledger[spot.instance_id]["cost_usd"], rel=0.01)
+    assert seen[spot.instance_id].bill is not None

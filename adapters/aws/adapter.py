@@ -126,6 +126,7 @@ class AwsAdapter(Adapter, VolumeSupport, InterruptionSupport):
         self._bills: dict[str, Bill] = {}  # instance id -> final bill
         self._ended_seen: dict[str, float] = {}  # instance id -> when first seen ended without a time
         self._spot_rows: dict[str, _SpotRows] = {}  # region -> spot price history read for bills
+        self._spot_reads: dict[str, asyncio.Task[list[dict[str, Any]]]] = {}  # region -> read in flight for listings
         self._networks: dict[str, network.RegionNetwork] = {}  # region -> subnets, default VPC
         self._quotas: dict[quotas.Bucket, float] = {}  # GPU vCPU quotas as last read
         self._quotas_read: float | None = None  # monotonic time of the last reading
@@ -205,6 +206,10 @@ class AwsAdapter(Adapter, VolumeSupport, InterruptionSupport):
 
     async def close(self) -> None:
         await self._poller.close()
+        reads = [t for t in self._spot_reads.values() if not t.done()]
+        for task in reads:
+            task.cancel()
+        await asyncio.gather(*reads, return_exceptions=True)
         self.api.close()
 
     # ------------------------------------------------------------------ offers
@@ -418,7 +423,7 @@ class AwsAdapter(Adapter, VolumeSupport, InterruptionSupport):
                 instance.reason = f"waiting for its volume {tags_of(raw).get(TAG_VOLUME)} to be attached"
             out.append(instance)
         await self._read_exits(region, out)
-        bills = await self._bills_for(region, raws, {})
+        bills = await self._bills_for(region, raws, {}, wait=False)
         for raw, instance in zip(raws, out, strict=True):
             instance.bill = bills.get(str(raw["InstanceId"]))
         return out
@@ -496,9 +501,14 @@ class AwsAdapter(Adapter, VolumeSupport, InterruptionSupport):
     # ------------------------------------------------------------------ bills
 
     async def _bills_for(
-        self, region: str, raws: list[dict[str, Any]], ended_fallback: dict[str, float]
+        self, region: str, raws: list[dict[str, Any]], ended_fallback: dict[str, float], *, wait: bool = True
     ) -> dict[str, Bill]:
-        """Each running or ended instance's bill from EC2's own times; a final one is kept."""
+        """Each running or ended instance's bill from EC2's own times; a final one is kept.
+        Without `wait` (a listing), spot prices are not waited for: a listing slower than the
+        tick is never used, and DescribeSpotPriceHistory can take 10 s (the fault storm's
+        latency scenario left every AWS job launching for good). The bills of spot instances
+        then use the prices read before, not final, while a fresh read runs in the background,
+        or are left out until there is one; a final bill comes from the stop's own answer."""
         now = time.time()
         out: dict[str, Bill] = {}
         spot: list[tuple[str, str, str, float, float | None]] = []  # (id, type, zone, start, end)
@@ -527,10 +537,12 @@ class AwsAdapter(Adapter, VolumeSupport, InterruptionSupport):
             out[iid] = self._bill(iid, started, ended, now, [(started, price)], final=ended is not None)
         if spot:
             ends = [end for *_, end in spot if end is not None]
-            rows = await self._spot_history(
-                region, frozenset(t for _, t, *_ in spot), min(s for *_, s, _ in spot),
-                fresh_after=max(ends) if ends else None,
-            )
+            types, since = frozenset(t for _, t, *_ in spot), min(s for *_, s, _ in spot)
+            fresh_after = max(ends) if ends else None
+            if wait:
+                rows = await self._spot_history(region, types, since, fresh_after)
+            else:
+                rows = self._spot_history_soon(region, types, since, fresh_after)
             fetched = self._spot_rows[region].fetched_at if region in self._spot_rows else now
             for iid, instance_type, zone, started, ended in spot:
                 steps = billing.price_steps(rows, instance_type, zone)
@@ -557,6 +569,31 @@ class AwsAdapter(Adapter, VolumeSupport, InterruptionSupport):
             return fallback
         return self._ended_seen.setdefault(iid, now)
 
+    def _spot_history_soon(
+        self, region: str, types: frozenset[str], since: float, fresh_after: float | None
+    ) -> list[dict[str, Any]]:
+        """`_spot_history` without waiting: what was read before for these types (possibly
+        older than wanted), or nothing, while a read runs in the background if one is due."""
+        cached = self._spot_rows.get(region)
+        reading = self._spot_reads.get(region)
+        if reading is None or reading.done():
+            if reading is not None and reading.done() and not reading.cancelled():
+                reading.exception()  # retrieved: a failed read is tried again below
+            if not self._spot_fresh(cached, types, since, fresh_after, time.time()):
+                self._spot_reads[region] = asyncio.create_task(
+                    self._spot_history(region, types, since, fresh_after), name=f"aws-spot-prices-{region}")
+        if cached is not None and types <= cached.types and cached.since <= since:
+            return cached.rows
+        return []
+
+    def _spot_fresh(self, cached: _SpotRows | None, types: frozenset[str], since: float, fresh_after: float | None,
+                    now: float) -> bool:
+        """Whether `cached` answers for these types since `since`: read within offers_ttl, and
+        after `fresh_after` (the end of an interval whose bill is made final)."""
+        return (cached is not None and types <= cached.types and cached.since <= since
+                and now - cached.fetched_at < max(self.settings.offers_ttl, 1.0)
+                and (fresh_after is None or cached.fetched_at > fresh_after))
+
     async def _spot_history(
         self, region: str, types: frozenset[str], since: float, fresh_after: float | None
     ) -> list[dict[str, Any]]:
@@ -564,11 +601,8 @@ class AwsAdapter(Adapter, VolumeSupport, InterruptionSupport):
         (and after `fresh_after`, the end of an interval whose bill is made final)."""
         now = time.time()
         cached = self._spot_rows.get(region)
-        if (
-            cached is not None and types <= cached.types and cached.since <= since
-            and now - cached.fetched_at < max(self.settings.offers_ttl, 1.0)
-            and (fresh_after is None or cached.fetched_at > fresh_after)
-        ):
+        if self._spot_fresh(cached, types, since, fresh_after, now):
+            assert cached is not None
             return cached.rows
         rows = await self.api.paginate(
             "ec2", region, "describe_spot_price_history", "SpotPriceHistory",
