@@ -74,6 +74,7 @@ class Observer:
         self.health: dict[str, ProviderHealth] = {name: ProviderHealth() for name in adapters}
         self._listing_tasks: dict[str, asyncio.Task[Listing]] = {}
         self._latest: dict[str, Listing] = {}
+        self._used: dict[str, float] = {}  # provider -> when the newest listing a snapshot used was asked for
         self._failed_at: dict[str, float] = {}
         self._offers: dict[str, list[Offer]] = {name: [] for name in adapters}
         self._offers_at: dict[str, float] = dict.fromkeys(adapters, 0.0)
@@ -205,7 +206,11 @@ class Observer:
 
     async def snapshot(self, fresh_after: float, wait: float) -> Snapshot:
         """Ask every started provider for a listing (unless one is in flight), wait up to `wait`
-        seconds, and return the listings asked for at or after `fresh_after`."""
+        seconds, and return the listings asked for at or after `fresh_after`, or not used by a
+        snapshot before. (Only the first: a listing slower than the gap between two ticks was
+        never used, and a provider that always answered that slowly was never seen at all; the
+        fault storm's AWS latency scenario left every job launching for good. What was asked
+        before an attempt was recorded or launched does not judge it: reconcile's `asked_at`.)"""
         for name in self.adapters:
             if not self.started(name):
                 continue
@@ -222,12 +227,12 @@ class Observer:
         asked_at: dict[str, float] = {}
         for name in self.adapters:
             listing = self._latest.get(name)
-            if listing is None or listing.asked_at < fresh_after:
+            if listing is None or (listing.asked_at < fresh_after and listing.asked_at <= self._used.get(name, -1.0)):
                 continue
             if self._failed_at.get(name, 0.0) > listing.asked_at:
                 continue  # a newer listing failed: what this one says may be out of date
             readable.add(name)
-            asked_at[name] = listing.asked_at
+            asked_at[name] = self._used[name] = listing.asked_at
             for inst in listing.instances:
                 by_name.setdefault(inst.name, []).append(inst)
         return Snapshot(by_name, readable, asked_at)

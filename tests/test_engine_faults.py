@@ -206,6 +206,31 @@ async def test_daemon_outage_longer_than_heartbeat_timeout_relaunches_nothing(tm
 # ----------------------------------------------------------------------------- 5. slow providers
 
 
+async def test_a_provider_whose_listings_outlast_the_tick_is_still_seen(tmp_path: Path) -> None:
+    """The fault storm's AWS latency scenario: every listing took longer than the gap between
+    two ticks, and a listing asked for before the previous tick began was thrown away when it
+    came, so the provider was never read and every job stayed launching for good. A listing
+    not used before is used by the next tick, whenever it was asked for."""
+    fake = FakeAdapter.create(tmp_path)
+    rig = Rig.create(tmp_path, fake, listing_wait_seconds=0.02)
+    try:
+        fake.delays["list"] = 0.25  # ten ticks' worth
+        _submit(rig, "j1", _spec())
+        await rig.until(lambda: rig.store.get_job("j1").status == JobStatus.RUNNING.value, "job running",
+                        timeout=20)
+        assert len(fake.created()) == 1
+        fake.delays["list"] = 30.0  # listings asked from now on do not come back
+        await asyncio.sleep(0.4)  # the one in flight does
+        await rig.engine.observer.snapshot(time.time(), 0.0)  # uses it, unless a tick did
+        snap = await rig.engine.observer.snapshot(time.time(), 0.0)
+        assert "fake" not in snap.readable  # one listing judges once: not again at the next tick
+    finally:
+        for task in asyncio.all_tasks():
+            if task.get_name().startswith("list-"):
+                task.cancel()
+        rig.close()
+
+
 async def test_tick_does_not_wait_for_slow_listing_or_launch(tmp_path: Path) -> None:
     """Issue 7.5: launches ran inside the tick and listings were awaited by it, so a slow
     provider stretched ticks to minutes. A tick now returns while both are still in flight."""
