@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench._pg import fresh_schema  # noqa: E402
 from simulators.harness import Daemon  # noqa: E402
 
 SPEC = {"name": "bench", "command": ["python3", "-c", "pass"], "resources": {"gpu": ["H100"]}}
@@ -192,14 +193,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0, help="how long the open-loop phase lasts")
     ap.add_argument("--postgres", action="store_true", help="PostgreSQL on 127.0.0.1:5432 (database test)")
     args = ap.parse_args()
-    pg = None
-    if args.postgres:
-        import psycopg
-
-        schema = f"bench_api_{int(time.time())}"
-        with psycopg.connect("postgresql://postgres@127.0.0.1:5432/test", autocommit=True) as conn:
-            conn.execute(f"CREATE SCHEMA {schema}")
-        pg = f"postgresql+psycopg://postgres@127.0.0.1:5432/test?options=-csearch_path%3D{schema}"
+    pg = fresh_schema("bench_api") if args.postgres else None
     with tempfile.TemporaryDirectory(prefix="gpuhop-api-") as tmp:
         daemon = Daemon(Path(tmp) / "state", config(pg), log_level="WARNING")
         client = daemon.start()

@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench._pg import fresh_schema  # noqa: E402
 from orchestrator.collector import tune_gc  # noqa: E402
 from orchestrator.models import JobSpec  # noqa: E402
 from orchestrator.store.repo import NewJob  # noqa: E402
@@ -87,14 +88,7 @@ def main() -> None:
     results = []
     for run in range(args.runs):
         with tempfile.TemporaryDirectory(prefix="gpuhop-first-look-") as tmp:
-            url = None
-            if args.postgres:
-                import psycopg
-
-                schema = f"bench_first_look_{int(time.time())}_{run}"
-                with psycopg.connect("postgresql://postgres@127.0.0.1:5432/test", autocommit=True) as conn:
-                    conn.execute(f"CREATE SCHEMA {schema}")
-                url = f"postgresql+psycopg://postgres@127.0.0.1:5432/test?options=-csearch_path%3D{schema}"
+            url = fresh_schema("bench_first_look") if args.postgres else None
             cpu, wall, commits = asyncio.run(one_run(Path(tmp), args.jobs, url))
         results.append((cpu, wall, commits))
         print(f"  run {run + 1}: {cpu / args.jobs * 1e6:.0f} us of CPU per job, every note written after "

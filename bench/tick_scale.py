@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench._pg import fresh_schema  # noqa: E402
 from orchestrator.collector import tune_gc  # noqa: E402
 from orchestrator.models import AttemptStatus, JobSpec  # noqa: E402
 from orchestrator.store import AttemptRow  # noqa: E402
@@ -214,7 +215,7 @@ def main() -> None:
                                   prices={"r1": 0.5, "r2": 0.6})
         url = None
         if args.postgres:
-            url = _fresh_schema("postgresql+psycopg://postgres@127.0.0.1:5432/test")
+            url = fresh_schema("bench_tick")
         rig = Rig.create(root, fake, store_url=url, tick_seconds=1.0, launch_grace_seconds=60.0,
                          offer_refresh_seconds=30.0, retry_backoff_max_seconds=5.0, listing_wait_seconds=0.5)
         print(f"filling the store with {args.jobs:,} running jobs ...", flush=True)
@@ -224,17 +225,6 @@ def main() -> None:
         tune_gc()  # as the daemon does at start-up
         asyncio.run(_both(rig, args))
         rig.close()
-
-
-def _fresh_schema(url: str) -> str:
-    """A schema of its own in the shared test database (as the store tests make), so nothing
-    else there is touched; left behind for inspection, named bench_tick_<time>."""
-    import psycopg
-
-    schema = f"bench_tick_{int(time.time())}"
-    with psycopg.connect(url.replace("+psycopg", ""), autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    return f"{url}?options=-csearch_path%3D{schema}"
 
 
 async def _both(rig: Rig, args: argparse.Namespace) -> None:
