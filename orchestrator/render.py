@@ -163,9 +163,18 @@ def volumes_table(data: dict[str, Any]) -> Table:
         table.add_column(col, justify="right" if col in ("SIZE", "JOBS", "$/MONTH", "SO FAR") else "left")
     for v in data["volumes"]:
         place = f"{v['provider']} {v['region']}" if v.get("provider") else "not created yet"
-        table.add_row(v["name"], place, f"{v['size_gb']} GB", str(v["jobs"]), v.get("active_job") or "-",
+        if v.get("moving_to"):
+            place += f", moving to {v['moving_to']}"
+        size = f"{v['size_gb']} GB"
+        if v.get("checkpoint_gb") is not None:
+            size += f" (checkpoint {v['checkpoint_gb']:.1f} GB)"
+        table.add_row(v["name"], place, size, str(v["jobs"]), v.get("active_job") or "-",
                       f"{ago(v['last_used_at'])} ago" if v.get("last_used_at") else "-",
                       money(v["storage_usd_per_month"]), money(v["storage_usd_so_far"]))
+    for r in data.get("retired") or []:
+        table.add_row(f"{r['volume_name']} (retired)", f"{r['provider']} {r['region']} ({r['volume_id']})",
+                      "-", "-", "-", f"being deleted: {r['reason']}" if r.get("reason") else "being deleted",
+                      "?" if r.get("storage_usd_per_month") is None else money(r["storage_usd_per_month"]), "-")
     return table
 
 

@@ -44,10 +44,18 @@ class DeleteFailed(Exception):
 
 def monthly_storage_usd(vol: VolumeRow, adapters: Mapping[str, Adapter]) -> float:
     """What the volume costs per month while it exists (0 until a provider holds it)."""
-    adapter = adapters.get(vol.provider or "")
-    if not isinstance(adapter, VolumeSupport) or not vol.provider_volume_id:
+    if not vol.provider_volume_id:
         return 0.0
-    return float(adapter.storage_usd_per_month(vol.size_gb))
+    return storage_usd(adapters, vol.provider or "", vol.size_gb) or 0.0
+
+
+def storage_usd(adapters: Mapping[str, Adapter], provider: str, size_gb: int) -> float | None:
+    """What `size_gb` of volume storage at `provider` costs per month; None where that provider
+    is not configured here (its price is unknown)."""
+    adapter = adapters.get(provider)
+    if not isinstance(adapter, VolumeSupport):
+        return None
+    return float(adapter.storage_usd_per_month(size_gb))
 
 
 def where(vol: VolumeRow) -> str:

@@ -197,7 +197,7 @@ def test_cli_reports_bad_spec_files_clearly(daemon: Daemon, tmp_path: Path) -> N
     # volumes: none yet as a table, and as JSON
     r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "volumes", "--json"], capture_output=True,
                        text=True, env=env, timeout=60)
-    assert r.returncode == 0 and json.loads(r.stdout) == {"volumes": [], "storage_usd_per_month": 0.0}, r.stderr
+    assert r.returncode == 0 and json.loads(r.stdout) == {"volumes": [], "retired": [], "storage_usd_per_month": 0.0}, r.stderr
 
 
 def test_budget_stops_the_job_and_says_so(tmp_path: Path) -> None:

@@ -389,3 +389,38 @@ async def test_a_runpod_volume_costs_storage_and_a_failing_provider_keeps_it(run
     await adapter.delete_volume(gone_id)  # type: ignore[attr-defined]
     assert (await client.delete("/v1/volumes/rp-gone", headers=H)).status == 200
     assert engine.store.list_volumes() == []
+
+
+async def test_moves_and_retired_volumes_are_listed_and_counted_as_storage(runpod_api: RunPodApi) -> None:
+    """Storage bills whether or not a volume row uses it: a move's new volume while the move is
+    under way and the volumes a move left behind (being deleted) are listed with their price,
+    and the total per month counts them, so no billing volume is out of sight."""
+    client, engine, _ = runpod_api
+    doc = await doc_of(client)
+    spec = volume_spec({**SPEC, "resources": {"gpu": ["RTX-4090"], "gpu_count": 1}}, "mover")
+    spec["volume"]["size_gb"] = 10
+    ended_job(engine.store, "a1b2c3d4", spec, "succeeded")
+    old_id = await placed(engine, "runpod", "mover", "US-TX-3", size_gb=10)
+    store = engine.store
+    store.set_checkpoint_size("mover", 2.5)
+    assert store.begin_volume_move("mover", old_id, "runpod", "EU-RO-1", "gpuhop-a1b2c3d4-2") is None
+    assert store.set_move_volume("mover", "gpuhop-a1b2c3d4-2", "vol-new")
+    listed = await (await client.get("/v1/volumes", headers=H)).json()
+    check_schema(doc, "/v1/volumes", "get", 200, listed)
+    (vol,) = listed["volumes"]
+    assert vol["moving_to"] == "runpod EU-RO-1 (vol-new)" and vol["checkpoint_gb"] == 2.5
+    assert listed["retired"] == []
+    assert listed["storage_usd_per_month"] == pytest.approx(1.4)  # the old and the new, 10 GB at $0.07 each
+
+    assert store.commit_volume_move("mover", "gpuhop-a1b2c3d4-2", "vol-new", "left behind by the move")
+    listed = await (await client.get("/v1/volumes", headers=H)).json()
+    check_schema(doc, "/v1/volumes", "get", 200, listed)
+    (vol,) = listed["volumes"]
+    assert vol["moving_to"] is None and vol["volume_id"] == "vol-new" and vol["region"] == "EU-RO-1"
+    (gone,) = listed["retired"]
+    assert (gone["volume_name"], gone["region"], gone["volume_id"]) == ("mover", "US-TX-3", old_id)
+    assert gone["reason"] == "left behind by the move" and gone["storage_usd_per_month"] == pytest.approx(0.7)
+    assert listed["storage_usd_per_month"] == pytest.approx(1.4)  # still billing until deleted
+    code, out, err = await cli(client, "volumes")
+    assert code == 0, err
+    assert "mover (retired)" in out and old_id in out and "checkpoint 2.5 GB" in out

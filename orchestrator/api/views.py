@@ -199,11 +199,30 @@ class VolumeOut(_Out):
     last_used_at: datetime | None = Field(description="when a job that named it last changed")
     storage_usd_per_month: float = Field(ge=0, description="what it costs per month while it exists")
     storage_usd_so_far: float = Field(ge=0, description="its storage cost so far, counted from when gpuhop recorded it (an upper bound: before the first launch it may not exist yet)")
+    checkpoint_gb: float | None = Field(
+        default=None, description="the newest checkpoint's size, when the object-store sync measured it")
+    moving_to: str | None = Field(
+        default=None, description="a move in progress: the new provider volume's place (and id once made), "
+        "which bills too until the move is committed or given up")
+
+
+class RetiredVolumeOut(_Out):
+    volume_name: str = Field(description="the volume it belonged to")
+    provider: str
+    region: str
+    volume_id: str = Field(description="the provider's id for it")
+    reason: str = Field(description="why it was retired (a move left it, or a move that never launched made it)")
+    retired_at: datetime | None
+    storage_usd_per_month: float | None = Field(
+        description="what it costs per month until its provider confirms it gone; null when its size is unknown")
 
 
 class Volumes(_Out):
     volumes: list[VolumeOut]
-    storage_usd_per_month: float = Field(ge=0, description="all volumes together")
+    retired: list[RetiredVolumeOut] = Field(
+        default_factory=list, description="provider volumes no volume uses any more, being deleted by the daemon")
+    storage_usd_per_month: float = Field(
+        ge=0, description="all volumes together, with moves in progress and retired volumes not deleted yet")
 
 
 class DeletedVolume(_Out):

@@ -17,31 +17,66 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from orchestrator.api.app import CTX, error
-from orchestrator.api.views import DeletedVolume, VolumeOut, Volumes, respond, when
+from orchestrator.api.views import (
+    DeletedVolume,
+    RetiredVolumeOut,
+    VolumeOut,
+    Volumes,
+    respond,
+    when,
+)
 from orchestrator.models import VolumeSpec
 from orchestrator.store import Conflict
-from orchestrator.volume_deletion import DeleteFailed, delete_volume, monthly_storage_usd, where
+from orchestrator.volume_deletion import (
+    DeleteFailed,
+    delete_volume,
+    monthly_storage_usd,
+    storage_usd,
+    where,
+)
 
 SECONDS_PER_MONTH = 30 * 86400  # providers price storage per month of 30 days (720 h)
 
 
 async def list_volumes(request: web.Request) -> web.Response:
+    """Every volume, and every provider volume still billing that no volume uses: a move's new
+    volume while the move is under way, and retired ones the daemon is deleting (a move left
+    them behind, or made them for an attempt that never launched). All of it is storage paid
+    for each month, so all of it is in the total."""
     ctx = request.app[CTX]
+    adapters = ctx.engine.adapters
     rows = await ctx.store.run(ctx.store.list_volumes)
     usage = await ctx.store.run(ctx.store.volume_usage)
+    retired = await ctx.store.run(ctx.store.retired_volumes)
     now = time.time()
     out = []
+    total = 0.0
     for v in rows:
-        monthly = monthly_storage_usd(v, ctx.engine.adapters)
+        monthly = monthly_storage_usd(v, adapters)
+        total += monthly
+        moving = None
+        if v.move_attempt is not None and v.move_provider:
+            moving = f"{v.move_provider} {v.move_region or ''}".strip() + (f" ({v.move_volume_id})" if v.move_volume_id else "")
+            total += storage_usd(adapters, v.move_provider, v.size_gb) or 0.0
         jobs, active, last = usage.get(v.name, (0, None, None))
         out.append(VolumeOut(
             name=v.name, size_gb=v.size_gb, mount_path=v.mount_path, provider=v.provider, region=v.region,
             volume_id=v.provider_volume_id, created_at=when(v.created_at), jobs=jobs, active_job=active,
             last_used_at=when(last), storage_usd_per_month=round(monthly, 4),
             storage_usd_so_far=round(monthly * max(0.0, now - v.created_at) / SECONDS_PER_MONTH, 6),
+            checkpoint_gb=v.checkpoint_gb, moving_to=moving,
         ))
-    total = round(sum(v.storage_usd_per_month for v in out), 4)
-    return respond(Volumes(volumes=out, storage_usd_per_month=total))
+    sizes = {v.name: v.size_gb for v in rows}
+    gone = []
+    for r in retired:
+        size = sizes.get(r.volume_name)  # the same size as the volume it belonged to
+        monthly_r = None if size is None else storage_usd(adapters, r.provider, size)
+        total += monthly_r or 0.0
+        gone.append(RetiredVolumeOut(
+            volume_name=r.volume_name, provider=r.provider, region=r.region, volume_id=r.provider_volume_id,
+            reason=r.reason, retired_at=when(r.created_at),
+            storage_usd_per_month=None if monthly_r is None else round(monthly_r, 4)))
+    return respond(Volumes(volumes=out, retired=gone, storage_usd_per_month=round(total, 4)))
 
 
 async def remove_volume(request: web.Request) -> web.Response:
