@@ -327,13 +327,18 @@ async def runpod_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIt
             engine.store.close()
 
 
+async def used_runpod_volume(engine: Engine, job_id: str, name: str) -> str:
+    """A 10 GB RunPod volume in US-TX-3 that a succeeded GPU job used; its provider id."""
+    spec = volume_spec({**SPEC, "resources": {"gpu": ["RTX-4090"], "gpu_count": 1}}, name)
+    spec["volume"]["size_gb"] = 10
+    ended_job(engine.store, job_id, spec, "succeeded")
+    return await placed(engine, "runpod", name, "US-TX-3", size_gb=10)
+
+
 async def test_a_runpod_volume_costs_storage_and_a_failing_provider_keeps_it(runpod_api: RunPodApi) -> None:
     client, engine, sim = runpod_api
     doc = await doc_of(client)
-    spec = volume_spec({**SPEC, "resources": {"gpu": ["RTX-4090"], "gpu_count": 1}}, "rp-vol")
-    spec["volume"]["size_gb"] = 10
-    ended_job(engine.store, "d1e2f3a4", spec, "succeeded")
-    volume_id = await placed(engine, "runpod", "rp-vol", "US-TX-3", size_gb=10)
+    volume_id = await used_runpod_volume(engine, "d1e2f3a4", "rp-vol")
 
     # what it costs, where the job is shown
     shown = await job_of(client, "d1e2f3a4")
@@ -397,10 +402,7 @@ async def test_moves_and_retired_volumes_are_listed_and_counted_as_storage(runpo
     and the total per month counts them, so no billing volume is out of sight."""
     client, engine, _ = runpod_api
     doc = await doc_of(client)
-    spec = volume_spec({**SPEC, "resources": {"gpu": ["RTX-4090"], "gpu_count": 1}}, "mover")
-    spec["volume"]["size_gb"] = 10
-    ended_job(engine.store, "a1b2c3d4", spec, "succeeded")
-    old_id = await placed(engine, "runpod", "mover", "US-TX-3", size_gb=10)
+    old_id = await used_runpod_volume(engine, "a1b2c3d4", "mover")
     store = engine.store
     store.set_checkpoint_size("mover", 2.5)
     assert store.begin_volume_move("mover", old_id, "runpod", "EU-RO-1", "gpuhop-a1b2c3d4-2") is None
