@@ -10,7 +10,6 @@ old data center's volume is deleted: one pod per attempt, one volume left, nothi
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -23,9 +22,7 @@ import pytest
 from orchestrator.render import money
 from tests.daemon_harness import TRAIN, Daemon, SimProcess, steps_done, wait_for
 from tests.daemon_harness import sim_volume_dir as volume_dir
-from tests.test_e2e_runpod import KEY
-from tests.test_e2e_runpod import config as runpod_config
-from tests.test_sync_e2e import ACCESS_KEY, BUCKET, SECRET, manifests
+from tests.test_sync_e2e import manifests, synced_runpod
 
 pytestmark = pytest.mark.e2e
 STEPS = 20
@@ -40,35 +37,14 @@ JOB = (f"import os, runpy, sys; p = os.path.join(os.environ['GPUHOP_VOLUME'], 'w
 
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[tuple[SimProcess, SimProcess, Daemon]]:
-    s3 = SimProcess("s3", tmp_path / "s3", "--access-key-id", ACCESS_KEY, "--secret-access-key", SECRET,
-                    "--bucket", BUCKET, ready_path="/_sim/health")
-    sim = SimProcess("runpod", tmp_path / "sim", "--api-key", KEY, "--notice-seconds", "1", "--start-delay", "0.3")
-    daemon = Daemon(tmp_path / "state", runpod_config(sim) + f"""
-[storage]
-endpoint_url = "{s3.url}"
-bucket = "{BUCKET}"
-prefix = "t"
-access_key_id = "{ACCESS_KEY}"
-secret_access_key = "{SECRET}"
-sync_interval_seconds = 0.3
+    with synced_runpod(tmp_path, 1, f"""sync_interval_seconds = 0.3
 [moving]
 # a capacity gap is expected to last a day: waiting costs ~$16 of the pinned $0.69/h, moving
 # a few MB of checkpoint a fraction of a cent
 prior_wait_seconds = 86400
 egress_usd_per_gb = {EGRESS_USD_PER_GB}
-""")
-    try:
-        daemon.start()
-        yield s3, sim, daemon
-        # neither the bucket's secret nor RunPod's key reaches the daemon's log or an API answer
-        assert SECRET not in daemon.log_path.read_text() and KEY not in daemon.log_path.read_text()
-        for j in daemon.client.jobs():
-            answer = json.dumps(daemon.client.job(j["id"]))
-            assert SECRET not in answer and KEY not in answer
-    finally:
-        daemon.stop()
-        sim.stop()
-        s3.stop()
+""") as three:
+        yield three
 
 
 def test_a_job_moves_to_another_data_center_and_resumes_from_its_checkpoint(

@@ -7,6 +7,7 @@ holds the storage secret."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -40,35 +41,47 @@ def manifests(s3: SimProcess, volume: str) -> list[str]:
     return [o["Key"] for o in page.get("Contents", [])]
 
 
-@pytest.fixture(params=[0.3, 60.0], ids=["periodic", "final-sync-only"])
-def env(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[SimProcess, SimProcess, Daemon]]:
-    s3 = SimProcess("s3", tmp_path / "s3", "--access-key-id", ACCESS_KEY, "--secret-access-key", SECRET,
+@contextlib.contextmanager
+def synced_runpod(root: Path, notice_seconds: float, more_toml: str) -> Iterator[tuple[SimProcess, SimProcess, Daemon]]:
+    """The S3 and RunPod simulators and a daemon whose volumes sync to the bucket (`more_toml`:
+    the rest of [storage], and [moving]). Afterwards: the bucket's secret and RunPod's key are
+    in neither the daemon's log nor any job's API answer."""
+    s3 = SimProcess("s3", root / "s3", "--access-key-id", ACCESS_KEY, "--secret-access-key", SECRET,
                     "--bucket", BUCKET, ready_path="/_sim/health")
-    sim = SimProcess("runpod", tmp_path / "sim", "--api-key", KEY, "--notice-seconds", "3", "--start-delay", "0.3")
-    daemon = Daemon(tmp_path / "state", runpod_config(sim) + f"""
+    sim = SimProcess("runpod", root / "sim", "--api-key", KEY, "--notice-seconds", f"{notice_seconds:g}",
+                     "--start-delay", "0.3")
+    daemon = Daemon(root / "state", runpod_config(sim) + f"""
 [storage]
 endpoint_url = "{s3.url}"
 bucket = "{BUCKET}"
 prefix = "t"
 access_key_id = "{ACCESS_KEY}"
 secret_access_key = "{SECRET}"
-presign_ttl_seconds = 60
+{more_toml}""")
+    try:
+        daemon.start()
+        yield s3, sim, daemon
+        log = daemon.log_path.read_text()
+        assert SECRET not in log and KEY not in log
+        for j in daemon.client.jobs():
+            answer = json.dumps(daemon.client.job(j["id"]))
+            assert SECRET not in answer and KEY not in answer
+    finally:
+        daemon.stop()
+        sim.stop()
+        s3.stop()
+
+
+@pytest.fixture(params=[0.3, 60.0], ids=["periodic", "final-sync-only"])
+def env(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[SimProcess, SimProcess, Daemon]]:
+    with synced_runpod(tmp_path, 3, f"""presign_ttl_seconds = 60
 sync_interval_seconds = {request.param}
 [moving]
 # this test restores in the same data center, its volume wiped; with moving on, the emptied data
 # center and a checkpoint of a few KB make moving cheaper than waiting (tests/test_move_e2e.py)
 enabled = false
-""")
-    try:
-        daemon.start()
-        yield s3, sim, daemon
-        assert SECRET not in daemon.log_path.read_text()
-        for j in daemon.client.jobs():
-            assert SECRET not in json.dumps(daemon.client.job(j["id"]))
-    finally:
-        daemon.stop()
-        sim.stop()
-        s3.stop()
+""") as three:
+        yield three
 
 
 def _environ_of_attempt(name: str) -> list[bytes]:
