@@ -227,9 +227,8 @@ class Workers:
 
     def forget(self, active: AbstractSet[str]) -> None:
         """Drop what is kept about jobs that are no longer active."""
-        for table in (self._launch_ended, self._backoff, self._avoid):
-            for job_id in [k for k in table if k not in active]:
-                del table[job_id]
+        self.forget_jobs({k for table in (self._launch_ended, self._backoff, self._avoid) for k in table
+                          if k not in active})
 
     def forget_jobs(self, gone: Iterable[str]) -> None:
         """Drop what is kept about these jobs (no longer active)."""

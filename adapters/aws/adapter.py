@@ -577,20 +577,18 @@ class AwsAdapter(Adapter, VolumeSupport, InterruptionSupport):
         cached = self._spot_rows.get(region)
         reading = self._spot_reads.get(region)
         if reading is None or reading.done():
-            if reading is not None and reading.done() and not reading.cancelled():
+            if reading is not None and not reading.cancelled():
                 reading.exception()  # retrieved: a failed read is tried again below
             if not self._spot_fresh(cached, types, since, fresh_after, time.time()):
                 self._spot_reads[region] = asyncio.create_task(
                     self._spot_history(region, types, since, fresh_after), name=f"aws-spot-prices-{region}")
-        if cached is not None and types <= cached.types and cached.since <= since:
-            return cached.rows
-        return []
+        return cached.rows if cached is not None and _spot_covers(cached, types, since) else []
 
     def _spot_fresh(self, cached: _SpotRows | None, types: frozenset[str], since: float, fresh_after: float | None,
                     now: float) -> bool:
         """Whether `cached` answers for these types since `since`: read within offers_ttl, and
         after `fresh_after` (the end of an interval whose bill is made final)."""
-        return (cached is not None and types <= cached.types and cached.since <= since
+        return (_spot_covers(cached, types, since) and cached is not None
                 and now - cached.fetched_at < max(self.settings.offers_ttl, 1.0)
                 and (fresh_after is None or cached.fetched_at > fresh_after))
 
@@ -726,6 +724,11 @@ def client_token(key: str) -> str:
     if len(key) <= 64 and key.isascii():
         return key
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def _spot_covers(cached: _SpotRows | None, types: frozenset[str], since: float) -> bool:
+    """Whether a spot price read holds these instance types from `since` on (fresh or not)."""
+    return cached is not None and types <= cached.types and cached.since <= since
 
 
 async def gather_all(aws: Iterable[Awaitable[T]]) -> list[T]:

@@ -18,7 +18,7 @@ import functools
 import heapq
 import itertools
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar, cast
@@ -52,6 +52,15 @@ T = TypeVar("T")
 ACTIVE_STATUSES = [s.value for s in JobStatus if not s.terminal]
 TERMINAL_STATUSES = [s.value for s in JobStatus if s.terminal]
 ENDED = AttemptStatus.ENDED.value
+
+
+IN_CHUNK = 900  # ids per IN (...) list: SQLite allows 999 bound parameters in a statement
+
+
+def _chunks(items: Sequence[T]) -> Iterator[Sequence[T]]:
+    """`items` in slices of IN_CHUNK, for IN (...) lists."""
+    for n in range(0, len(items), IN_CHUNK):
+        yield items[n:n + IN_CHUNK]
 
 
 @dataclass(frozen=True)
@@ -471,15 +480,14 @@ class Store(LeaseStore, MoveStore, WorkdirStore):
             fenced = self._fence_refusal(s, time.time()) if owners else None
             busy: dict[str, tuple[int, str]] = {}
             names: set[str] = set()
-            for n in range(0, len(job_ids), 900):
-                part = job_ids[n:n + 900]
+            for part in _chunks(job_ids):
                 busy.update((str(j), (int(num), str(st))) for j, num, st in conn.execute(
                     sa_select(table.c.job_id, table.c.number, table.c.status).where(
                         table.c.job_id.in_(part), table.c.status != ENDED, table.c.interruption_at.is_(None))))
             wanted = [r.name for r in rows]
-            for n in range(0, len(wanted), 900):
+            for part in _chunks(wanted):
                 names.update(str(x) for x in conn.execute(
-                    sa_select(table.c.name).where(table.c.name.in_(wanted[n:n + 900]))).scalars())
+                    sa_select(table.c.name).where(table.c.name.in_(part))).scalars())
             for row in rows:
                 refusal: Conflict | LeaseLost | None = None
                 if row.job_id in owners:
@@ -572,9 +580,9 @@ class Store(LeaseStore, MoveStore, WorkdirStore):
             conn = s.connection()
             ids = [r.attempt_id for r in records]
             job_of: dict[int, str] = {}
-            for n in range(0, len(ids), 900):
+            for part in _chunks(ids):
                 job_of.update((int(i), str(j)) for i, j in conn.execute(
-                    sa_select(attempts.c.id, attempts.c.job_id).where(attempts.c.id.in_(ids[n:n + 900]))))
+                    sa_select(attempts.c.id, attempts.c.job_id).where(attempts.c.id.in_(part))))
             owners = self._lock_jobs(conn, sorted(set(job_of.values())))  # jobs first, as every writer
             fenced = self._fence_refusal(s, now) if owners else None
             rows = self._lock_attempts(conn, sorted(job_of))
@@ -744,8 +752,8 @@ class Store(LeaseStore, MoveStore, WorkdirStore):
         jobs: the order every writer takes)."""
         table = AttemptRow.__table__  # type: ignore[attr-defined]
         out: dict[int, Any] = {}
-        for n in range(0, len(attempt_ids), 900):
-            q = sa_select(*(table.c[c] for c in _PLAIN_ATTEMPTS.names)).where(table.c.id.in_(attempt_ids[n:n + 900]))
+        for part in _chunks(attempt_ids):
+            q = sa_select(*(table.c[c] for c in _PLAIN_ATTEMPTS.names)).where(table.c.id.in_(part))
             if not self._sqlite:
                 q = q.order_by(table.c.id).with_for_update()
             out.update((row.id, row) for row in map(_PLAIN_ATTEMPTS.build, conn.execute(q)))
@@ -756,8 +764,8 @@ class Store(LeaseStore, MoveStore, WorkdirStore):
         read their owners. Absent ids are left out."""
         table = JobRow.__table__  # type: ignore[attr-defined]
         owners: dict[str, str | None] = {}
-        for n in range(0, len(job_ids), 900):
-            q = sa_select(table.c.id, table.c.lease_owner).where(table.c.id.in_(job_ids[n:n + 900]))
+        for part in _chunks(job_ids):
+            q = sa_select(table.c.id, table.c.lease_owner).where(table.c.id.in_(part))
             if not self._sqlite:
                 q = q.order_by(table.c.id).with_for_update()
             owners.update((str(i), o) for i, o in conn.execute(q))
@@ -780,9 +788,9 @@ class Store(LeaseStore, MoveStore, WorkdirStore):
         events_table = EventRow.__table__  # type: ignore[attr-defined]
         latest: dict[str, tuple[int | None, str, int | None, dict[str, Any] | None]] = {}
         if any(kind in COALESCED_KINDS for _, _, events in items for _, kind, _ in events):
-            for n in range(0, len(with_events), 900):
+            for part in _chunks(with_events):
                 newest = sa_select(func.max(events_table.c.id)).where(
-                    events_table.c.job_id.in_(with_events[n:n + 900])).group_by(events_table.c.job_id)
+                    events_table.c.job_id.in_(part)).group_by(events_table.c.job_id)
                 q = sa_select(events_table.c.id, events_table.c.job_id, events_table.c.kind,
                               events_table.c.attempt).where(events_table.c.id.in_(newest.scalar_subquery()))
                 for event_id, job_id, kind, attempt in conn.execute(q):
